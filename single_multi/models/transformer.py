@@ -1,0 +1,238 @@
+"""Functional decoder-only LM (Llama / Mistral / Qwen2 / Gemma) over plain pytrees.
+
+Shape letters: B batch, T query length, S key/cache length, D model width, N query heads,
+K key/value heads, G = N // K query heads per kv head, H head dim, F MLP width, V vocab, L layers,
+R LoRA rank.
+
+Params are a plain dict; per-layer weights are stacked along a leading L axis and the layers run
+under `lax.scan` (one compiled layer, whatever the depth):
+
+  embed [V,D]   final_norm [D]   lm_head [D,V] (absent when tied)
+  layers: attn_norm [L,D]  q [L,D,N,H]  k,v [L,D,K,H]  o [L,N,H,D]
+          mlp_norm [L,D]   gate,up [L,D,F]  down [L,F,D]
+          optional biases q_bias [L,N,H], k_bias/v_bias [L,K,H], o_bias [L,D],
+          gate_bias/up_bias [L,F], down_bias [L,D]
+
+The KV cache is an explicit pytree passed in and returned:
+  k, v [L,B,S,K,H]; pos [B,S] int32 (position of the token in each slot, -1 = empty or pad);
+  end [] int32 (next slot to write; shared by the batch).
+Attention visibility is decided by positions: a key is visible to a query when its slot is filled,
+its position is <= the query's position, and (sliding layers) it lies inside the window. With
+left-padded prompts, positions count real tokens only, as in HF `generate`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from single_multi.models import lora as lora_lib
+from single_multi.models.config import PROJECTIONS, ModelConfig
+
+Params = dict[str, Any]
+Cache = dict[str, jax.Array]
+
+
+
+def param_shapes(config: ModelConfig) -> dict[str, Any]:
+  """Shapes of every parameter (the structure `init_params` and the loaders produce)."""
+  c = config
+  L, D, N, K, H, F, V = (c.num_layers, c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim,
+                         c.intermediate_size, c.vocab_size)
+  layers = {
+      "attn_norm": (L, D), "q": (L, D, N, H), "k": (L, D, K, H), "v": (L, D, K, H),
+      "o": (L, N, H, D), "mlp_norm": (L, D), "gate": (L, D, F), "up": (L, D, F), "down": (L, F, D),
+  }
+  if c.qkv_bias:
+    layers.update(q_bias=(L, N, H), k_bias=(L, K, H), v_bias=(L, K, H))
+  if c.o_bias:
+    layers["o_bias"] = (L, D)
+  if c.mlp_bias:
+    layers.update(gate_bias=(L, F), up_bias=(L, F), down_bias=(L, D))
+  shapes = {"embed": (V, D), "layers": layers, "final_norm": (D,)}
+  if not c.tie_word_embeddings:
+    shapes["lm_head"] = (D, V)
+  return shapes
+
+
+def init_params(config: ModelConfig, rng: jax.Array, dtype=jnp.float32) -> Params:
+  """Random params (normal, std 0.02; norms at their identity value) for tests and from-scratch runs."""
+  shapes = param_shapes(config)
+  leaves, treedef = jax.tree.flatten(shapes, is_leaf=lambda x: isinstance(x, tuple))
+  paths = [jax.tree_util.keystr(p) for p, _ in
+           jax.tree_util.tree_flatten_with_path(shapes, is_leaf=lambda x: isinstance(x, tuple))[0]]
+  keys = jax.random.split(rng, len(leaves))
+  out = []
+  for path, shape, key in zip(paths, leaves, keys):
+    if "norm" in path:
+      out.append(jnp.full(shape, 0.0 if config.norm_offset else 1.0, dtype))
+    else:
+      out.append((0.02 * jax.random.normal(key, shape, jnp.float32)).astype(dtype))
+  return jax.tree.unflatten(treedef, out)
+
+
+def init_cache(config: ModelConfig, batch: int, max_len: int, dtype=jnp.float32) -> Cache:
+  shape = (config.num_layers, batch, max_len, config.num_kv_heads, config.head_dim)
+  return {
+      "k": jnp.zeros(shape, dtype),
+      "v": jnp.zeros(shape, dtype),
+      "pos": jnp.full((batch, max_len), -1, jnp.int32),
+      "end": jnp.zeros((), jnp.int32),
+  }
+
+
+# -------------------------------------------------------------------------------------------------
+# Building blocks.
+
+
+def rms_norm(x: jax.Array, w: jax.Array, config: ModelConfig) -> jax.Array:
+  x32 = x.astype(jnp.float32)
+  normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + config.rms_norm_eps)
+  if config.norm_offset:  # Gemma: (x * (1 + w)) in fp32, then cast.
+    return (normed * (1.0 + w.astype(jnp.float32))).astype(x.dtype)
+  return w * normed.astype(x.dtype)  # Llama: cast, then scale.
+
+
+def rope(x_btnh: jax.Array, positions_bt: jax.Array, inv_freq: jax.Array) -> jax.Array:
+  """Rotary embedding in HF's rotate-half layout; angles in fp32, applied in x's dtype."""
+  freqs = positions_bt.astype(jnp.float32)[..., None] * inv_freq  # [B,T,H/2]
+  emb = jnp.concatenate([freqs, freqs], axis=-1)[:, :, None, :]
+  cos, sin = jnp.cos(emb).astype(x_btnh.dtype), jnp.sin(emb).astype(x_btnh.dtype)
+  half = x_btnh.shape[-1] // 2
+  rotated = jnp.concatenate([-x_btnh[..., half:], x_btnh[..., :half]], axis=-1)
+  return x_btnh * cos + rotated * sin
+
+
+def _activation(name: str):
+  return {"silu": jax.nn.silu,
+          "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+          "gelu": lambda x: jax.nn.gelu(x, approximate=False)}[name]
+
+
+def dense(name: str, x: jax.Array, layer: Params, lora: lora_lib.LoraState | None) -> jax.Array:
+  """Projection `name` of PROJECTIONS with optional bias and LoRA delta."""
+  ins, outs = PROJECTIONS[name]
+  y = jnp.einsum(f"BT{ins},{ins}{outs}->BT{outs}", x, layer[name])
+  if f"{name}_bias" in layer:
+    y = y + layer[f"{name}_bias"]
+  if lora is not None and name in lora.params:
+    y = y + lora.delta(name, x, ins, outs).astype(y.dtype)
+  return y
+
+
+def attention(q_btnh, k_bskh, v_bskh, q_pos_bt, k_pos_bs, window, config: ModelConfig):
+  """Grouped-query attention with position-based causal / padding / sliding-window visibility."""
+  B, T, N, H = q_btnh.shape
+  K = k_bskh.shape[2]
+  q = q_btnh.reshape(B, T, K, N // K, H)
+  logits = jnp.einsum("BTKGH,BSKH->BKGTS", q, k_bskh, preferred_element_type=jnp.float32)
+  logits = logits * (H ** -0.5)
+  delta = q_pos_bt[:, :, None] - k_pos_bs[:, None, :]  # [B,T,S]
+  visible = (k_pos_bs[:, None, :] >= 0) & (delta >= 0)
+  visible &= (window <= 0) | (delta < window)
+  # A large finite value (not -inf) so a query with nothing visible (a pad) gets no NaN.
+  logits = jnp.where(visible[:, None, None], logits, jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(logits, axis=-1).astype(v_bskh.dtype)
+  out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, v_bskh)
+  return out.reshape(B, T, N, H)
+
+
+# -------------------------------------------------------------------------------------------------
+# The model.
+
+
+def positions_from_mask(mask_bt: jax.Array, cache: Cache | None = None) -> jax.Array:
+  """Positions that count real tokens only (HF generate's `cumsum(mask) - 1`), continuing a cache."""
+  pos = jnp.cumsum(mask_bt.astype(jnp.int32), axis=1) - 1
+  if cache is not None:
+    pos = pos + jnp.sum(cache["pos"] >= 0, axis=1, dtype=jnp.int32)[:, None]
+  return jnp.maximum(pos, 0)
+
+
+def hidden_states(
+    params: Params,
+    tokens_bt: jax.Array,
+    config: ModelConfig,
+    *,
+    mask_bt: jax.Array | None = None,
+    positions_bt: jax.Array | None = None,
+    cache: Cache | None = None,
+    lora: lora_lib.LoraState | None = None,
+) -> tuple[jax.Array, Cache | None]:
+  """Final-norm hidden states [B,T,D] (the input of the LM head) and the updated cache.
+
+  mask_bt: 1 for real tokens, 0 for padding (default: all real). positions_bt: default from the
+  mask (and the cache). With a cache, the T new tokens are written at slots [end, end+T) and
+  attend to everything already cached.
+  """
+  B, T = tokens_bt.shape
+  if mask_bt is None:
+    mask_bt = jnp.ones((B, T), jnp.int32)
+  mask_bt = mask_bt.astype(bool)
+  if positions_bt is None:
+    positions_bt = positions_from_mask(mask_bt, cache)
+  dtype = params["embed"].dtype
+  x = params["embed"][tokens_bt]
+  if config.scale_embeddings:
+    x = x * jnp.asarray(config.hidden_size ** 0.5, dtype)
+  inv_freq = jnp.asarray(config.inv_freq())
+  act = _activation(config.activation)
+  windows = jnp.asarray(config.sliding_windows, jnp.int32)
+  new_pos = jnp.where(mask_bt, positions_bt, -1).astype(jnp.int32)
+  if cache is not None:
+    end = cache["end"]
+    k_pos = jax.lax.dynamic_update_slice(cache["pos"], new_pos, (0, end))
+  else:
+    k_pos = new_pos
+
+  def layer_fn(x, xs):
+    layer, layer_lora, index, window, k_cache, v_cache = xs
+    lo = None if lora is None else lora.for_layer(layer_lora, index)
+    h = rms_norm(x, layer["attn_norm"], config)
+    q = rope(dense("q", h, layer, lo), positions_bt, inv_freq)
+    k = rope(dense("k", h, layer, lo), positions_bt, inv_freq).astype(dtype)
+    v = dense("v", h, layer, lo).astype(dtype)
+    if k_cache is not None:
+      k = jax.lax.dynamic_update_slice(k_cache, k, (0, end, 0, 0))
+      v = jax.lax.dynamic_update_slice(v_cache, v, (0, end, 0, 0))
+    a = attention(q, k, v, positions_bt, k_pos, window, config)
+    x = x + dense("o", a, layer, lo)
+    h = rms_norm(x, layer["mlp_norm"], config)
+    x = x + dense("down", act(dense("gate", h, layer, lo)) * dense("up", h, layer, lo), layer, lo)
+    return x, (k, v) if k_cache is not None else None
+
+  layer_lora = None if lora is None else lora.params
+  kv = (cache["k"], cache["v"]) if cache is not None else (None, None)
+  x, new_kv = jax.lax.scan(layer_fn, x, (params["layers"], layer_lora, jnp.arange(config.num_layers), windows, *kv))
+  x = rms_norm(x, params["final_norm"], config)
+  new_cache = None
+  if cache is not None:
+    new_cache = {"k": new_kv[0], "v": new_kv[1], "pos": k_pos, "end": end + T}
+  return x, new_cache
+
+
+def lm_head(params: Params, hidden_btd: jax.Array, config: ModelConfig) -> jax.Array:
+  """Logits [B,T,V] in float32."""
+  if config.tie_word_embeddings:
+    return jnp.einsum("BTD,VD->BTV", hidden_btd, params["embed"],
+                      preferred_element_type=jnp.float32)
+  return jnp.einsum("BTD,DV->BTV", hidden_btd, params["lm_head"],
+                    preferred_element_type=jnp.float32)
+
+
+def forward(
+    params: Params,
+    tokens_bt: jax.Array,
+    config: ModelConfig,
+    *,
+    mask_bt: jax.Array | None = None,
+    positions_bt: jax.Array | None = None,
+    cache: Cache | None = None,
+    lora: lora_lib.LoraState | None = None,
+) -> tuple[jax.Array, Cache | None]:
+  """Logits [B,T,V] (float32) and the updated cache (None when no cache was given)."""
+  hidden, cache = hidden_states(params, tokens_bt, config, mask_bt=mask_bt,
+                                positions_bt=positions_bt, cache=cache, lora=lora)
+  return lm_head(params, hidden, config), cache
