@@ -1,0 +1,97 @@
+"""Shared fixtures: tiny random HF torch models (the reference) saved to temp dirs."""
+
+import os
+
+# Before JAX initialises: deterministic CPU numerics for parity tests.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+VOCAB = 160
+
+# Configurations chosen to cover the HF semantics that differ between families and checkpoints:
+# GQA ratios, head_dim != hidden/heads, tied/untied embeddings, q/k/v(/o) biases, MLP biases,
+# Llama-3 and linear RoPE scaling, sliding windows, Gemma's norm/embedding/activation.
+TINY_CONFIGS = {
+    "llama_gqa_untied": lambda: transformers.LlamaConfig(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=24, tie_word_embeddings=False,
+        rope_theta=500.0),
+    "llama3_rope_tied_bias": lambda: transformers.LlamaConfig(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=1, tie_word_embeddings=True,
+        rope_theta=50000.0, max_position_embeddings=512, attention_bias=True, mlp_bias=True,
+        rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                      "high_freq_factor": 4.0, "original_max_position_embeddings": 16}),
+    "llama_linear_rope_mha": lambda: transformers.LlamaConfig(
+        vocab_size=VOCAB, hidden_size=48, intermediate_size=80, num_hidden_layers=2,
+        num_attention_heads=3, num_key_value_heads=3, tie_word_embeddings=False,
+        rope_scaling={"rope_type": "linear", "factor": 4.0}),
+    "mistral_sliding": lambda: transformers.MistralConfig(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, sliding_window=5),
+    "qwen2_untied": lambda: transformers.Qwen2Config(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False),
+    "qwen2_tied_mha": lambda: transformers.Qwen2Config(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=2, tie_word_embeddings=True),
+    "qwen2_sliding_layers": lambda: transformers.Qwen2Config(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+        num_attention_heads=4, num_key_value_heads=1, use_sliding_window=True, sliding_window=4,
+        max_window_layers=1),
+    "gemma": lambda: transformers.GemmaConfig(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=1, head_dim=32),
+}
+
+
+def make_hf_model(name: str, seed: int = 0, dtype=None):
+  """A tiny HF causal LM with random weights large enough to make every term matter."""
+  torch.manual_seed(seed)
+  model = transformers.AutoModelForCausalLM.from_config(
+      TINY_CONFIGS[name](), attn_implementation="eager")
+  with torch.no_grad():
+    for p in model.parameters():
+      if p.dim() > 1:
+        p.normal_(0.0, 0.15)
+      else:  # norms and biases: non-trivial values so a wrong (1 + w) or missing bias shows.
+        p.uniform_(-0.5, 0.5)
+  model = model.eval()
+  return model if dtype is None else model.to(dtype)
+
+
+@pytest.fixture
+def hf_dir(tmp_path):
+  """Factory: (name, seed) -> (torch model, directory written by save_pretrained)."""
+
+  def make(name, seed=0):
+    model = make_hf_model(name, seed)
+    path = tmp_path / f"{name}-{seed}"
+    model.save_pretrained(path)
+    return model, path
+
+  return make
+
+
+def left_padded_batch(seed: int, batch: int = 3, length: int = 24, vocab: int = VOCAB):
+  """Random ids and a mask whose rows carry 0, 5 and 11 pad tokens on the left."""
+  rng = np.random.RandomState(seed)
+  ids = rng.randint(0, vocab, (batch, length)).astype(np.int64)
+  mask = np.ones_like(ids)
+  for row, pads in enumerate([0, 5, 11][:batch]):
+    mask[row, :pads] = 0
+  return ids, mask
+
+
+def hf_logits(model, ids, mask):
+  """HF logits with generate's position ids for left padding (cumsum(mask) - 1)."""
+  pos = np.maximum(mask.cumsum(1) - 1, 0)
+  with torch.no_grad():
+    out = model(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
+                position_ids=torch.tensor(pos))
+  return out.logits.float().numpy()
