@@ -54,6 +54,22 @@ def test_config_from_gguf_metadata(ours):
   assert "lm_head" not in ours.params
 
 
+def test_torch_free_gguf_tokenizer_matches_transformers(ours, gguf_path):
+  """Ours is built from our GGUF parser (no torch); the reference is AutoTokenizer(gguf_file=)."""
+  ref = transformers.AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+  tok = ours.tokenizer
+  texts = ["Hello world!", "  leading spaces, 12345 digits and 3.14159",
+           "<|im_start|>user\nHi<|im_end|>", "Ünïcödé 日本語 🎉", "\tdef f(x):\n\t\treturn x**2",
+           "<|endoftext|> special tokens stay whole"]
+  for text in texts:
+    assert tok(text)["input_ids"] == ref(text)["input_ids"], text
+  for chat in CHATS:
+    assert (tok.apply_chat_template(chat, add_generation_prompt=True, tokenize=False) ==
+            ref.apply_chat_template(chat, add_generation_prompt=True, tokenize=False))
+  assert (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id) == (
+      ref.bos_token_id, ref.eos_token_id, ref.pad_token_id)
+
+
 def test_chat_template_renders_chatml(ours):
   text = ours.tokenizer.apply_chat_template(CHATS[0], add_generation_prompt=True, tokenize=False)
   assert text.endswith("<|im_start|>user\nWhat is the capital of France?<|im_end|>\n"

@@ -234,14 +234,47 @@ def load_gguf(path, dtype=jnp.float32, tokenizer: bool = True,
   params = _assemble(config, _GGUFSource(gguf, config), _GGUF, dtype)
   tok = None
   if tokenizer:
-    path = pathlib.Path(path)
     if tokenizer_cache is not None and (tokenizer_cache / "tokenizer_config.json").exists():
       tok = _auto_tokenizer(str(tokenizer_cache))
     else:
-      tok = _auto_tokenizer(str(path.parent), gguf_file=path.name)
+      tok = gguf_tokenizer(gguf)
       if tokenizer_cache is not None:
         tok.save_pretrained(str(tokenizer_cache))
   return Model(config, params, tok, str(path))
+
+
+def gguf_tokenizer(gguf: GGUFFile):
+  """The HF fast tokenizer a GGUF file describes, built from our parsed metadata.
+
+  Uses transformers' own GGUF tokenizer converter (vocabulary, merges, pre-tokenizer split, control
+  tokens) but not its GGUF reader, which needs torch: the main job runs without torch installed.
+  """
+  from transformers import PreTrainedTokenizerFast
+  from transformers.integrations.gguf.gguf_tokenizer_mapping import (
+      GGUF_TOKENIZER_MAPPING, convert_gguf_tokenizer)
+
+  meta = gguf.metadata
+
+  def plain(value):
+    return value.tolist() if isinstance(value, np.ndarray) else value
+
+  groups = {group: {name: plain(meta[f"tokenizer.{key}"]) for key, name in renames.items()
+                    if f"tokenizer.{key}" in meta}
+            for group, renames in GGUF_TOKENIZER_MAPPING.items()}
+  tokenizer_dict, tokenizer_config = groups["tokenizer"], groups["tokenizer_config"]
+  if "tokens" not in tokenizer_dict:
+    raise LoadError(f"{gguf.path} carries no tokenizer (tokenizer.ggml.tokens)")
+  if tokenizer_dict.get("tokenizer_type") == "llama":
+    tokenizer_config.setdefault("add_bos_token", True)  # llama.cpp's sentencepiece default.
+  for name, key in [("bos_token", "bos_token_id"), ("eos_token", "eos_token_id"),
+                    ("unk_token", "unknown_token_id"), ("pad_token", "padding_token_id")]:
+    token_id = meta.get(f"tokenizer.ggml.{key}")
+    tokenizer_config[name] = tokenizer_dict["tokens"][token_id] if token_id is not None else None
+  try:
+    backend, extra = convert_gguf_tokenizer(meta["general.architecture"], tokenizer_dict)
+  except ValueError as e:
+    raise LoadError(f"{gguf.path}: {e}") from None
+  return PreTrainedTokenizerFast(tokenizer_object=backend, **tokenizer_config, **extra)
 
 
 def _auto_tokenizer(location: str, **kwargs):
