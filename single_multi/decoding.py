@@ -69,49 +69,104 @@ class Sampling:
 
 @flax.struct.dataclass
 class DecodeOutput:
-  tokens: jax.Array  # [B, max_new_tokens] generated ids; pad after a sequence has ended.
-  logprobs: jax.Array  # [B, max_new_tokens] log-prob of each chosen token under the model.
-  lengths: jax.Array  # [B] number of generated tokens, the stop token included.
+  """What a decode returns. Leading dims of `tokens` are those of the chosen tokens: [B] for one
+  model or a combined pool, [N, B] for a pool decoding independently; M = max_new_tokens."""
+
+  tokens: jax.Array  # [..., M] generated ids; pad_id after a sequence has stopped.
+  logprobs: jax.Array  # [..., M] log-prob of each chosen token under the choosing distribution.
+  lengths: jax.Array  # [...] number of generated tokens, the stop token included.
+  rows: jax.Array | None = None  # [..., M, V] full log-prob rows (return_rows=True), 0 after stop.
+  state: Any = None  # The final state of a pool's combine function.
+
+
+def sampler_choice(sampler):
+  """A sampler as a `choose(logits, state, key) -> (token, logprob_row, state)` function."""
+
+  def choose(logits, state, key):
+    return sampler(logits, key), jax.nn.log_softmax(logits.astype(jnp.float32)), state
+
+  return choose
+
+
+def decode_loop(step_fn, cache, logits, rng, choose, choose_state=None, *, max_new_tokens: int,
+                stop_ids: tuple[int, ...] = (), pad_id: int = 0, return_rows: bool = False,
+                limits=None) -> DecodeOutput:
+  """The decode loop shared by single-model and pool decoding.
+
+  step_fn(token, live, cache) -> (next logits, cache) feeds the chosen tokens to the model(s);
+  choose(logits, state, key) -> (token, logprob row [..., V], state) picks them. A sequence stops
+  at a stop token or after `limits` (per-sequence caps, default max_new_tokens) tokens.
+  """
+  choice_shape = jax.eval_shape(choose, logits, choose_state, rng)
+  shape, vocab = choice_shape[0].shape, choice_shape[1].shape[-1]
+  stop = jnp.asarray(stop_ids if stop_ids else (-1,), jnp.int32)
+  if limits is None:
+    limits = jnp.full(shape, max_new_tokens, jnp.int32)
+
+  def cond(carry):
+    return (carry["step"] < max_new_tokens) & ~jnp.all(carry["done"])
+
+  def body(carry):
+    step, done = carry["step"], carry["done"]
+    rng, key = jax.random.split(carry["rng"])
+    token, row, state = choose(carry["logits"], carry["state"], key)
+    token = jnp.where(done, pad_id, token)
+    logp = jnp.take_along_axis(row, token[..., None], axis=-1)[..., 0]
+    out = dict(carry, rng=rng, state=state, step=step + 1)
+    out["tokens"] = carry["tokens"].at[..., step].set(token)
+    out["logprobs"] = carry["logprobs"].at[..., step].set(jnp.where(done, 0.0, logp))
+    if return_rows:
+      out["rows"] = carry["rows"].at[..., step, :].set(jnp.where(done[..., None], 0.0, row))
+    out["done"] = done | jnp.isin(token, stop) | (step + 1 >= limits)
+    out["logits"], out["cache"] = step_fn(token, ~done, carry["cache"])
+    return out
+
+  carry = {
+      "step": jnp.zeros((), jnp.int32), "cache": cache, "logits": logits, "rng": rng,
+      "state": choose_state, "done": jnp.zeros(shape, bool),
+      "tokens": jnp.full((*shape, max_new_tokens), pad_id, jnp.int32),
+      "logprobs": jnp.zeros((*shape, max_new_tokens), jnp.float32),
+      "rows": jnp.zeros((*shape, max_new_tokens, vocab), jnp.float32) if return_rows else None,
+  }
+  carry = jax.lax.while_loop(cond, body, carry)
+  tokens = carry["tokens"]
+  is_stop = jnp.isin(tokens, stop)
+  lengths = jnp.where(jnp.any(is_stop, axis=-1), jnp.argmax(is_stop, axis=-1) + 1,
+                      jnp.minimum(limits, max_new_tokens))
+  return DecodeOutput(tokens, carry["logprobs"], lengths, carry["rows"], carry["state"])
+
+
+def unstack_for_loop(params, unstack: bool | None, layer_axis: int = 0):
+  """Params for a decode loop: unstacked layers on CPU by default (see transformer.unstack_layers)."""
+  if unstack is None:
+    unstack = jax.default_backend() == "cpu"
+  return transformer.unstack_layers(params, layer_axis) if unstack else params
 
 
 @functools.partial(jax.jit, static_argnames=("config", "sampler", "max_new_tokens", "stop_ids",
-                                             "pad_id"))
+                                             "pad_id", "return_rows", "unstack"))
 def decode(params, prompt_bt: jax.Array, prompt_mask_bt: jax.Array, rng: jax.Array, *,
            config: ModelConfig, sampler: Any = Greedy(), max_new_tokens: int,
-           stop_ids: tuple[int, ...] = (), pad_id: int = 0) -> DecodeOutput:
-  """Decodes a left-padded prompt batch: one-shot prefill, then one token per loop step."""
+           stop_ids: tuple[int, ...] = (), pad_id: int = 0, return_rows: bool = False,
+           limits_b: jax.Array | None = None, lora=None, unstack: bool | None = None) -> DecodeOutput:
+  """Decodes a left-padded prompt batch with one model: one-shot prefill, then one token a step.
+
+  unstack: run layers from per-layer arrays (default: on CPU), see `transformer.unstack_layers`.
+  """
+  params = unstack_for_loop(params, unstack)
   B, P = prompt_bt.shape
   cache = transformer.init_cache(config, B, P + max_new_tokens, params["embed"].dtype)
   logits, cache = transformer.forward(params, prompt_bt, config, mask_bt=prompt_mask_bt,
-                                      cache=cache)
-  stop = jnp.asarray(stop_ids if stop_ids else (-1,), jnp.int32)
+                                      cache=cache, lora=lora)
 
-  def cond(state):
-    step, _, _, _, _, done, _ = state
-    return (step < max_new_tokens) & ~jnp.all(done)
+  def step_fn(token_b, live_b, cache):
+    logits, cache = transformer.forward(params, token_b[:, None], config, mask_bt=live_b[:, None],
+                                        cache=cache, lora=lora)
+    return logits[:, -1], cache
 
-  def body(state):
-    step, cache, last_logits, tokens, logprobs, done, rng = state
-    rng, key = jax.random.split(rng)
-    token = sampler(last_logits, key)
-    logp = jnp.take_along_axis(jax.nn.log_softmax(last_logits), token[:, None], axis=-1)[:, 0]
-    token = jnp.where(done, pad_id, token)
-    tokens = tokens.at[:, step].set(token)
-    logprobs = logprobs.at[:, step].set(jnp.where(done, 0.0, logp))
-    live = ~done
-    done = done | jnp.isin(token, stop)
-    logits, cache = transformer.forward(params, token[:, None], config, mask_bt=live[:, None],
-                                        cache=cache)
-    return step + 1, cache, logits[:, -1], tokens, logprobs, done, rng
-
-  state = (jnp.zeros((), jnp.int32), cache, logits[:, -1],
-           jnp.full((B, max_new_tokens), pad_id, jnp.int32), jnp.zeros((B, max_new_tokens)),
-           jnp.zeros((B,), bool), rng)
-  _, _, _, tokens, logprobs, done, _ = jax.lax.while_loop(cond, body, state)
-  is_stop = jnp.isin(tokens, stop)
-  first_stop = jnp.argmax(is_stop, axis=1)
-  lengths = jnp.where(jnp.any(is_stop, axis=1), first_stop + 1, max_new_tokens)
-  return DecodeOutput(tokens, logprobs, lengths)
+  return decode_loop(step_fn, cache, logits[:, -1], rng, sampler_choice(sampler),
+                     max_new_tokens=max_new_tokens, stop_ids=stop_ids, pad_id=pad_id,
+                     return_rows=return_rows, limits=limits_b)
 
 
 def bucket_length(n: int, minimum: int = 16) -> int:

@@ -14,7 +14,8 @@ under `lax.scan` (one compiled layer, whatever the depth):
           gate_bias/up_bias [L,F], down_bias [L,D]
 
 The KV cache is an explicit pytree passed in and returned:
-  k, v [L,B,S,K,H]; pos [B,S] int32 (position of the token in each slot, -1 = empty or pad);
+  k, v [L,B,K,S,H] (heads before slots: attention reads it with no transpose);
+  pos [B,S] int32 (position of the token in each slot, -1 = empty or pad);
   end [] int32 (next slot to write; shared by the batch).
 Attention visibility is decided by positions: a key is visible to a query when its slot is filled,
 its position is <= the query's position, and (sliding layers) it lies inside the window. With
@@ -73,8 +74,23 @@ def init_params(config: ModelConfig, rng: jax.Array, dtype=jnp.float32) -> Param
   return jax.tree.unflatten(treedef, out)
 
 
+def unstack_layers(params: Params, axis: int = 0) -> Params:
+  """Per-layer weights as a list of L dicts (forward then runs a Python loop over layers).
+
+  XLA:CPU copies a layer's weights out of the stacked [L, ...] arrays at every step of the layer
+  scan (a dot cannot read a dynamically offset operand there); decoding on CPU unstacks once,
+  before its loop, and reads each layer's weights in place. axis: the L axis (1 in a pool).
+  """
+  layers = params["layers"]
+  if isinstance(layers, (list, tuple)):
+    return params
+  num_layers = jax.tree.leaves(layers)[0].shape[axis]
+  return {**params, "layers": [jax.tree.map(lambda a: jnp.take(a, i, axis=axis), layers)
+                               for i in range(num_layers)]}
+
+
 def init_cache(config: ModelConfig, batch: int, max_len: int, dtype=jnp.float32) -> Cache:
-  shape = (config.num_layers, batch, max_len, config.num_kv_heads, config.head_dim)
+  shape = (config.num_layers, batch, config.num_kv_heads, max_len, config.head_dim)
   return {
       "k": jnp.zeros(shape, dtype),
       "v": jnp.zeros(shape, dtype),
@@ -122,21 +138,26 @@ def dense(name: str, x: jax.Array, layer: Params, lora: lora_lib.LoraState | Non
   return y
 
 
-def attention(q_btnh, k_bskh, v_bskh, q_pos_bt, k_pos_bs, window, config: ModelConfig):
-  """Grouped-query attention with position-based causal / padding / sliding-window visibility."""
+def attention(q_btnh, k_bksh, v_bksh, q_pos_bt, k_pos_bs, window, config: ModelConfig):
+  """Grouped-query attention with position-based causal / padding / sliding-window visibility.
+
+  Queries are laid out [B, K, (G T), H] so both dots are plain batched matmuls over (B, K) with
+  the cache read in its stored layout.
+  """
   B, T, N, H = q_btnh.shape
-  K = k_bskh.shape[2]
-  q = q_btnh.reshape(B, T, K, N // K, H)
-  logits = jnp.einsum("BTKGH,BSKH->BKGTS", q, k_bskh, preferred_element_type=jnp.float32)
-  logits = logits * (H ** -0.5)
+  K = k_bksh.shape[1]
+  G = N // K
+  q = q_btnh.reshape(B, T, K, G, H).transpose(0, 2, 3, 1, 4).reshape(B, K, G * T, H)
+  logits = jnp.einsum("BKQH,BKSH->BKQS", q, k_bksh, preferred_element_type=jnp.float32)
+  logits = logits.reshape(B, K, G, T, -1) * (H ** -0.5)
   delta = q_pos_bt[:, :, None] - k_pos_bs[:, None, :]  # [B,T,S]
   visible = (k_pos_bs[:, None, :] >= 0) & (delta >= 0)
   visible &= (window <= 0) | (delta < window)
   # A large finite value (not -inf) so a query with nothing visible (a pad) gets no NaN.
   logits = jnp.where(visible[:, None, None], logits, jnp.finfo(jnp.float32).min)
-  probs = jax.nn.softmax(logits, axis=-1).astype(v_bskh.dtype)
-  out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, v_bskh)
-  return out.reshape(B, T, N, H)
+  probs = jax.nn.softmax(logits, axis=-1).astype(v_bksh.dtype).reshape(B, K, G * T, -1)
+  out = jnp.einsum("BKQS,BKSH->BKQH", probs, v_bksh)
+  return out.reshape(B, K, G, T, H).transpose(0, 3, 1, 2, 4).reshape(B, T, N, H)
 
 
 # -------------------------------------------------------------------------------------------------
@@ -187,29 +208,39 @@ def hidden_states(
   else:
     k_pos = new_pos
 
-  def layer_fn(x, xs):
-    layer, layer_lora, index, window, k_cache, v_cache = xs
+  def layer_fn(carry, xs):
+    # The whole cache rides in the carry: each layer writes its new keys/values in place with a
+    # small dynamic-update-slice (a per-layer cache in xs/ys would be copied at every layer).
+    x, kv = carry
+    layer, layer_lora, index, window = xs
     lo = None if lora is None else lora.for_layer(layer_lora, index)
     h = rms_norm(x, layer["attn_norm"], config)
     q = rope(dense("q", h, layer, lo), positions_bt, inv_freq)
-    k = rope(dense("k", h, layer, lo), positions_bt, inv_freq).astype(dtype)
-    v = dense("v", h, layer, lo).astype(dtype)
-    if k_cache is not None:
-      k = jax.lax.dynamic_update_slice(k_cache, k, (0, end, 0, 0))
-      v = jax.lax.dynamic_update_slice(v_cache, v, (0, end, 0, 0))
+    k = rope(dense("k", h, layer, lo), positions_bt, inv_freq).astype(dtype).swapaxes(1, 2)
+    v = dense("v", h, layer, lo).astype(dtype).swapaxes(1, 2)
+    if kv is not None:
+      kv = tuple(jax.lax.dynamic_update_slice(c, new[None], (index, 0, 0, end, 0))
+                 for c, new in zip(kv, (k, v)))
+      k, v = kv[0][index], kv[1][index]
     a = attention(q, k, v, positions_bt, k_pos, window, config)
     x = x + dense("o", a, layer, lo)
     h = rms_norm(x, layer["mlp_norm"], config)
     x = x + dense("down", act(dense("gate", h, layer, lo)) * dense("up", h, layer, lo), layer, lo)
-    return x, (k, v) if k_cache is not None else None
+    return (x, kv), None
 
   layer_lora = None if lora is None else lora.params
-  kv = (cache["k"], cache["v"]) if cache is not None else (None, None)
-  x, new_kv = jax.lax.scan(layer_fn, x, (params["layers"], layer_lora, jnp.arange(config.num_layers), windows, *kv))
+  kv = (cache["k"], cache["v"]) if cache is not None else None
+  if isinstance(params["layers"], (list, tuple)):  # Unstacked layers: a Python loop.
+    for i, layer in enumerate(params["layers"]):
+      li = None if layer_lora is None else jax.tree.map(lambda a: a[i], layer_lora)
+      (x, kv), _ = layer_fn((x, kv), (layer, li, i, config.sliding_windows[i]))
+  else:
+    xs = (params["layers"], layer_lora, jnp.arange(config.num_layers), windows)
+    (x, kv), _ = jax.lax.scan(layer_fn, (x, kv), xs)
   x = rms_norm(x, params["final_norm"], config)
   new_cache = None
   if cache is not None:
-    new_cache = {"k": new_kv[0], "v": new_kv[1], "pos": k_pos, "end": end + T}
+    new_cache = {"k": kv[0], "v": kv[1], "pos": k_pos, "end": end + T}
   return x, new_cache
 
 

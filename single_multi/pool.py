@@ -1,0 +1,206 @@
+"""A pool of N same-architecture models stacked along a leading `model` axis.
+
+Stacking is `jax.tree.map(lambda *x: jnp.stack(x), *trees)`; every pool operation is `jax.vmap`
+of the single-model function over that axis. The multi-model decode loop feeds one chosen token
+to all N models each step; the token comes from a pure
+
+    combine(per_model_logits [N, B, V], state, key) -> (token [B], logprob row [B, V], state)
+
+the hook logit- and token-level collaboration strategies plug into (the row is the collaboration's
+next-token distribution: the teacher rows of logit distillation). All N caches advance together.
+
+Pool KV cache: k, v [N, L, B, S, K, H]; pos [N, B, S]; end [] shared (all models write the same
+slots, so the cache update stays a dynamic-update-slice under vmap).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+
+from single_multi import decoding
+from single_multi.models import transformer
+from single_multi.models.config import ModelConfig
+from single_multi.models.loading import Model, load
+
+Params = dict[str, Any]
+Combine = Callable[[jax.Array, Any, jax.Array], tuple[jax.Array, jax.Array, Any]]
+
+# Config fields that may differ between pool members (token ids are tokenizer-side metadata).
+_FREE_FIELDS = {"bos_token_id", "eos_token_ids", "pad_token_id"}
+
+
+class PoolMismatchError(ValueError):
+  """Models cannot be stacked: the message names the models and the differing fields."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Pool:
+  config: ModelConfig
+  params: Params  # Every leaf has a leading axis of size N.
+  names: tuple[str, ...]
+  tokenizer: Any
+
+  @property
+  def size(self) -> int:
+    return len(self.names)
+
+  def member(self, i: int) -> Params:
+    return jax.tree.map(lambda x: x[i], self.params)
+
+
+def stack(trees: Sequence[Params]) -> Params:
+  return jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
+
+
+def check_stackable(models: Sequence[Model], names: Sequence[str]) -> None:
+  first = models[0].config
+  for name, m in zip(names[1:], models[1:]):
+    if m.config.vocab_size != first.vocab_size:
+      raise PoolMismatchError(
+          f"vocabularies differ: {names[0]} has {first.vocab_size} tokens, {name} has "
+          f"{m.config.vocab_size}; logit/token/weight-level collaboration needs one vocabulary "
+          "(use text-level strategies for heterogeneous pools)")
+    diff = {f.name: (getattr(first, f.name), getattr(m.config, f.name))
+            for f in dataclasses.fields(first)
+            if f.name not in _FREE_FIELDS and getattr(first, f.name) != getattr(m.config, f.name)}
+    if diff:
+      detail = ", ".join(f"{k}: {a} vs {b}" for k, (a, b) in sorted(diff.items()))
+      raise PoolMismatchError(
+          f"{names[0]} and {name} have different architectures ({detail}); a stacked pool needs "
+          "identical architectures")
+
+
+def from_models(models: Sequence[Model], names: Sequence[str] | None = None) -> Pool:
+  if not models:
+    raise ValueError("a pool needs at least one model")
+  names = tuple(names or (m.source for m in models))
+  if len(set(names)) != len(names):
+    names = tuple(f"{n}#{i}" for i, n in enumerate(names))
+  check_stackable(models, names)
+  for name, m in zip(names, models):
+    dtypes = {x.dtype for x in jax.tree.leaves(m.params)}
+    if dtypes != {x.dtype for x in jax.tree.leaves(models[0].params)}:
+      raise PoolMismatchError(f"{name} has params of dtype {dtypes}, unlike {names[0]}")
+  return Pool(models[0].config, stack([m.params for m in models]), names, models[0].tokenizer)
+
+
+def load_pool(sources: Sequence[str], dtype=jnp.float32) -> Pool:
+  models = [load(s, dtype) for s in sources]
+  return from_models(models, sources)
+
+
+# -------------------------------------------------------------------------------------------------
+# Vmapped execution.
+
+_CACHE_AXES = {"k": 0, "v": 0, "pos": 0, "end": None}
+
+
+def init_cache(config: ModelConfig, n: int, batch: int, max_len: int, dtype=jnp.float32):
+  one = transformer.init_cache(config, batch, max_len, dtype)
+  return {"k": jnp.broadcast_to(one["k"], (n, *one["k"].shape)),
+          "v": jnp.broadcast_to(one["v"], (n, *one["v"].shape)),
+          "pos": jnp.broadcast_to(one["pos"], (n, *one["pos"].shape)), "end": one["end"]}
+
+
+def forward(params_n: Params, tokens_bt: jax.Array, config: ModelConfig, *, mask_bt=None,
+            cache=None, lora=None, per_model_tokens: bool = False):
+  """Logits [N, B, T, V] of every model (tokens [B, T], or [N, B, T] with per_model_tokens)."""
+  tok_axis = 0 if per_model_tokens else None
+
+  def one(params, tokens, mask, cache, lora):
+    return transformer.forward(params, tokens, config, mask_bt=mask, cache=cache, lora=lora)
+
+  cache_axes = None if cache is None else _CACHE_AXES
+  return jax.vmap(one, in_axes=(0, tok_axis, tok_axis, cache_axes, 0),
+                  out_axes=(0, cache_axes))(params_n, tokens_bt, mask_bt, cache, lora)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "sampler", "max_new_tokens", "stop_ids",
+                                             "pad_id", "return_rows", "unstack"))
+def decode_each(params_n: Params, prompt_bt, prompt_mask_bt, rng, *, config: ModelConfig,
+                sampler: Any = decoding.Greedy(), max_new_tokens: int,
+                stop_ids: tuple[int, ...] = (), pad_id: int = 0, return_rows: bool = False,
+                lora=None, unstack: bool | None = None) -> decoding.DecodeOutput:
+  """Every model answers the same prompts on its own: tokens [N, B, M]; one program for all N."""
+  params_n = decoding.unstack_for_loop(params_n, unstack, layer_axis=1)
+  n = params_n["embed"].shape[0]
+  B, P = prompt_bt.shape
+  cache = init_cache(config, n, B, P + max_new_tokens, params_n["embed"].dtype)
+  logits, cache = forward(params_n, prompt_bt, config, mask_bt=prompt_mask_bt, cache=cache,
+                          lora=lora)
+
+  def step_fn(token_nb, live_nb, cache):
+    logits, cache = forward(params_n, token_nb[..., None], config, mask_bt=live_nb[..., None],
+                            cache=cache, lora=lora, per_model_tokens=True)
+    return logits[:, :, -1], cache
+
+  return decoding.decode_loop(step_fn, cache, logits[:, :, -1], rng,
+                              decoding.sampler_choice(sampler), max_new_tokens=max_new_tokens,
+                              stop_ids=stop_ids, pad_id=pad_id, return_rows=return_rows)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "combine", "max_new_tokens", "stop_ids",
+                                             "pad_id", "return_rows", "unstack"))
+def decode_combined(params_n: Params, prompt_bt, prompt_mask_bt, rng, combine_state=None, *,
+                    config: ModelConfig, combine: Combine, max_new_tokens: int,
+                    stop_ids: tuple[int, ...] = (), pad_id: int = 0, return_rows: bool = False,
+                    lora=None, unstack: bool | None = None) -> decoding.DecodeOutput:
+  """One shared continuation chosen by `combine` from all N models' logits each step."""
+  params_n = decoding.unstack_for_loop(params_n, unstack, layer_axis=1)
+  n = params_n["embed"].shape[0]
+  B, P = prompt_bt.shape
+  cache = init_cache(config, n, B, P + max_new_tokens, params_n["embed"].dtype)
+  logits, cache = forward(params_n, prompt_bt, config, mask_bt=prompt_mask_bt, cache=cache,
+                          lora=lora)
+
+  def step_fn(token_b, live_b, cache):
+    logits, cache = forward(params_n, token_b[:, None], config, mask_bt=live_b[:, None],
+                            cache=cache, lora=lora)
+    return logits[:, :, -1], cache
+
+  return decoding.decode_loop(step_fn, cache, logits[:, :, -1], rng, combine, combine_state,
+                              max_new_tokens=max_new_tokens, stop_ids=stop_ids, pad_id=pad_id,
+                              return_rows=return_rows)
+
+
+# -------------------------------------------------------------------------------------------------
+# Basic combine functions (frozen dataclasses, so they are hashable static arguments).
+
+
+@dataclasses.dataclass(frozen=True)
+class TakeModel:
+  """Model `index` alone decides (the pool equivalent of single-model decoding)."""
+
+  index: int
+  sampler: Any = decoding.Greedy()
+
+  def __call__(self, logits_nbv, state, key):
+    logits = logits_nbv[self.index]
+    return self.sampler(logits, key), jax.nn.log_softmax(logits), state
+
+
+@dataclasses.dataclass(frozen=True)
+class LogitAverage:
+  """Weighted average of next-token logits ("logits") or log-probs ("logprobs"), then sample."""
+
+  weights: tuple[float, ...] | None = None  # Default: uniform.
+  space: str = "logprobs"
+  sampler: Any = decoding.Greedy()
+
+  def __post_init__(self):
+    if self.space not in ("logits", "logprobs"):
+      raise ValueError(f"space must be 'logits' or 'logprobs', got {self.space!r}")
+
+  def __call__(self, logits_nbv, state, key):
+    n = logits_nbv.shape[0]
+    w = jnp.asarray(self.weights if self.weights is not None else (1.0 / n,) * n, jnp.float32)
+    if w.shape != (n,):
+      raise ValueError(f"LogitAverage has {w.shape[0]} weights for a pool of {n} models")
+    x = logits_nbv if self.space == "logits" else jax.nn.log_softmax(logits_nbv, axis=-1)
+    fused = jnp.einsum("n,nbv->bv", w, x)
+    return self.sampler(fused, key), jax.nn.log_softmax(fused), state
