@@ -25,6 +25,29 @@ PROJECTIONS = {
 }
 
 
+def dim_sizes(config: "ModelConfig") -> dict[str, int]:
+  """Size of each shape letter (see PROJECTIONS) for this architecture."""
+  c = config
+  return {"L": c.num_layers, "D": c.hidden_size, "N": c.num_heads, "K": c.num_kv_heads,
+          "H": c.head_dim, "F": c.intermediate_size, "V": c.vocab_size}
+
+
+def param_layout(config: "ModelConfig") -> dict[str, Any]:
+  """Every parameter as its string of shape letters (the one description of the param tree)."""
+  layers = {"attn_norm": "LD", "q": "LDNH", "k": "LDKH", "v": "LDKH", "o": "LNHD", "mlp_norm": "LD",
+            "gate": "LDF", "up": "LDF", "down": "LFD"}
+  if config.qkv_bias:
+    layers.update(q_bias="LNH", k_bias="LKH", v_bias="LKH")
+  if config.o_bias:
+    layers["o_bias"] = "LD"
+  if config.mlp_bias:
+    layers.update(gate_bias="LF", up_bias="LF", down_bias="LD")
+  layout = {"embed": "VD", "layers": layers, "final_norm": "D"}
+  if not config.tie_word_embeddings:
+    layout["lm_head"] = "DV"
+  return layout
+
+
 class UnsupportedModelError(ValueError):
   """The checkpoint describes an architecture or feature this codebase does not implement."""
 

@@ -14,7 +14,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from single_multi.models.config import PROJECTIONS, ModelConfig
+from single_multi.models.config import PROJECTIONS, ModelConfig, dim_sizes
 
 TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
 
@@ -66,16 +66,10 @@ class LoraState:
     return self.config.scale * jnp.einsum(f"BTR,R{outs}->BT{outs}", low, p["b"].astype(x.dtype))
 
 
-def _dims(config: ModelConfig) -> dict[str, int]:
-  c = config
-  return {"D": c.hidden_size, "N": c.num_heads, "K": c.num_kv_heads, "H": c.head_dim,
-          "F": c.intermediate_size}
-
-
 def init(model_config: ModelConfig, lora_config: LoraConfig, rng: jax.Array,
          dtype=jnp.float32) -> dict[str, Any]:
   """A ~ kaiming-uniform (PEFT's a=sqrt(5), i.e. U(+-1/sqrt(fan_in))), B = 0."""
-  dims = _dims(model_config)
+  dims = dim_sizes(model_config)
   L, R = model_config.num_layers, lora_config.rank
   out = {}
   for i, name in enumerate(lora_config.targets):

@@ -29,8 +29,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from single_multi import sharding
 from single_multi.models import lora as lora_lib
-from single_multi.models.config import PROJECTIONS, ModelConfig
+from single_multi.models.config import PROJECTIONS, ModelConfig, dim_sizes, param_layout
 
 Params = dict[str, Any]
 Cache = dict[str, jax.Array]
@@ -39,23 +40,8 @@ Cache = dict[str, jax.Array]
 
 def param_shapes(config: ModelConfig) -> dict[str, Any]:
   """Shapes of every parameter (the structure `init_params` and the loaders produce)."""
-  c = config
-  L, D, N, K, H, F, V = (c.num_layers, c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim,
-                         c.intermediate_size, c.vocab_size)
-  layers = {
-      "attn_norm": (L, D), "q": (L, D, N, H), "k": (L, D, K, H), "v": (L, D, K, H),
-      "o": (L, N, H, D), "mlp_norm": (L, D), "gate": (L, D, F), "up": (L, D, F), "down": (L, F, D),
-  }
-  if c.qkv_bias:
-    layers.update(q_bias=(L, N, H), k_bias=(L, K, H), v_bias=(L, K, H))
-  if c.o_bias:
-    layers["o_bias"] = (L, D)
-  if c.mlp_bias:
-    layers.update(gate_bias=(L, F), up_bias=(L, F), down_bias=(L, D))
-  shapes = {"embed": (V, D), "layers": layers, "final_norm": (D,)}
-  if not c.tie_word_embeddings:
-    shapes["lm_head"] = (D, V)
-  return shapes
+  sizes = dim_sizes(config)
+  return jax.tree.map(lambda letters: tuple(sizes[c] for c in letters), param_layout(config))
 
 
 def init_params(config: ModelConfig, rng: jax.Array, dtype=jnp.float32) -> Params:
@@ -98,6 +84,11 @@ def init_cache(config: ModelConfig, batch: int, max_len: int, dtype=jnp.float32)
       "end": jnp.zeros((), jnp.int32),
   }
 
+
+# Logical names of activations (see sharding.RULES).
+_ACT_BTD = ("batch", "seq", "act_embed")
+_ACT_BTNH = ("batch", "seq", "act_heads", "head_dim")
+_ACT_BTF = ("batch", "seq", "act_mlp")
 
 # -------------------------------------------------------------------------------------------------
 # Building blocks.
@@ -198,6 +189,7 @@ def hidden_states(
   x = params["embed"][tokens_bt]
   if config.scale_embeddings:
     x = x * jnp.asarray(config.hidden_size ** 0.5, dtype)
+  x = sharding.constrain(x, _ACT_BTD)
   inv_freq = jnp.asarray(config.inv_freq())
   act = _activation(config.activation)
   windows = jnp.asarray(config.sliding_windows, jnp.int32)
@@ -215,7 +207,7 @@ def hidden_states(
     layer, layer_lora, index, window = xs
     lo = None if lora is None else lora.for_layer(layer_lora, index)
     h = rms_norm(x, layer["attn_norm"], config)
-    q = rope(dense("q", h, layer, lo), positions_bt, inv_freq)
+    q = sharding.constrain(rope(dense("q", h, layer, lo), positions_bt, inv_freq), _ACT_BTNH)
     k = rope(dense("k", h, layer, lo), positions_bt, inv_freq).astype(dtype).swapaxes(1, 2)
     v = dense("v", h, layer, lo).astype(dtype).swapaxes(1, 2)
     if kv is not None:
@@ -225,7 +217,8 @@ def hidden_states(
     a = attention(q, k, v, positions_bt, k_pos, window, config)
     x = x + dense("o", a, layer, lo)
     h = rms_norm(x, layer["mlp_norm"], config)
-    x = x + dense("down", act(dense("gate", h, layer, lo)) * dense("up", h, layer, lo), layer, lo)
+    h = sharding.constrain(act(dense("gate", h, layer, lo)) * dense("up", h, layer, lo), _ACT_BTF)
+    x = sharding.constrain(x + dense("down", h, layer, lo), _ACT_BTD)
     return (x, kv), None
 
   layer_lora = None if lora is None else lora.params
@@ -247,10 +240,12 @@ def hidden_states(
 def lm_head(params: Params, hidden_btd: jax.Array, config: ModelConfig) -> jax.Array:
   """Logits [B,T,V] in float32."""
   if config.tie_word_embeddings:
-    return jnp.einsum("BTD,VD->BTV", hidden_btd, params["embed"],
-                      preferred_element_type=jnp.float32)
-  return jnp.einsum("BTD,DV->BTV", hidden_btd, params["lm_head"],
-                    preferred_element_type=jnp.float32)
+    logits = jnp.einsum("BTD,VD->BTV", hidden_btd, params["embed"],
+                        preferred_element_type=jnp.float32)
+  else:
+    logits = jnp.einsum("BTD,DV->BTV", hidden_btd, params["lm_head"],
+                        preferred_element_type=jnp.float32)
+  return sharding.constrain(logits, ("batch", "seq", "act_vocab"))
 
 
 def forward(
