@@ -80,12 +80,25 @@ class DecodeOutput:
 
 
 def sampler_choice(sampler):
-  """A sampler as a `choose(logits, state, key) -> (token, logprob_row, state)` function."""
+  """A sampler as a `choose(logits, state, key) -> (token, logprob_row, state)` function.
+
+  With per-model keys [N] (a pool decoding independently) each model samples with its own key.
+  """
 
   def choose(logits, state, key):
-    return sampler(logits, key), jax.nn.log_softmax(logits.astype(jnp.float32)), state
+    sample = sampler if key.ndim == 0 else jax.vmap(sampler)
+    return sample(logits, key), jax.nn.log_softmax(logits.astype(jnp.float32)), state
 
   return choose
+
+
+def _split(rng):
+  """`rng, key = split(rng)` for one key or for a vector of per-model keys."""
+  if rng.ndim == 0:
+    rng, key = jax.random.split(rng)
+    return rng, key
+  pairs = jax.vmap(jax.random.split)(rng)
+  return pairs[:, 0], pairs[:, 1]
 
 
 def decode_loop(step_fn, cache, logits, rng, choose, choose_state=None, *, max_new_tokens: int,
@@ -108,7 +121,7 @@ def decode_loop(step_fn, cache, logits, rng, choose, choose_state=None, *, max_n
 
   def body(carry):
     step, done = carry["step"], carry["done"]
-    rng, key = jax.random.split(carry["rng"])
+    rng, key = _split(carry["rng"])
     token, row, state = choose(carry["logits"], carry["state"], key)
     token = jnp.where(done, pad_id, token)
     logp = jnp.take_along_axis(row, token[..., None], axis=-1)[..., 0]
@@ -117,6 +130,7 @@ def decode_loop(step_fn, cache, logits, rng, choose, choose_state=None, *, max_n
     out["logprobs"] = carry["logprobs"].at[..., step].set(jnp.where(done, 0.0, logp))
     if return_rows:
       out["rows"] = carry["rows"].at[..., step, :].set(jnp.where(done[..., None], 0.0, row))
+    out["lengths"] = carry["lengths"] + (~done).astype(jnp.int32)
     out["done"] = done | jnp.isin(token, stop) | (step + 1 >= limits)
     out["logits"], out["cache"] = step_fn(token, ~done, carry["cache"])
     return out
@@ -124,16 +138,13 @@ def decode_loop(step_fn, cache, logits, rng, choose, choose_state=None, *, max_n
   carry = {
       "step": jnp.zeros((), jnp.int32), "cache": cache, "logits": logits, "rng": rng,
       "state": choose_state, "done": jnp.zeros(shape, bool),
+      "lengths": jnp.zeros(shape, jnp.int32),
       "tokens": jnp.full((*shape, max_new_tokens), pad_id, jnp.int32),
       "logprobs": jnp.zeros((*shape, max_new_tokens), jnp.float32),
       "rows": jnp.zeros((*shape, max_new_tokens, vocab), jnp.float32) if return_rows else None,
   }
-  carry = jax.lax.while_loop(cond, body, carry)
-  tokens = carry["tokens"]
-  is_stop = jnp.isin(tokens, stop)
-  lengths = jnp.where(jnp.any(is_stop, axis=-1), jnp.argmax(is_stop, axis=-1) + 1,
-                      jnp.minimum(limits, max_new_tokens))
-  return DecodeOutput(tokens, carry["logprobs"], lengths, carry["rows"], carry["state"])
+  c = jax.lax.while_loop(cond, body, carry)
+  return DecodeOutput(c["tokens"], c["logprobs"], c["lengths"], c["rows"], c["state"])
 
 
 def unstack_for_loop(params, unstack: bool | None, layer_axis: int = 0):

@@ -126,7 +126,11 @@ def decode_each(params_n: Params, prompt_bt, prompt_mask_bt, rng, *, config: Mod
                 sampler: Any = decoding.Greedy(), max_new_tokens: int,
                 stop_ids: tuple[int, ...] = (), pad_id: int = 0, return_rows: bool = False,
                 lora=None, unstack: bool | None = None) -> decoding.DecodeOutput:
-  """Every model answers the same prompts on its own: tokens [N, B, M]; one program for all N."""
+  """Every model answers the same prompts on its own: tokens [N, B, M]; one program for all N.
+
+  Model i samples with key `fold_in(rng, i)`: the same tokens as `decoding.decode(member i,
+  rng=fold_in(rng, i))`.
+  """
   params_n = decoding.unstack_for_loop(params_n, unstack, layer_axis=1)
   n = params_n["embed"].shape[0]
   B, P = prompt_bt.shape
@@ -139,7 +143,8 @@ def decode_each(params_n: Params, prompt_bt, prompt_mask_bt, rng, *, config: Mod
                             cache=cache, lora=lora, per_model_tokens=True)
     return logits[:, :, -1], cache
 
-  return decoding.decode_loop(step_fn, cache, logits[:, :, -1], rng,
+  keys = jax.vmap(lambda i: jax.random.fold_in(rng, i))(jnp.arange(n))
+  return decoding.decode_loop(step_fn, cache, logits[:, :, -1], keys,
                               decoding.sampler_choice(sampler), max_new_tokens=max_new_tokens,
                               stop_ids=stop_ids, pad_id=pad_id, return_rows=return_rows)
 
