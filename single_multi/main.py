@@ -13,9 +13,9 @@ import time
 import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
-from tqdm import tqdm
 
 import single_multi as sm
+from single_multi import chat
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file.",
                                           lock_config=True)
@@ -24,22 +24,14 @@ flags.mark_flags_as_required(["config"])
 
 
 def run(config, workdir: str | None = None) -> list[dict]:
-  if config.temperature < 0:
-    raise ValueError(f"config.temperature must be >= 0, got {config.temperature}")
-  sampler = (sm.Greedy() if config.temperature == 0
-             else sm.Sampling(temperature=config.temperature, top_p=config.top_p))
+  sampler = chat.make_sampler(config.temperature, config.top_p)
   start = time.perf_counter()
   model = sm.load(config.model, dtype=config.dtype)
   print(f"loaded {config.model}: {model.config.num_params() / 1e6:.1f}M params "
         f"({config.dtype}) in {time.perf_counter() - start:.1f}s on {jax.devices()[0].platform}")
-  prompts = list(config.prompts)
-  records = []
-  for i in tqdm(range(0, len(prompts), config.batch_size), desc="generating", unit="batch"):
-    batch = prompts[i:i + config.batch_size]
-    replies = sm.generate(model, [[{"role": "user", "content": p}] for p in batch],
-                          max_new_tokens=config.max_new_tokens, sampler=sampler,
-                          seed=config.seed + i)
-    records += [{"prompt": p, "reply": r} for p, r in zip(batch, replies)]
+  records = chat.reply_all(model, list(config.prompts), batch_size=config.batch_size,
+                               max_new_tokens=config.max_new_tokens, sampler=sampler,
+                               seed=config.seed)
   for r in records:
     print(f"\n>>> {r['prompt']}\n{r['reply']}")
   if workdir:

@@ -1,0 +1,73 @@
+"""The entry points as a user runs them: `single_multi.chat` and `single_multi.main`."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import jax
+import pytest
+
+import single_multi as sm
+from single_multi import assets
+from single_multi.models.gguf_file import GGUFFile
+from single_multi.models.loading import gguf_tokenizer
+
+ROOT = pathlib.Path(__file__).parent.parent
+
+
+@pytest.fixture(scope="module")
+def tiny_chat_model(tmp_path_factory):
+  """A tiny random Llama with SmolLM2's real tokenizer and chat template, saved in HF format."""
+  try:
+    tokenizer = gguf_tokenizer(GGUFFile(assets.embedded_model_path("smollm2-135m-instruct")))
+  except assets.AssetError as e:
+    pytest.skip(f"embedded tokenizer unavailable: {e}")
+  config = sm.ModelConfig(model_type="llama", vocab_size=49152, hidden_size=32,
+                          intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
+                          head_dim=8, tie_word_embeddings=True, eos_token_ids=(2,),
+                          bos_token_id=1, pad_token_id=2)
+  params = sm.init_params(config, jax.random.key(0))
+  return sm.save_hf(tmp_path_factory.mktemp("tiny_chat"), config, params, tokenizer=tokenizer)
+
+
+def _run(*args):
+  env = dict(os.environ, PYTHONPATH=str(ROOT))
+  return subprocess.run([sys.executable, "-m", *args], cwd=ROOT, env=env, capture_output=True,
+                        text=True, timeout=600)
+
+
+def test_chat_cli_writes_replies(tiny_chat_model, tmp_path):
+  out = tmp_path / "replies.jsonl"
+  proc = _run("single_multi.chat", f"--model={tiny_chat_model}", "--prompt=Hello there",
+              "--prompt=Name a prime number.", "--max_new_tokens=4", "--batch_size=1",
+              f"--output={out}")
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  records = [json.loads(line) for line in out.read_text().splitlines()]
+  assert [r["prompt"] for r in records] == ["Hello there", "Name a prime number."]
+  assert all(isinstance(r["reply"], str) for r in records)
+  assert ">>> Hello there" in proc.stdout
+  assert "generating: 100%" in proc.stderr  # The progress bar ran over both batches.
+
+
+def test_chat_cli_without_prompts_is_a_usage_error(tiny_chat_model):
+  proc = _run("single_multi.chat", f"--model={tiny_chat_model}")
+  assert proc.returncode != 0 and "give at least one --prompt" in proc.stderr
+
+
+def test_main_runs_config_with_overrides(tiny_chat_model, tmp_path):
+  proc = _run("single_multi.main", "--config=configs/quickstart.py",
+              f"--config.model={tiny_chat_model}", "--config.max_new_tokens=3",
+              f"--workdir={tmp_path}")
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  records = [json.loads(line) for line in (tmp_path / "generations.jsonl").read_text().splitlines()]
+  assert len(records) == 5 and records[0]["prompt"] == "What is the capital of France?"
+
+
+def test_misspelled_override_fails_before_any_compute(tmp_path):
+  proc = _run("single_multi.main", "--config=configs/quickstart.py", "--config.max_new_tokns=3",
+              f"--workdir={tmp_path}")
+  assert proc.returncode != 0
+  assert "max_new_tokns" in proc.stderr and 'Did you mean "max_new_tokens"' in proc.stderr
+  assert not (tmp_path / "generations.jsonl").exists()
