@@ -120,6 +120,29 @@ def forward(params_n: Params, tokens_bt: jax.Array, config: ModelConfig, *, mask
                   out_axes=(0, cache_axes))(params_n, tokens_bt, mask_bt, cache, lora)
 
 
+def _decode(params_n, prompt_bt, prompt_mask_bt, rng, choose, choose_state, *,
+            config: ModelConfig, per_model_tokens: bool, max_new_tokens: int,
+            stop_ids: tuple[int, ...], pad_id: int, return_rows: bool, lora, unstack):
+  """Pool prefill + the shared decode loop; tokens [N, B] per model or [B] shared by all."""
+  params_n = decoding.unstack_for_loop(params_n, unstack, layer_axis=1)
+  n = params_n["embed"].shape[0]
+  B, P = prompt_bt.shape
+  cache = init_cache(config, n, B, P + max_new_tokens, params_n["embed"].dtype)
+  logits, cache = forward(params_n, prompt_bt, config, mask_bt=prompt_mask_bt, cache=cache,
+                          lora=lora)
+
+  def step_fn(token, live, cache):
+    logits, cache = forward(params_n, token[..., None], config, mask_bt=live[..., None],
+                            cache=cache, lora=lora, per_model_tokens=per_model_tokens)
+    return logits[:, :, -1], cache
+
+  if per_model_tokens:  # Model i samples with its own key stream, fold_in(rng, i).
+    rng = jax.vmap(lambda i: jax.random.fold_in(rng, i))(jnp.arange(n))
+  return decoding.decode_loop(step_fn, cache, logits[:, :, -1], rng, choose, choose_state,
+                              max_new_tokens=max_new_tokens, stop_ids=stop_ids, pad_id=pad_id,
+                              return_rows=return_rows)
+
+
 @functools.partial(jax.jit, static_argnames=("config", "sampler", "max_new_tokens", "stop_ids",
                                              "pad_id", "return_rows", "unstack"))
 def decode_each(params_n: Params, prompt_bt, prompt_mask_bt, rng, *, config: ModelConfig,
@@ -131,22 +154,10 @@ def decode_each(params_n: Params, prompt_bt, prompt_mask_bt, rng, *, config: Mod
   Model i samples with key `fold_in(rng, i)`: the same tokens as `decoding.decode(member i,
   rng=fold_in(rng, i))`.
   """
-  params_n = decoding.unstack_for_loop(params_n, unstack, layer_axis=1)
-  n = params_n["embed"].shape[0]
-  B, P = prompt_bt.shape
-  cache = init_cache(config, n, B, P + max_new_tokens, params_n["embed"].dtype)
-  logits, cache = forward(params_n, prompt_bt, config, mask_bt=prompt_mask_bt, cache=cache,
-                          lora=lora)
-
-  def step_fn(token_nb, live_nb, cache):
-    logits, cache = forward(params_n, token_nb[..., None], config, mask_bt=live_nb[..., None],
-                            cache=cache, lora=lora, per_model_tokens=True)
-    return logits[:, :, -1], cache
-
-  keys = jax.vmap(lambda i: jax.random.fold_in(rng, i))(jnp.arange(n))
-  return decoding.decode_loop(step_fn, cache, logits[:, :, -1], keys,
-                              decoding.sampler_choice(sampler), max_new_tokens=max_new_tokens,
-                              stop_ids=stop_ids, pad_id=pad_id, return_rows=return_rows)
+  return _decode(params_n, prompt_bt, prompt_mask_bt, rng, decoding.sampler_choice(sampler), None,
+                 config=config, per_model_tokens=True, max_new_tokens=max_new_tokens,
+                 stop_ids=stop_ids, pad_id=pad_id, return_rows=return_rows, lora=lora,
+                 unstack=unstack)
 
 
 @functools.partial(jax.jit, static_argnames=("config", "combine", "max_new_tokens", "stop_ids",
@@ -156,21 +167,9 @@ def decode_combined(params_n: Params, prompt_bt, prompt_mask_bt, rng, combine_st
                     stop_ids: tuple[int, ...] = (), pad_id: int = 0, return_rows: bool = False,
                     lora=None, unstack: bool | None = None) -> decoding.DecodeOutput:
   """One shared continuation chosen by `combine` from all N models' logits each step."""
-  params_n = decoding.unstack_for_loop(params_n, unstack, layer_axis=1)
-  n = params_n["embed"].shape[0]
-  B, P = prompt_bt.shape
-  cache = init_cache(config, n, B, P + max_new_tokens, params_n["embed"].dtype)
-  logits, cache = forward(params_n, prompt_bt, config, mask_bt=prompt_mask_bt, cache=cache,
-                          lora=lora)
-
-  def step_fn(token_b, live_b, cache):
-    logits, cache = forward(params_n, token_b[:, None], config, mask_bt=live_b[:, None],
-                            cache=cache, lora=lora)
-    return logits[:, :, -1], cache
-
-  return decoding.decode_loop(step_fn, cache, logits[:, :, -1], rng, combine, combine_state,
-                              max_new_tokens=max_new_tokens, stop_ids=stop_ids, pad_id=pad_id,
-                              return_rows=return_rows)
+  return _decode(params_n, prompt_bt, prompt_mask_bt, rng, combine, combine_state, config=config,
+                 per_model_tokens=False, max_new_tokens=max_new_tokens, stop_ids=stop_ids,
+                 pad_id=pad_id, return_rows=return_rows, lora=lora, unstack=unstack)
 
 
 # -------------------------------------------------------------------------------------------------
