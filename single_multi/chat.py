@@ -24,17 +24,22 @@ from tqdm import tqdm
 from single_multi import decoding
 from single_multi.models.loading import Model, load
 
-_MODEL = flags.DEFINE_string("model", "embedded:smollm2-135m-instruct", "Model source.")
-_PROMPT = flags.DEFINE_multi_string("prompt", [], "A user message (repeatable).")
-_PROMPTS_FILE = flags.DEFINE_string("prompts_file", None, "A file with one user message per line.")
-_MAX_NEW = flags.DEFINE_integer("max_new_tokens", 128, "Tokens to generate at most.")
-_TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "0 = greedy.")
-_TOP_P = flags.DEFINE_float("top_p", 1.0, "Nucleus mass (sampling only).")
-_TOP_K = flags.DEFINE_integer("top_k", 0, "Top-k (sampling only; 0 = off).")
-_BATCH = flags.DEFINE_integer("batch_size", 8, "Prompts per decode call.")
-_DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Parameter dtype.")
-_SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
-_OUTPUT = flags.DEFINE_string("output", None, "Optional JSONL file for {prompt, reply}.")
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+  """The CLI's flags; defined only when this module is the program (main.py imports run())."""
+  flags.DEFINE_string("model", "embedded:smollm2-135m-instruct", "Model source.")
+  flags.DEFINE_multi_string("prompt", [], "A user message (repeatable).")
+  flags.DEFINE_string("prompts_file", None, "A file with one user message per line.")
+  flags.DEFINE_integer("max_new_tokens", 128, "Tokens to generate at most.")
+  flags.DEFINE_float("temperature", 0.0, "0 = greedy.")
+  flags.DEFINE_float("top_p", 1.0, "Nucleus mass (sampling only).")
+  flags.DEFINE_integer("top_k", 0, "Top-k (sampling only; 0 = off).")
+  flags.DEFINE_integer("batch_size", 8, "Prompts per decode call.")
+  flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Parameter dtype.")
+  flags.DEFINE_integer("seed", 0, "Sampling seed.")
+  flags.DEFINE_string("output", None, "Optional JSONL file for {prompt, reply}.")
 
 
 def make_sampler(temperature: float, top_p: float = 1.0, top_k: int = 0):
@@ -58,30 +63,43 @@ def reply_all(model: Model, prompts: Sequence[str], *, batch_size: int, max_new_
   return records
 
 
+def run(source: str, prompts: Sequence[str], *, dtype: str = "float32", batch_size: int = 8,
+        max_new_tokens: int = 128, sampler=decoding.Greedy(), seed: int = 0,
+        output: str | pathlib.Path | None = None) -> list[dict]:
+  """Loads `source`, replies to `prompts`, prints each reply, and writes JSONL to `output`."""
+  start = time.perf_counter()
+  model = load(source, dtype=dtype)
+  print(f"loaded {source} ({model.config.num_params() / 1e6:.1f}M params, {dtype}) "
+        f"in {time.perf_counter() - start:.1f}s on {jax.devices()[0].platform}", file=sys.stderr)
+  records = reply_all(model, prompts, batch_size=batch_size, max_new_tokens=max_new_tokens,
+                      sampler=sampler, seed=seed)
+  for r in records:
+    print(f"\n>>> {r['prompt']}\n{r['reply']}")
+  if output:
+    output = pathlib.Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    with open(output, "w") as f:
+      f.writelines(json.dumps(r) + "\n" for r in records)
+  return records
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  prompts = list(_PROMPT.value)
-  if _PROMPTS_FILE.value:
-    path = pathlib.Path(_PROMPTS_FILE.value)
+  prompts = list(FLAGS.prompt)
+  if FLAGS.prompts_file:
+    path = pathlib.Path(FLAGS.prompts_file)
     if not path.exists():
       raise app.UsageError(f"--prompts_file {path} does not exist")
     prompts += [line.strip() for line in path.read_text().splitlines() if line.strip()]
   if not prompts:
     raise app.UsageError("give at least one --prompt or a --prompts_file")
-  sampler = make_sampler(_TEMPERATURE.value, _TOP_P.value, _TOP_K.value)
-  start = time.perf_counter()
-  model = load(_MODEL.value, dtype=_DTYPE.value)
-  print(f"loaded {_MODEL.value} ({model.config.num_params() / 1e6:.1f}M params, {_DTYPE.value}) "
-        f"in {time.perf_counter() - start:.1f}s on {jax.devices()[0].platform}", file=sys.stderr)
-  records = reply_all(model, prompts, batch_size=_BATCH.value, max_new_tokens=_MAX_NEW.value,
-                      sampler=sampler, seed=_SEED.value)
-  for r in records:
-    print(f"\n>>> {r['prompt']}\n{r['reply']}")
-  if _OUTPUT.value:
-    with open(_OUTPUT.value, "w") as f:
-      f.writelines(json.dumps(r) + "\n" for r in records)
+  run(FLAGS.model, prompts, dtype=FLAGS.dtype, batch_size=FLAGS.batch_size,
+      max_new_tokens=FLAGS.max_new_tokens,
+      sampler=make_sampler(FLAGS.temperature, FLAGS.top_p, FLAGS.top_k), seed=FLAGS.seed,
+      output=FLAGS.output)
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

@@ -12,7 +12,6 @@ from conftest import hf_logits, left_padded_batch, make_hf_model, transformers
 from safetensors.numpy import load_file, save_file
 
 import single_multi as sm
-from single_multi.models import loading
 from single_multi.models.config import UnsupportedModelError
 
 FP32_TOL = 1e-4

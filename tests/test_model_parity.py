@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import TINY_CONFIGS, hf_logits, left_padded_batch, make_hf_model, torch
+from conftest import TINY_CONFIGS, hf_logits, left_padded_batch, torch
 
 import single_multi as sm
 from single_multi.models import transformer
