@@ -117,14 +117,15 @@ def _hf(batch, repeats):
   import torch
   import transformers
 
+  import single_multi as sm
   from single_multi import assets
+  from single_multi.models.gguf_file import GGUFFile
+  from single_multi.models.loading import gguf_tokenizer
 
   path = assets.embedded_model_path("smollm2-135m-instruct")
   model = transformers.AutoModelForCausalLM.from_pretrained(
       str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
-  import single_multi as sm
-
-  tok = sm.load("embedded:smollm2-135m-instruct").tokenizer
+  tok = gguf_tokenizer(GGUFFile(path))  # The tokenizer alone: no JAX model in this process.
   ids, mask = sm.left_pad(_chat_ids(tok, batch), tok.pad_token_id)
   ids, mask = torch.tensor(ids, dtype=torch.long), torch.tensor(mask, dtype=torch.long)
 

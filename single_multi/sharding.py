@@ -33,7 +33,6 @@ RULES: dict[str, tuple[str, ...]] = {
     "kv_heads": ("tensor",),
     "head_dim": (),
     "mlp": ("tensor",),
-    "lora_rank": (),
     # Activations and caches.
     "batch": ("data", "fsdp"),
     "seq": (),
@@ -46,7 +45,7 @@ RULES: dict[str, tuple[str, ...]] = {
 
 # Shape letters of the param layout -> logical names.
 LETTERS = {"V": "vocab", "D": "embed", "N": "heads", "K": "kv_heads", "H": "head_dim",
-           "F": "mlp", "L": "layers", "R": "lora_rank"}
+           "F": "mlp", "L": "layers"}
 
 
 def make_mesh(axes: Mapping[str, int], devices: Sequence[jax.Device] | None = None):
