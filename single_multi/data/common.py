@@ -1,0 +1,173 @@
+"""The one example schema every task builder writes, row validation, seeded splits, overlap checks.
+
+Every builder (mmlu, bigbench; gsm8k through an adapter) produces the same fields, so prompts,
+pipelines and metrics are written once:
+
+  id        unique within a split, e.g. "abstract_algebra/test/12" or "navigate/417"
+  subject   MMLU subject or BIG-bench (sub)task name
+  question  the text the model is asked (BIG-bench: task prefix + input)
+  choices   option texts; empty for generative tasks
+  answer    index of the (first) correct option; -1 for generative tasks
+  targets   every acceptable answer text (MC: the correct options' texts; generative: aliases)
+  problem   "" for a valid row, else why the row is unusable ("no target", "answer index 7 out of
+            range for 4 choices", "file x.csv is not UTF-8 ..."). Bad rows are kept in the data
+            so every consumer counts and reports them by id instead of losing them silently.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import socket
+import urllib.parse
+from typing import Any, Iterable, Mapping, Sequence
+
+import numpy as np
+import tensorflow_datasets as tfds
+
+
+class DataError(ValueError):
+  """Unusable data or an unreachable source; the message names the thing and the fix."""
+
+
+FEATURES = tfds.features.FeaturesDict({
+    "id": tfds.features.Text(),
+    "subject": tfds.features.Text(),
+    "question": tfds.features.Text(),
+    "choices": tfds.features.Sequence(tfds.features.Text()),
+    "answer": np.int32,
+    "targets": tfds.features.Sequence(tfds.features.Text()),
+    "problem": tfds.features.Text(),
+})
+
+
+def _text(value) -> str:
+  return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+
+
+@dataclasses.dataclass(frozen=True)
+class Example:
+  id: str
+  subject: str
+  question: str
+  choices: tuple[str, ...] = ()
+  answer: int = -1
+  targets: tuple[str, ...] = ()
+  problem: str = ""
+
+  @property
+  def is_mc(self) -> bool:
+    return bool(self.choices)
+
+  @property
+  def correct(self) -> frozenset[int]:
+    """Indices of every correct option (an option is correct when its text is a target)."""
+    return frozenset(i for i, c in enumerate(self.choices) if c in self.targets)
+
+  def to_dict(self) -> dict[str, Any]:
+    d = dataclasses.asdict(self)
+    d["choices"], d["targets"] = list(self.choices), list(self.targets)
+    return d
+
+  @classmethod
+  def from_record(cls, record: Mapping[str, Any]) -> "Example":
+    """From a data-source record (TFDS gives bytes for text) or a `to_dict` result."""
+    return cls(id=_text(record["id"]), subject=_text(record["subject"]),
+               question=_text(record["question"]),
+               choices=tuple(_text(c) for c in record["choices"]),
+               answer=int(record["answer"]), targets=tuple(_text(t) for t in record["targets"]),
+               problem=_text(record["problem"]))
+
+
+def validate(ex: Example) -> Example:
+  """The example with `problem` set when it cannot be scored (a problem already set is kept)."""
+  problem = ex.problem
+  if not problem:
+    if not ex.question.strip():
+      problem = "empty question"
+    elif ex.is_mc:
+      if any(not c.strip() for c in ex.choices):
+        problem = "empty choice text"
+      elif not 0 <= ex.answer < len(ex.choices):
+        problem = f"answer index {ex.answer} out of range for {len(ex.choices)} choices"
+    elif ex.answer != -1:
+      problem = "empty choices" if ex.answer >= 0 else f"invalid answer index {ex.answer}"
+    elif not any(t.strip() for t in ex.targets):
+      problem = "no target"
+  return dataclasses.replace(ex, problem=problem)
+
+
+def bad_file(path: str, subject: str, reason: str) -> Example:
+  """A placeholder row standing for a whole unreadable file, so the run summary names it."""
+  return Example(id=f"file:{path}", subject=subject, question="", problem=f"{path}: {reason}")
+
+
+# -------------------------------------------------------------------------------------------------
+# Seeded splits and leakage checks.
+
+
+def normalize_question(text: str) -> str:
+  return " ".join(text.lower().split())
+
+
+def split_fraction(text: str, seed: int) -> float:
+  """A uniform number in [0, 1) fixed by (seed, normalised text): identical questions always land
+  in the same split, so a seeded split can never put one question text in both dev and test."""
+  digest = hashlib.sha256(f"{seed}\x00{normalize_question(text)}".encode()).digest()
+  return int.from_bytes(digest[:8], "big") / 2.0 ** 64
+
+
+def overlapping_questions(a: Iterable[str], b: Iterable[str]) -> set[str]:
+  """Normalised question texts present in both collections."""
+  return ({normalize_question(q) for q in a if q.strip()}
+          & {normalize_question(q) for q in b if q.strip()})
+
+
+def check_disjoint(dev: Iterable[str], test: Iterable[str], what: str) -> None:
+  shared = overlapping_questions(dev, test)
+  if shared:
+    sample = "; ".join(sorted(s[:80] for s in shared)[:3])
+    raise DataError(f"{what}: {len(shared)} question text(s) appear in both dev and test "
+                    f"(e.g. {sample}); results on this split would be contaminated")
+
+
+# -------------------------------------------------------------------------------------------------
+# TFDS plumbing shared by the builders.
+
+
+class TaskBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+  """Base for builders that write `FEATURES` rows (array_record; TensorFlow is not needed)."""
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    return tfds.core.DatasetInfo(builder=self, description=self.__doc__, features=FEATURES,
+                                 homepage=getattr(self, "HOMEPAGE", None))
+
+  def _generate_examples(self, examples: Iterable[Example]):
+    seen = set()
+    for ex in examples:
+      ex = validate(ex)
+      if ex.id in seen:
+        raise DataError(f"{self.name}: duplicate example id {ex.id!r}")
+      seen.add(ex.id)
+      yield ex.id, ex.to_dict()
+
+
+def require_online(url: str, what: str, fix: str, timeout: float = 5.0) -> None:
+  """Fails within `timeout` seconds with a clear message when `url`'s host is unreachable."""
+  host = urllib.parse.urlparse(url).hostname
+  try:
+    socket.create_connection((host, 443), timeout=timeout).close()
+  except OSError as e:
+    raise DataError(f"{what} must be downloaded from {url}, but {host} is unreachable ({e}). "
+                    f"{fix}") from e
+
+
+def prepare(builder: tfds.core.DatasetBuilder, manual_dir: str | None = None) -> None:
+  """Builds the array_record files once (a no-op when they exist)."""
+  config = tfds.download.DownloadConfig(manual_dir=manual_dir) if manual_dir else None
+  builder.download_and_prepare(download_config=config, file_format="array_record")
+
+
+def read_split(builder: tfds.core.DatasetBuilder, split: str) -> Sequence[Mapping[str, Any]]:
+  """The random-access data source of a prepared split (grain reads it directly)."""
+  return builder.as_data_source(split=split)

@@ -1,0 +1,124 @@
+"""Named tasks: which builder and config, which split is dev / test / the k-shot pool, which metric.
+
+  load_task("bbh")                          BIG-Bench Hard tasks present in BIG-bench 1.0.0
+  load_task("bigbench_knowledge")           knowledge / factuality BIG-bench tasks
+  load_task("bigbench:navigate,snarks")     any BIG-bench JSON tasks or subtasks
+  load_task("mmlu") / load_task("mmlu_redux", manual_dir=...)
+  load_task("gsm8k")                        TFDS catalog builder (online, or a manual dir)
+
+Preparing writes array_record files under `data_dir` (default: <cache>/tensorflow_datasets) once;
+later loads read them without rebuilding.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from typing import Sequence
+
+import tensorflow_datasets as tfds
+
+from single_multi import assets
+from single_multi.data import bigbench, common, gsm8k, mmlu
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskSpec:
+  builder: str  # "mmlu" | "bigbench" | "gsm8k"
+  config: str | None
+  dev_split: str  # Where the collaboration runs and distillation data come from.
+  test_split: str  # Where models are judged.
+  shot_split: str  # The only split k-shot exemplars are drawn from.
+  metric: str  # For generative rows: "exact_match" | "numeric". MC rows use accuracy.
+
+
+TASKS = {
+    "mmlu": TaskSpec("mmlu", "all", "validation", "test", "dev", "exact_match"),
+    "mmlu_redux": TaskSpec("mmlu", "redux", "validation", "test", "dev", "exact_match"),
+    "bbh": TaskSpec("bigbench", "bbh", "dev", "test", "dev", "exact_match"),
+    "bigbench_knowledge": TaskSpec("bigbench", "knowledge", "dev", "test", "dev", "exact_match"),
+    "gsm8k": TaskSpec("gsm8k", None, "train", "test", "train", "numeric"),
+}
+
+
+@dataclasses.dataclass
+class Task:
+  name: str
+  spec: TaskSpec
+  builder: tfds.core.DatasetBuilder
+
+  def source(self, split: str):
+    """Random-access data source of raw records (what grain reads)."""
+    if split not in self.builder.info.splits:
+      raise common.DataError(f"task {self.name!r} has no split {split!r}; it has "
+                             f"{sorted(self.builder.info.splits)}")
+    return self.builder.as_data_source(split=split)
+
+  def examples(self, split: str) -> list[common.Example]:
+    """Every row of a split as `Example`s, bad rows included (their `problem` says why)."""
+    src = self.source(split)
+    if self.spec.builder == "gsm8k":
+      return [common.validate(gsm8k.to_example(i, src[i], split)) for i in range(len(src))]
+    return [common.Example.from_record(src[i]) for i in range(len(src))]
+
+  @property
+  def dev(self) -> list[common.Example]:
+    return self.examples(self.spec.dev_split)
+
+  @property
+  def test(self) -> list[common.Example]:
+    return self.examples(self.spec.test_split)
+
+  def check_disjoint(self) -> None:
+    """Raises when a question text is in both the dev (or shot) split and the test split."""
+    test = [e.question for e in self.test]
+    for split in {self.spec.dev_split, self.spec.shot_split}:
+      common.check_disjoint((e.question for e in self.examples(split)), test,
+                            f"{self.name} {split}/{self.spec.test_split}")
+
+
+def default_data_dir() -> str:
+  return str(assets.cache_root() / "tensorflow_datasets")
+
+
+def _bigbench_config(tasks: Sequence[str], base: bigbench.BigbenchConfig | None, **overrides
+                     ) -> bigbench.BigbenchConfig:
+  fields = dict(tasks=tuple(tasks), dev_fraction=0.5, seed=0, max_examples_per_task=None)
+  if base is not None:
+    fields.update(dev_fraction=base.dev_fraction, seed=base.seed,
+                  max_examples_per_task=base.max_examples_per_task)
+  fields.update({k: v for k, v in overrides.items() if v is not None})
+  if base is not None and all(getattr(base, k) == v for k, v in fields.items()):
+    return base
+  key = hashlib.sha256(repr(sorted(fields.items())).encode()).hexdigest()[:10]
+  return bigbench.BigbenchConfig(name=f"custom_{key}", description=repr(fields), **fields)
+
+
+def load_task(name: str, *, data_dir: str | None = None, manual_dir: str | None = None,
+              seed: int | None = None, dev_fraction: float | None = None,
+              max_examples_per_task: int | None = None) -> Task:
+  """Prepares (once) and opens a task. seed/dev_fraction/max_examples_per_task: BIG-bench only."""
+  data_dir = data_dir or default_data_dir()
+  overrides = dict(seed=seed, dev_fraction=dev_fraction,
+                   max_examples_per_task=max_examples_per_task)
+  if name.startswith("bigbench:"):
+    tasks = tuple(t.strip() for t in name.split(":", 1)[1].split(",") if t.strip())
+    if not tasks:
+      raise common.DataError(f"{name!r} names no BIG-bench task (bigbench:task1,task2,...)")
+    spec = TaskSpec("bigbench", None, "dev", "test", "dev", "exact_match")
+    builder = bigbench.Bigbench(data_dir=data_dir, config=_bigbench_config(tasks, None, **overrides))
+  elif name in TASKS:
+    spec = TASKS[name]
+    if spec.builder == "bigbench":
+      base = next(c for c in bigbench.Bigbench.BUILDER_CONFIGS if c.name == spec.config)
+      builder = bigbench.Bigbench(data_dir=data_dir,
+                                  config=_bigbench_config(base.tasks, base, **overrides))
+    elif spec.builder == "mmlu":
+      builder = mmlu.Mmlu(data_dir=data_dir, config=spec.config)
+    else:
+      builder = gsm8k.Gsm8k(data_dir=data_dir)
+  else:
+    raise common.DataError(f"unknown task {name!r}; known: {sorted(TASKS)} or "
+                           "'bigbench:<task>[,<task>...]'")
+  common.prepare(builder, manual_dir)
+  return Task(name, spec, builder)

@@ -1,0 +1,267 @@
+"""Evaluate one model, or every model of a stacked pool at once, on a task split.
+
+    result = evaluate.evaluate_task(pool, task, split="test", method="loglik", output_dir="out")
+    result.summary["models"]["smollm2"]["accuracy"]   # {"mean", "ci95": [lo, hi], "n"}
+
+Methods: "generate" (greedy answers; MC rows scored by answer extraction, generative rows by the
+task's metric: exact match or GSM8K-style numbers; token F1 is recorded too) and "loglik"
+(multiple choice by the summed log-probability of each option as the reply: "accuracy" takes the
+raw argmax, "accuracy_norm" divides by the option's length in characters, as lm-eval-harness's
+acc_norm does). Every model of the pool is scored in the same jitted program (vmapped).
+
+Outputs: one record per (model, example): {model, id, subject, input, output, prediction,
+target, score, ...} as records.jsonl, and summary.json with each metric's mean and bootstrap 95%
+confidence interval (percentile, 1000 resamples, seeded). Rows the data marks bad are excluded
+from the denominator; the summary lists each by id with its problem and says so.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import pathlib
+import time
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import tqdm
+
+from single_multi import decoding, pool as pool_lib
+from single_multi.data import common, metrics, pipeline
+from single_multi.data.tasks import Task
+from single_multi.models import transformer
+from single_multi.models.config import ModelConfig
+from single_multi.models.loading import Model
+
+METHODS = ("generate", "loglik")
+
+
+@dataclasses.dataclass
+class EvalResult:
+  records: list[dict[str, Any]]
+  summary: dict[str, Any]
+
+  def table(self) -> str:
+    return format_summary(self.summary)
+
+
+# -------------------------------------------------------------------------------------------------
+# Scoring kernels (jitted, vmapped over the pool axis).
+
+
+def _repeat_cache(cache, c: int):
+  return {"k": jnp.repeat(cache["k"], c, axis=1), "v": jnp.repeat(cache["v"], c, axis=1),
+          "pos": jnp.repeat(cache["pos"], c, axis=0), "end": cache["end"]}
+
+
+@functools.partial(jax.jit, static_argnames=("config", "share_prefix"))
+def choice_logprobs(params_n, tokens_bt, mask_bt, choices_bcl, choice_mask_bcl, *,
+                    config: ModelConfig, share_prefix: bool = True, lora=None) -> jax.Array:
+  """Summed log p(option tokens | prompt) [N, B, C] for every model of the pool.
+
+  share_prefix: run each prompt once and every option from a copy of its KV cache (the option
+  tokens are the only extra work); False scores full (prompt + option) rows, the way a plain
+  forward-per-row implementation does: the same numbers, C times the prompt compute.
+  """
+  B, C, L = choices_bcl.shape
+  P = tokens_bt.shape[1]
+  flat_choices = choices_bcl.reshape(B * C, L)
+  flat_mask = choice_mask_bcl.reshape(B * C, L)
+
+  def one(params, lora):
+    if share_prefix:
+      cache = transformer.init_cache(config, B, P + L, params["embed"].dtype)
+      hidden, cache = transformer.hidden_states(params, tokens_bt, config, mask_bt=mask_bt,
+                                                cache=cache, lora=lora)
+      first = transformer.lm_head(params, hidden[:, -1:], config)  # [B, 1, V]
+      hidden, _ = transformer.hidden_states(params, flat_choices, config, mask_bt=flat_mask,
+                                            cache=_repeat_cache(cache, C), lora=lora)
+      rest = transformer.lm_head(params, hidden[:, :-1], config)  # [BC, L-1, V]
+      logits = jnp.concatenate([jnp.repeat(first, C, axis=0), rest], axis=1)
+    else:
+      rows = jnp.concatenate([jnp.repeat(tokens_bt, C, axis=0), flat_choices], axis=1)
+      row_mask = jnp.concatenate([jnp.repeat(mask_bt, C, axis=0), flat_mask], axis=1)
+      hidden, _ = transformer.hidden_states(params, rows, config, mask_bt=row_mask, lora=lora)
+      logits = transformer.lm_head(params, hidden[:, P - 1:P + L - 1], config)
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    token_lp = jnp.take_along_axis(logp, flat_choices[..., None], axis=-1)[..., 0]
+    return jnp.sum(jnp.where(flat_mask > 0, token_lp, 0.0), axis=-1).reshape(B, C)
+
+  return jax.vmap(one)(params_n, lora)
+
+
+# -------------------------------------------------------------------------------------------------
+# Aggregates.
+
+
+def bootstrap_ci(scores: Sequence[float], samples: int = 1000, seed: int = 0,
+                 level: float = 0.95) -> tuple[float, float]:
+  """Percentile bootstrap confidence interval of the mean."""
+  x = np.asarray(scores, np.float64)
+  if x.size == 0:
+    return (float("nan"), float("nan"))
+  idx = np.random.default_rng(seed).integers(0, x.size, size=(samples, x.size))
+  means = x[idx].mean(axis=1)
+  tail = (1.0 - level) / 2 * 100
+  return (float(np.percentile(means, tail)), float(np.percentile(means, 100 - tail)))
+
+
+def aggregate(records: Sequence[dict[str, Any]], metric_keys: Sequence[str], seed: int = 0
+              ) -> dict[str, Any]:
+  """{model: {metric: {mean, ci95, n}, "by_subject": {subject: mean of the first metric}}}."""
+  out: dict[str, Any] = {}
+  for model in dict.fromkeys(r["model"] for r in records):
+    rows = [r for r in records if r["model"] == model]
+    entry = {}
+    for key in metric_keys:
+      values = [r[key] for r in rows if r.get(key) is not None]
+      entry[key] = {"mean": float(np.mean(values)) if values else float("nan"),
+                    "ci95": list(bootstrap_ci(values, seed=seed)), "n": len(values)}
+    subjects: dict[str, list[float]] = {}
+    for r in rows:
+      subjects.setdefault(r["subject"], []).append(r[metric_keys[0]])
+    entry["by_subject"] = {s: float(np.mean(v)) for s, v in sorted(subjects.items())}
+    out[model] = entry
+  return out
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+  lines = [f"{summary['task']} [{summary['split']}] method={summary['method']}: "
+           f"{summary['n_scored']} scored, {summary['n_excluded']} excluded"]
+  for model, entry in summary["models"].items():
+    cells = [f"{k} {v['mean']:.3f} [{v['ci95'][0]:.3f}, {v['ci95'][1]:.3f}]"
+             for k, v in entry.items() if k != "by_subject"]
+    lines.append(f"  {model}: " + "  ".join(cells))
+  if summary["n_excluded"]:
+    lines.append(f"  {summary['excluded_note']}")
+    lines += [f"    {e['id']}: {e['problem']}" for e in summary["excluded"][:20]]
+    if summary["n_excluded"] > 20:
+      lines.append(f"    ... and {summary['n_excluded'] - 20} more (summary.json lists all)")
+  return "\n".join(lines)
+
+
+# -------------------------------------------------------------------------------------------------
+# The runner.
+
+
+def _as_pool(model: pool_lib.Pool | Model) -> pool_lib.Pool:
+  if isinstance(model, pool_lib.Pool):
+    return model
+  return pool_lib.from_models([model], [model.source])
+
+
+def _score_generated(ex: common.Example, text: str, metric: str) -> dict[str, Any]:
+  if ex.is_mc:
+    pred = metrics.extract_choice(text, ex.choices)
+    return {"prediction": None if pred is None else metrics.LETTERS[pred],
+            "target": metrics.LETTERS[ex.answer], "score": float(pred in ex.correct)}
+  if metric == "numeric":
+    number = metrics.extract_number(text)
+    return {"prediction": number, "target": ex.targets[0],
+            "score": metrics.numeric_match(text, ex.targets[0])}
+  return {"prediction": text.strip(), "target": list(ex.targets),
+          "score": metrics.exact_match(text, ex.targets), "f1": metrics.token_f1(text, ex.targets)}
+
+
+def evaluate(model: pool_lib.Pool | Model, examples: Sequence[common.Example], *,
+             prompter: pipeline.Prompter, task_name: str = "task", split: str = "test",
+             method: str = "generate", metric: str = "exact_match", batch_size: int = 8,
+             max_new_tokens: int = 64, output_dir: str | pathlib.Path | None = None,
+             progress: bool = True, seed: int = 0, share_prefix: bool = True) -> EvalResult:
+  """Scores every valid example with every model; see the module docstring."""
+  if method not in METHODS:
+    raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
+  pool = _as_pool(model)
+  excluded = [{"id": ex.id, "problem": ex.problem} for ex in examples if ex.problem]
+  make = pipeline.loglik_batches if method == "loglik" else pipeline.generation_batches
+  batches = make(examples, prompter, batch_size=batch_size,
+                 shard=(jax.process_index(), jax.process_count()))
+  stop_ids = decoding.stop_ids_for(pool.config, pool.tokenizer)
+  pad_id = pipeline.pad_id_of(pool.tokenizer)
+  records: list[dict[str, Any]] = []
+  start, waited = time.perf_counter(), 0.0
+  iterator = pipeline.prefetch(batches)
+  for _ in tqdm.trange(len(batches), desc=f"{task_name}/{split} {method}", disable=not progress,
+                       unit="batch"):
+    t0 = time.perf_counter()
+    batch = next(iterator)
+    waited += time.perf_counter() - t0
+    rows = [int(i) for i in batch["index"] if i >= 0]
+    if not rows:
+      continue
+    if method == "loglik":
+      lp = np.asarray(choice_logprobs(pool.params, batch["tokens"], batch["mask"],
+                                      batch["choices"], batch["choice_mask"], config=pool.config,
+                                      share_prefix=share_prefix))
+      for n, name in enumerate(pool.names):
+        for b, i in enumerate(rows):
+          ex = examples[i]
+          scores = lp[n, b, :len(ex.choices)]
+          raw, norm = metrics.mc_loglik_predictions(scores, [len(c) for c in ex.choices])
+          records.append({"model": name, "id": ex.id, "subject": ex.subject,
+                          "input": ex.question, "output": [float(s) for s in scores],
+                          "prediction": metrics.LETTERS[raw], "prediction_norm":
+                          metrics.LETTERS[norm], "target": metrics.LETTERS[ex.answer],
+                          "score": float(raw in ex.correct),
+                          "score_norm": float(norm in ex.correct)})
+    else:
+      out = pool_lib.decode_each(pool.params, batch["tokens"], batch["mask"],
+                                 jax.random.key(seed), config=pool.config,
+                                 max_new_tokens=max_new_tokens, stop_ids=stop_ids, pad_id=pad_id)
+      tokens, lengths = np.asarray(out.tokens), np.asarray(out.lengths)
+      for n, name in enumerate(pool.names):
+        for b, i in enumerate(rows):
+          ex = examples[i]
+          text = pool.tokenizer.decode(tokens[n, b, :lengths[n, b]], skip_special_tokens=True)
+          records.append({"model": name, "id": ex.id, "subject": ex.subject,
+                          "input": ex.question, "output": text,
+                          **_score_generated(ex, text, metric)})
+  wall = time.perf_counter() - start
+  order = {ex.id: i for i, ex in enumerate(examples)}
+  records.sort(key=lambda r: (pool.names.index(r["model"]), order[r["id"]]))
+  keys = ["score", "score_norm"] if method == "loglik" else ["score"]
+  if method == "generate" and any("f1" in r for r in records):
+    keys.append("f1")
+  models = aggregate(records, keys, seed=seed)
+  names = {"score": "accuracy" if method == "loglik" else "score", "score_norm": "accuracy_norm",
+           "f1": "f1"}
+  summary = {
+      "task": task_name, "split": split, "method": method, "metric": metric,
+      "n_examples": len(examples), "n_scored": len(examples) - len(excluded),
+      "n_excluded": len(excluded), "excluded": excluded,
+      "excluded_note": (f"{len(excluded)} bad row(s) excluded from the denominator "
+                        f"(scored {len(examples) - len(excluded)} of {len(examples)})"),
+      "models": {m: {names[k]: v for k, v in e.items() if k in names} | {"by_subject":
+                 e["by_subject"]} for m, e in models.items()},
+      "wall_seconds": wall, "input_pipeline_seconds": waited,
+  }
+  if output_dir is not None:
+    out_dir = pathlib.Path(output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with open(out_dir / "records.jsonl", "w") as f:
+      for r in records:
+        f.write(json.dumps(r) + "\n")
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+  return EvalResult(records, summary)
+
+
+def evaluate_task(model: pool_lib.Pool | Model, task: Task, *, split: str | None = None,
+                  limit: int | None = None, prompt: pipeline.PromptConfig = pipeline.PromptConfig(),
+                  **kwargs) -> EvalResult:
+  """`evaluate` on a named task's split (default: its test split), exemplars from its shot split.
+
+  limit: only the first `limit` examples of the split (in the data's stored order).
+  """
+  split = split or task.spec.test_split
+  if split == task.spec.shot_split and prompt.k_shot:
+    raise common.DataError(f"{task.name}: k-shot exemplars come from {split!r}, the split being "
+                           "evaluated; evaluate another split or set k_shot=0")
+  examples = task.examples(split)[:limit]
+  shots = task.examples(task.spec.shot_split) if prompt.k_shot else ()
+  pool = _as_pool(model)
+  prompter = pipeline.Prompter(pool.tokenizer, prompt, shots)
+  return evaluate(pool, examples, prompter=prompter, task_name=task.name, split=split,
+                  metric=task.spec.metric, **kwargs)

@@ -1,0 +1,330 @@
+"""Task builders on fixtures written in the real source formats; splits; the prompt pipeline."""
+
+import io
+import json
+import socket
+import tarfile
+import time
+
+import numpy as np
+import pytest
+
+from single_multi.data import bigbench, common, gsm8k, mmlu, pipeline, tasks
+
+# -------------------------------------------------------------------------------------------------
+# MMLU: the official archive layout (headerless CSV), its extracted tree, and the parquet copy.
+
+MMLU_CSV = {
+    "data/dev/anatomy_dev.csv": 'What is the largest organ?,Skin,Liver,Heart,Brain,A\n'
+                                'Bones in the adult body?,206,201,212,300,A\n',
+    "data/val/anatomy_val.csv": '"Which organ pumps blood, mainly?",Lung,Heart,Kidney,Skin,B\n',
+    "data/test/anatomy_test.csv": 'Where is the femur?,Arm,Leg,Skull,Chest,B\n'
+                                  'Bad letter row?,a,b,c,d,E\n'
+                                  'Missing answer row?,a,b,c,d,\n'
+                                  'Empty option row?,a,,c,d,C\n',
+    "data/dev/virology_dev.csv": 'A virus is?,Alive,Not cellular,A plant,A fungus,B\n',
+    "data/val/virology_val.csv": 'HIV targets?,CD4 cells,Red cells,Neurons,Bone,A\n',
+    "data/test/virology_test.csv": 'Influenza is a?,Bacterium,Virus,Prion,Fungus,B\n',
+}
+
+
+def _write_tree(root, files):
+  for name, text in files.items():
+    path = root / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(text if isinstance(text, bytes) else text.encode())
+  return root
+
+
+def _load_mmlu(tmp_path, manual, config="all"):
+  builder = mmlu.Mmlu(data_dir=str(tmp_path / "tfds"), config=config)
+  common.prepare(builder, str(manual))
+  return tasks.Task("mmlu", tasks.TASKS["mmlu"], builder)
+
+
+def _by_id(examples):
+  return {e.id: e for e in examples}
+
+
+def test_mmlu_csv_tree_fields_exact(tmp_path):
+  task = _load_mmlu(tmp_path, _write_tree(tmp_path / "manual", MMLU_CSV))
+  test = _by_id(task.examples("test"))
+  assert test["anatomy/test/0"] == common.Example(
+      "anatomy/test/0", "anatomy", "Where is the femur?", ("Arm", "Leg", "Skull", "Chest"), 1,
+      ("Leg",), "")
+  val = _by_id(task.examples("validation"))
+  assert val["anatomy/validation/0"].question == "Which organ pumps blood, mainly?"
+  assert val["virology/validation/0"].answer == 0
+  assert len(task.examples("dev")) == 3
+  # Bad rows are kept, marked, never silently dropped.
+  assert test["anatomy/test/1"].problem == "answer index 4 out of range for 4 choices"
+  assert test["anatomy/test/2"].problem == "no target"
+  assert test["anatomy/test/3"].problem == "empty choice text"
+  assert sorted(e.id for e in task.examples("test") if not e.problem) == [
+      "anatomy/test/0", "virology/test/0"]
+
+
+def test_mmlu_archive_equals_csv_tree(tmp_path):
+  archive = tmp_path / "manual_tar" / "data.tar"
+  archive.parent.mkdir()
+  with tarfile.open(archive, "w") as tar:
+    for name, text in MMLU_CSV.items():
+      info = tarfile.TarInfo(name)
+      info.size = len(text.encode())
+      tar.addfile(info, io.BytesIO(text.encode()))
+  from_tar = _load_mmlu(tmp_path / "a", archive.parent)
+  from_csv = _load_mmlu(tmp_path / "b", _write_tree(tmp_path / "manual_csv", MMLU_CSV))
+  for split in ("dev", "validation", "test"):
+    assert _by_id(from_tar.examples(split)) == _by_id(from_csv.examples(split))
+
+
+def test_mmlu_parquet_layout(tmp_path):
+  pa = pytest.importorskip("pyarrow")
+  pq = pytest.importorskip("pyarrow.parquet")
+  rows = {"anatomy": [("Where is the femur?", ["Arm", "Leg", "Skull", "Chest"], 1)],
+          "virology": [("Influenza is a?", ["Bacterium", "Virus", "Prion", "Fungus"], 1),
+                       ("Out of range?", ["a", "b", "c", "d"], 7)]}
+  root = tmp_path / "parquet"
+  def write(path, items):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.table({"question": [q for _, q, _, _ in items],
+                             "subject": [s for s, _, _, _ in items],
+                             "choices": [c for _, _, c, _ in items],
+                             "answer": [a for _, _, _, a in items]}), path)
+  flat = [(s, *r) for s, rs in rows.items() for r in rs]
+  for subject in rows:
+    write(root / subject / "test-00000-of-00001.parquet", [r for r in flat if r[0] == subject])
+  write(root / "all" / "test-00000-of-00001.parquet", flat)  # Same rows: must not double.
+  task = _load_mmlu(tmp_path, root)
+  test = _by_id(task.examples("test"))
+  assert sorted(test) == ["anatomy/test/0", "virology/test/0", "virology/test/1"]
+  assert test["virology/test/0"] == common.Example(
+      "virology/test/0", "virology", "Influenza is a?", ("Bacterium", "Virus", "Prion", "Fungus"),
+      1, ("Virus",), "")
+  assert test["virology/test/1"].problem == "answer index 7 out of range for 4 choices"
+
+
+def test_mmlu_non_utf8_file_is_reported(tmp_path):
+  files = dict(MMLU_CSV)
+  files["data/test/virology_test.csv"] = b"Caf\xe9 question?,a,b,c,d,A\n"
+  task = _load_mmlu(tmp_path, _write_tree(tmp_path / "manual", files))
+  bad = [e for e in task.examples("test") if e.id.startswith("file:")]
+  assert len(bad) == 1 and "virology_test.csv" in bad[0].id and "not UTF-8" in bad[0].problem
+
+
+def test_mmlu_redux_requires_its_subjects(tmp_path):
+  with pytest.raises(common.DataError, match="subjects .* are not in"):
+    _load_mmlu(tmp_path, _write_tree(tmp_path / "manual", MMLU_CSV), config="redux")
+
+
+def test_mmlu_offline_without_manual_dir_fails_fast(tmp_path, monkeypatch):
+  def unreachable(*a, **k):
+    raise OSError("network is unreachable")
+  monkeypatch.setattr(socket, "create_connection", unreachable)
+  start = time.perf_counter()
+  with pytest.raises(common.DataError, match="manual dir"):
+    _load_mmlu(tmp_path, tmp_path / "missing")
+  assert time.perf_counter() - start < 10
+
+
+# -------------------------------------------------------------------------------------------------
+# BIG-bench: task.json with target_scores / target, subtasks, prefixes, bad rows.
+
+def _bigbench_tree(root):
+  tasks_dir = root / "bigbench" / "benchmark_tasks"
+  def task(name, spec):
+    path = tasks_dir / name / "task.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(spec))
+  task("mc_task", {"name": "mc_task", "task_prefix": "Pick the fruit.", "examples": [
+      {"input": f"Item set {i}", "target_scores": {"apple": 1, "rock": 0, "pear": 1 if i % 2 else 0}}
+      for i in range(20)] + [{"input": "Item set 3", "target_scores": {"apple": 1, "rock": 0}},
+                            {"input": "empty options", "target_scores": {}},
+                            {"input": "nothing right", "target_scores": {"a": 0, "b": 0}}]})
+  task("gen_task", {"name": "gen_task", "example_input_prefix": "\nList: ", "examples": [
+      {"input": "b a", "target": "a b"}, {"input": "d c", "target": ["c d", "c, d"]},
+      {"input": "no target here"}]})
+  task("parent", {"name": "parent", "examples": []})
+  task("parent/sub_a", {"name": "sub_a", "examples": [{"input": "x?", "target": "x"}]})
+  task("parent/sub_b", {"name": "sub_b", "examples": [{"input": "y?", "target": "y"}]})
+  (tasks_dir / "latin1").mkdir()
+  (tasks_dir / "latin1" / "task.json").write_bytes(b'{"examples": [{"input": "caf\xe9"}]}')
+  return root
+
+
+def _load_bigbench(tmp_path, names, **cfg):
+  config = bigbench.BigbenchConfig(name="fixture_" + "_".join(sorted(cfg)) + str(cfg.get("seed", 0)),
+                                   tasks=tuple(names), **cfg)
+  builder = bigbench.Bigbench(data_dir=str(tmp_path / "tfds"), config=config)
+  common.prepare(builder, str(_bigbench_tree(tmp_path / "checkout")))
+  return tasks.Task("bigbench", tasks.TaskSpec("bigbench", None, "dev", "test", "dev",
+                                              "exact_match"), builder)
+
+
+def test_bigbench_fields_subtasks_and_bad_rows(tmp_path):
+  task = _load_bigbench(tmp_path, ["mc_task", "gen_task", "parent", "latin1"])
+  rows = _by_id(task.dev + task.test)
+  assert rows["mc_task/1"] == common.Example(
+      "mc_task/1", "mc_task", "Pick the fruit.\nItem set 1", ("apple", "rock", "pear"), 0,
+      ("apple", "pear"), "")
+  assert rows["mc_task/0"].targets == ("apple",)
+  assert rows["gen_task/0"] == common.Example("gen_task/0", "gen_task", "List: b a",
+                                              targets=("a b",))
+  assert rows["gen_task/1"].targets == ("c d", "c, d") and not rows["gen_task/1"].is_mc
+  assert rows["parent/sub_a/0"].subject == "parent/sub_a"
+  assert rows["parent/sub_b/0"].targets == ("y",)
+  assert rows["mc_task/21"].problem == "empty choices"
+  assert rows["mc_task/22"].problem == "no option has a positive score"
+  assert rows["gen_task/2"].problem == "no target"
+  assert "not UTF-8" in rows["file:latin1/task.json"].problem
+  # A whole unreadable file is reported in both splits.
+  assert "file:latin1/task.json" in _by_id(task.dev) and "file:latin1/task.json" in _by_id(task.test)
+
+
+def test_bigbench_splits_are_seeded_and_disjoint(tmp_path):
+  a = _load_bigbench(tmp_path / "a", ["mc_task"], seed=0)
+  b = _load_bigbench(tmp_path / "b", ["mc_task"], seed=0)
+  c = _load_bigbench(tmp_path / "c", ["mc_task"], seed=1)
+  ids = lambda t: (sorted(e.id for e in t.dev), sorted(e.id for e in t.test))
+  assert ids(a) == ids(b) and ids(a) != ids(c)
+  assert a.dev and a.test
+  # "Item set 3" appears twice in the file: both copies land in the same split.
+  dev_ids = {e.id for e in a.dev}
+  assert ("mc_task/3" in dev_ids) == ("mc_task/20" in dev_ids)
+  a.check_disjoint()
+  assert not common.overlapping_questions([e.question for e in a.dev], [e.question for e in a.test])
+
+
+def test_check_disjoint_catches_overlap():
+  with pytest.raises(common.DataError, match="1 question text"):
+    common.check_disjoint(["What is  2+2?"], ["what is 2+2?", "other"], "toy")
+
+
+def test_bigbench_unknown_task_is_clear(tmp_path):
+  with pytest.raises(common.DataError, match="no_such_task"):
+    _load_bigbench(tmp_path, ["no_such_task"])
+
+
+def test_bigbench_max_examples_is_a_seeded_subsample(tmp_path):
+  a = _load_bigbench(tmp_path / "a", ["mc_task"], max_examples_per_task=10)
+  b = _load_bigbench(tmp_path / "b", ["mc_task"], max_examples_per_task=10)
+  assert len(a.dev + a.test) == 10
+  assert sorted(e.id for e in a.dev + a.test) == sorted(e.id for e in b.dev + b.test)
+
+
+# -------------------------------------------------------------------------------------------------
+# GSM8K: the TFDS catalog builder, from its official JSONL files in a manual dir; offline error.
+
+def test_gsm8k_from_manual_jsonl(tmp_path):
+  manual = tmp_path / "gsm"
+  manual.mkdir()
+  rows = [{"question": "Tom has 3 apples and buys 4. How many?", "answer": "3+4=<<3+4=7>>7\n#### 7"},
+          {"question": "A shirt costs $1,200 less $200?", "answer": "So 1,000.\n#### 1,000"}]
+  for name in ("train", "test"):
+    (manual / f"{name}.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+  builder = gsm8k.Gsm8k(data_dir=str(tmp_path / "tfds"))
+  common.prepare(builder, str(manual))
+  task = tasks.Task("gsm8k", tasks.TASKS["gsm8k"], builder)
+  got = sorted((e.question, e.targets) for e in task.test)
+  assert got == [("A shirt costs $1,200 less $200?", ("1,000",)),
+                 ("Tom has 3 apples and buys 4. How many?", ("7",))]
+
+
+def test_gsm8k_offline_fails_fast_with_the_fix(tmp_path, monkeypatch):
+  def unreachable(*a, **k):
+    raise OSError("network is unreachable")
+  monkeypatch.setattr(socket, "create_connection", unreachable)
+  start = time.perf_counter()
+  with pytest.raises(common.DataError, match="GSM8K .* unreachable.*manual dir"):
+    tasks.load_task("gsm8k", data_dir=str(tmp_path / "tfds"))
+  assert time.perf_counter() - start < 10
+
+
+def test_unknown_task_name():
+  with pytest.raises(common.DataError, match="unknown task 'mmlu_pro'"):
+    tasks.load_task("mmlu_pro")
+
+
+# -------------------------------------------------------------------------------------------------
+# Prompts and batches.
+
+
+class CharTokenizer:
+  """A byte-level tokenizer with a ChatML-like template, enough to test the pipeline exactly."""
+  chat_template = "chatml"
+  pad_token_id = 0
+  eos_token_id = 1
+
+  def apply_chat_template(self, messages, add_generation_prompt, tokenize):
+    text = "".join(f"<{m['role']}>{m['content']}</>" for m in messages)
+    return text + ("<assistant>" if add_generation_prompt else "")
+
+  def __call__(self, text, add_special_tokens=False):
+    return {"input_ids": [2 + b for b in text.encode()]}
+
+
+def _examples(n, subject="s", prefix="q"):
+  return [common.Example(f"{subject}/{i}", subject, f"{prefix} {i} " + "x" * i, ("yes", "no"),
+                         i % 2, (("yes", "no")[i % 2],)) for i in range(n)]
+
+
+def test_shots_come_from_the_shot_split_same_subject_and_are_fixed():
+  shots = _examples(6, "a", "shot") + _examples(6, "b", "shot")
+  prompter = pipeline.Prompter(CharTokenizer(), pipeline.PromptConfig(k_shot=3), shots)
+  ex = _examples(3, "b", "query")[2]
+  picked = prompter.exemplars(ex)
+  assert len(picked) == 3 and all(s.subject == "b" and s in shots for s in picked)
+  assert picked == prompter.exemplars(ex)  # Deterministic.
+  text = prompter.text(ex)
+  assert text.count("<user>") == 4 and text.endswith("<assistant>")
+  assert "The answer is (" in text and "A. yes\nB. no" in text
+  # An exemplar never repeats the question; too few same-subject shots fall back to any subject.
+  twin = common.Example("c/0", "c", shots[0].question, ("yes", "no"), 0, ("yes",))
+  assert all(s.question != twin.question for s in prompter.exemplars(twin))
+
+
+def test_generation_batches_bucket_shard_and_skip_bad_rows():
+  exs = _examples(21)
+  exs[4] = common.Example("s/4", "s", "bad", ("a", "b"), 9, (), "answer index 9 out of range")
+  prompter = pipeline.Prompter(CharTokenizer())
+  full = list(pipeline.generation_batches(exs, prompter, batch_size=4))
+  seen = [i for b in full for i in b["index"] if i >= 0]
+  assert sorted(seen) == [i for i in range(21) if i != 4]
+  for b in full:
+    T = b["tokens"].shape[1]
+    assert b["tokens"].shape == (4, T) and T & (T - 1) == 0  # Power-of-two bucket.
+    for row, i in enumerate(b["index"]):
+      if i >= 0:
+        ids = prompter.ids(exs[i])
+        assert b["tokens"][row, -len(ids):].tolist() == ids and b["mask"][row].sum() == len(ids)
+      else:
+        assert b["mask"][row].sum() == 0
+  shards = [list(pipeline.generation_batches(exs, prompter, batch_size=4, shard=(k, 2)))
+            for k in range(2)]
+  assert len(shards[0]) == len(shards[1])
+  per_shard = [{int(i) for b in s for i in b["index"] if i >= 0} for s in shards]
+  assert not per_shard[0] & per_shard[1] and per_shard[0] | per_shard[1] == set(seen)
+
+
+def test_loglik_batches_layout():
+  exs = _examples(5)
+  prompter = pipeline.Prompter(CharTokenizer())
+  b = next(iter(pipeline.loglik_batches(exs, prompter, batch_size=8)))
+  row = list(b["index"]).index(3)
+  assert b["choices"].shape[:2] == (8, 2)
+  assert b["choices"][row, 1, :2].tolist() == [2 + ord("n"), 2 + ord("o")]
+  assert b["choice_mask"][row].sum(axis=1).tolist() == [3, 2]
+  assert "A. yes" not in prompter.text(exs[3], with_options=False)
+
+
+def test_iterator_checkpoint_resumes_exactly():
+  prompter = pipeline.Prompter(CharTokenizer())
+  batches = pipeline.generation_batches(_examples(40), prompter, batch_size=4)
+  it = pipeline.prefetch(batches)
+  for _ in range(3):
+    next(it)
+  state = it.get_state()
+  rest = [next(it)["index"].tolist() for _ in range(4)]
+  resumed = pipeline.prefetch(batches)
+  resumed.set_state(json.loads(json.dumps(state)) if isinstance(state, dict) else state)
+  assert [next(resumed)["index"].tolist() for _ in range(4)] == rest
