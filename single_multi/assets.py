@@ -15,7 +15,6 @@ import pathlib
 import subprocess
 import sys
 import tempfile
-import urllib.parse
 import zipfile
 from typing import Sequence
 
@@ -102,6 +101,7 @@ def fetch_bigbench_sdist() -> pathlib.Path:
     return target
   import hashlib
   import re
+  import urllib.parse
   import urllib.request
   target.parent.mkdir(parents=True, exist_ok=True)
   page = f"{_index_url()}/bigbench/"

@@ -6,7 +6,6 @@ import socket
 import tarfile
 import time
 
-import numpy as np
 import pytest
 
 from single_multi.data import bigbench, common, gsm8k, mmlu, pipeline, tasks

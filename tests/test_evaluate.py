@@ -1,0 +1,126 @@
+"""Evaluation runner on tiny random models: scoring kernels against a hand computation, pools
+against single models, bad-row accounting, records, bootstrap intervals."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from single_multi import evaluate, pool as pool_lib
+from single_multi.data import common, pipeline
+from single_multi.models import transformer
+from single_multi.models.config import ModelConfig
+from single_multi.models.loading import Model
+
+from test_data import CharTokenizer
+
+CONFIG = ModelConfig(model_type="llama", vocab_size=260, hidden_size=32, intermediate_size=64,
+                     num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8, rope_theta=10000.0,
+                     tie_word_embeddings=False, eos_token_ids=(1,))
+
+
+class Tok(CharTokenizer):
+  def decode(self, ids, skip_special_tokens=True):
+    return bytes(max(0, int(i) - 2) for i in ids if i >= 2).decode("utf-8", "replace")
+
+
+def _model(seed):
+  params = transformer.init_params(CONFIG, jax.random.key(seed))
+  # Larger weights than the init so different options get clearly different scores.
+  params = jax.tree.map(lambda x: x * 4.0 if x.ndim > 1 else x, params)
+  return Model(CONFIG, params, Tok(), f"tiny{seed}")
+
+
+def _examples():
+  exs = [common.Example(f"s/{i}", "s" if i % 2 else "t", f"Question {i}" + "?" * (i % 5),
+                        ("yes", "no", "maybe")[: 2 + i % 2], i % 2,
+                        (("yes", "no")[i % 2],)) for i in range(9)]
+  exs.append(common.Example("s/bad", "s", "Broken?", ("a", "b"), 5, (),
+                            "answer index 5 out of range for 2 choices"))
+  return exs
+
+
+def _hand_logprob(params, prompt_ids, option_ids):
+  seq = jnp.asarray([prompt_ids + option_ids], jnp.int32)
+  logits, _ = transformer.forward(params, seq, CONFIG)
+  logp = jax.nn.log_softmax(logits[0], axis=-1)
+  P = len(prompt_ids)
+  return float(sum(logp[P - 1 + j, t] for j, t in enumerate(option_ids)))
+
+
+def test_choice_logprobs_match_hand_computation_both_modes():
+  model = _model(0)
+  prompter = pipeline.Prompter(model.tokenizer)
+  exs = _examples()[:5]
+  batch = next(iter(pipeline.loglik_batches(exs, prompter, batch_size=8)))
+  params_n = pool_lib.stack([model.params])
+  args = (params_n, batch["tokens"], batch["mask"], batch["choices"], batch["choice_mask"])
+  shared = np.asarray(evaluate.choice_logprobs(*args, config=CONFIG, share_prefix=True))[0]
+  full = np.asarray(evaluate.choice_logprobs(*args, config=CONFIG, share_prefix=False))[0]
+  for row, i in enumerate(batch["index"]):
+    if i < 0:
+      continue
+    ex = exs[i]
+    prompt = prompter.ids(ex, with_options=False)
+    for c, option in enumerate(prompter.choice_ids(ex)):
+      want = _hand_logprob(model.params, prompt, option)
+      assert shared[row, c] == pytest.approx(want, abs=1e-4)
+      assert full[row, c] == pytest.approx(want, abs=1e-4)
+
+
+@pytest.mark.parametrize("method", ["loglik", "generate"])
+def test_pool_scores_every_model_like_alone(method, tmp_path):
+  models = [_model(0), _model(1)]
+  pool = pool_lib.from_models(models, ["m0", "m1"])
+  exs = _examples()
+  kw = dict(method=method, batch_size=4, max_new_tokens=6, progress=False)
+  together = evaluate.evaluate(pool, exs, prompter=pipeline.Prompter(Tok()),
+                               output_dir=tmp_path, **kw)
+  for name, model in zip(pool.names, models):
+    alone = evaluate.evaluate(model, exs, prompter=pipeline.Prompter(Tok()), **kw)
+    mine = [r for r in together.records if r["model"] == name]
+    for a, b in zip(mine, alone.records):
+      assert a["id"] == b["id"] and a["prediction"] == b["prediction"]
+      assert np.allclose(a["output"], b["output"], atol=1e-4) if method == "loglik" \
+          else a["output"] == b["output"]
+  # Two models, nine valid rows each; the bad row is listed, not scored.
+  s = together.summary
+  assert s["n_examples"] == 10 and s["n_scored"] == 9 and s["n_excluded"] == 1
+  assert s["excluded"] == [{"id": "s/bad", "problem": "answer index 5 out of range for 2 choices"}]
+  assert "excluded from the denominator" in s["excluded_note"]
+  assert "s/bad" in together.table()
+  lines = (tmp_path / "records.jsonl").read_text().splitlines()
+  assert len(lines) == 18 and {json.loads(l)["model"] for l in lines} == {"m0", "m1"}
+  assert json.loads((tmp_path / "summary.json").read_text())["n_scored"] == 9
+  for name in pool.names:
+    key = "accuracy" if method == "loglik" else "score"
+    mine = [r["score"] for r in together.records if r["model"] == name]
+    assert s["models"][name][key]["mean"] == pytest.approx(np.mean(mine))
+    assert s["models"][name][key]["n"] == 9
+
+
+def test_generated_answers_are_scored_by_the_task_metric():
+  mc = common.Example("a", "s", "Q?", ("red", "blue", "green"), 1, ("blue",))
+  assert evaluate._score_generated(mc, "The answer is (B).", "exact_match")["score"] == 1.0
+  assert evaluate._score_generated(mc, "It is green.", "exact_match")["score"] == 0.0
+  gen = common.Example("b", "s", "Sort: b a", targets=("a b", "a, b"))
+  assert evaluate._score_generated(gen, " A, b. ", "exact_match")["score"] == 1.0
+  num = common.Example("c", "gsm8k", "How much?", targets=("1,000",))
+  assert evaluate._score_generated(num, "It costs $1,000 in total.", "numeric")["score"] == 1.0
+  assert evaluate._score_generated(num, "#### 999", "numeric")["score"] == 0.0
+
+
+def test_bootstrap_ci():
+  assert evaluate.bootstrap_ci([1.0] * 20) == (1.0, 1.0)
+  x = [0.0, 1.0] * 200
+  lo, hi = evaluate.bootstrap_ci(x, samples=2000, seed=3)
+  half = 1.96 * np.sqrt(0.25 / len(x))  # Normal approximation: 0.049.
+  assert lo == pytest.approx(0.5 - half, abs=0.01) and hi == pytest.approx(0.5 + half, abs=0.01)
+  assert evaluate.bootstrap_ci(x, seed=3) == evaluate.bootstrap_ci(x, seed=3)
+
+
+def test_unknown_method_is_refused():
+  with pytest.raises(ValueError, match="unknown method"):
+    evaluate.evaluate(_model(0), _examples(), prompter=pipeline.Prompter(Tok()), method="vote")
