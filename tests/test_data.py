@@ -27,6 +27,14 @@ MMLU_CSV = {
 }
 
 
+@pytest.fixture
+def offline(monkeypatch):
+  """No host is reachable: every socket connection fails at once."""
+  def unreachable(*a, **k):
+    raise OSError("network is unreachable")
+  monkeypatch.setattr(socket, "create_connection", unreachable)
+
+
 def _write_tree(root, files):
   for name, text in files.items():
     path = root / name
@@ -116,10 +124,7 @@ def test_mmlu_redux_requires_its_subjects(tmp_path):
     _load_mmlu(tmp_path, _write_tree(tmp_path / "manual", MMLU_CSV), config="redux")
 
 
-def test_mmlu_offline_without_manual_dir_fails_fast(tmp_path, monkeypatch):
-  def unreachable(*a, **k):
-    raise OSError("network is unreachable")
-  monkeypatch.setattr(socket, "create_connection", unreachable)
+def test_mmlu_offline_without_manual_dir_fails_fast(tmp_path, offline):
   start = time.perf_counter()
   with pytest.raises(common.DataError, match="manual dir"):
     _load_mmlu(tmp_path, tmp_path / "missing")
@@ -229,10 +234,7 @@ def test_gsm8k_from_manual_jsonl(tmp_path):
                  ("Tom has 3 apples and buys 4. How many?", ("7",))]
 
 
-def test_gsm8k_offline_fails_fast_with_the_fix(tmp_path, monkeypatch):
-  def unreachable(*a, **k):
-    raise OSError("network is unreachable")
-  monkeypatch.setattr(socket, "create_connection", unreachable)
+def test_gsm8k_offline_fails_fast_with_the_fix(tmp_path, offline):
   start = time.perf_counter()
   with pytest.raises(common.DataError, match="GSM8K .* unreachable.*manual dir"):
     tasks.load_task("gsm8k", data_dir=str(tmp_path / "tfds"))

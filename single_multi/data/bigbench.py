@@ -66,9 +66,9 @@ class Bigbench(common.TaskBuilder):
       raise common.DataError(f"bigbench config {cfg.name!r} names no tasks")
     if not 0.0 < cfg.dev_fraction < 1.0:
       raise common.DataError(f"dev_fraction must be in (0, 1), got {cfg.dev_fraction}")
-    manual = dl_manager._manual_dir  # pylint: disable=protected-access  # Optional here.
-    if manual is not None and pathlib.Path(manual).is_dir() and any(pathlib.Path(manual).iterdir()):
-      root = tasks_root(pathlib.Path(manual))
+    manual = common.manual_dir(dl_manager)
+    if manual is not None:
+      root = tasks_root(manual)
     else:
       try:
         root = assets.bigbench_tasks_dir(cfg.tasks)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import pathlib
 import socket
 import urllib.parse
 from typing import Any, Iterable, Mapping, Sequence
@@ -150,6 +151,15 @@ class TaskBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         raise DataError(f"{self.name}: duplicate example id {ex.id!r}")
       seen.add(ex.id)
       yield ex.id, ex.to_dict()
+
+
+def manual_dir(dl_manager) -> "pathlib.Path | None":
+  """The download manager's manual dir when it is given and holds files, else None (TFDS's public
+  `manual_dir` property raises when it is missing; for these builders it is optional)."""
+  path = dl_manager._manual_dir  # pylint: disable=protected-access
+  if path is not None and pathlib.Path(path).is_dir() and any(pathlib.Path(path).iterdir()):
+    return pathlib.Path(path)
+  return None
 
 
 def require_online(url: str, what: str, fix: str, timeout: float = 5.0) -> None:

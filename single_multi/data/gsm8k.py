@@ -9,8 +9,6 @@ short_answer); `to_example` maps them to the common schema (targets = [short_ans
 
 from __future__ import annotations
 
-import pathlib
-
 from tensorflow_datasets.text.gsm8k import gsm8k as catalog
 
 from single_multi.data import common
@@ -22,10 +20,10 @@ class Gsm8k(catalog.Gsm8k, skip_registration=True):
   """GSM8K grade-school math word problems (train 7473 / test 1319)."""
 
   def _split_generators(self, dl_manager):
-    manual = dl_manager._manual_dir  # pylint: disable=protected-access  # Optional here.
-    if manual is not None and (pathlib.Path(manual) / "test.jsonl").exists():
-      return {k: self._generate_examples(pathlib.Path(manual) / f"{k}.jsonl") for k in FILES
-              if (pathlib.Path(manual) / f"{k}.jsonl").exists()}
+    manual = common.manual_dir(dl_manager)
+    if manual is not None and (manual / "test.jsonl").exists():
+      return {k: self._generate_examples(manual / f"{k}.jsonl") for k in FILES
+              if (manual / f"{k}.jsonl").exists()}
     common.require_online(
         catalog._URLS["test"], "GSM8K",  # pylint: disable=protected-access
         "Offline, download train.jsonl and test.jsonl from "

@@ -69,9 +69,9 @@ class Mmlu(common.TaskBuilder):
       "(<subject>/<split>-00000-of-00001.parquet) in the manual dir.")
 
   def _split_generators(self, dl_manager: tfds.download.DownloadManager):
-    manual = dl_manager._manual_dir  # pylint: disable=protected-access  # Optional here.
-    if manual is not None and pathlib.Path(manual).is_dir() and any(pathlib.Path(manual).iterdir()):
-      files = list(_files(pathlib.Path(manual)))
+    manual = common.manual_dir(dl_manager)
+    if manual is not None:
+      files = list(_files(manual))
     else:
       common.require_online(URL, "MMLU", "Offline, pass a manual dir: "
                             + self.MANUAL_DOWNLOAD_INSTRUCTIONS)
