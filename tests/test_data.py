@@ -6,6 +6,7 @@ import socket
 import tarfile
 import time
 
+import numpy as np
 import pytest
 
 from single_multi.data import bigbench, common, gsm8k, mmlu, pipeline, tasks
@@ -312,9 +313,12 @@ def test_loglik_batches_layout():
   prompter = pipeline.Prompter(CharTokenizer())
   b = next(iter(pipeline.loglik_batches(exs, prompter, batch_size=8)))
   row = list(b["index"]).index(3)
-  assert b["choices"].shape[:2] == (8, 2)
-  assert b["choices"][row, 1, :2].tolist() == [2 + ord("n"), 2 + ord("o")]
-  assert b["choice_mask"][row].sum(axis=1).tolist() == [3, 2]
+  assert b["choices"].shape[0] == 12  # 5 examples x 2 options, bucketed (8, 12, 16, ...).
+  assert b["slot"].tolist() == [0, 1] * 5 + [-1, -1]
+  mine = np.flatnonzero(b["owner"] == row)[:2]
+  assert b["choices"][mine[1], :2].tolist() == [2 + ord("n"), 2 + ord("o")]
+  assert b["choice_mask"][mine].sum(axis=1).tolist() == [3, 2]
+  assert b["choice_mask"][10:].sum() == 0
   assert "A. yes" not in prompter.text(exs[3], with_options=False)
 
 

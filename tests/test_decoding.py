@@ -148,6 +148,8 @@ def test_greedy_and_bad_sampler_settings():
 
 def test_left_pad_and_buckets():
   assert [decoding.bucket_length(n) for n in (1, 16, 17, 100)] == [16, 16, 32, 128]
+  assert [decoding.bucket_length(n, fine=True) for n in (1, 16, 17, 24, 25, 96, 97)] == [
+      16, 16, 24, 24, 32, 96, 128]
   ids, mask = sm.left_pad([[5, 6, 7], [8]], pad_id=0)
   assert ids.shape == (2, 16)
   np.testing.assert_array_equal(ids[:, -3:], [[5, 6, 7], [0, 0, 8]])

@@ -108,6 +108,11 @@ class Prompter:
   def ids(self, ex: common.Example, with_options: bool = True) -> list[int]:
     return self.tokenizer(self.text(ex, with_options), add_special_tokens=False)["input_ids"]
 
+  def question_ids(self, ex: common.Example) -> list[int]:
+    """The bare user turn (question, options, instruction) without template or exemplars: what
+    text-level collaboration strategies place inside their own prompts."""
+    return self.tokenizer(question_text(ex, self.config), add_special_tokens=False)["input_ids"]
+
   def choice_ids(self, ex: common.Example) -> list[list[int]]:
     """Token ids of each option as the assistant's reply (no leading space with a chat template,
     where the reply starts a new line; " option" after a plain "Answer:")."""
@@ -132,62 +137,68 @@ def _order(examples: Sequence[common.Example], batch_size: int, shard: tuple[int
   return batches[index::count]
 
 
-def _left_pad_batch(rows: Sequence[list[int]], batch_size: int, pad_id: int):
-  length = decoding.bucket_length(max((len(r) for r in rows), default=1))
+def _left_pad_batch(rows: Sequence[list[int]], batch_size: int, pad_id: int, fine: bool = False):
+  length = decoding.bucket_length(max((len(r) for r in rows), default=1), fine=fine)
   rows = list(rows) + [[]] * (batch_size - len(rows))
   return decoding.left_pad(rows, pad_id, length)
 
 
 def _generation_batch(indices: list[int], *, examples, prompter: Prompter, batch_size: int):
-  ids = [prompter.ids(examples[i]) for i in indices]
-  tokens, mask = _left_pad_batch(ids, batch_size, pad_id_of(prompter.tokenizer))
+  pad = pad_id_of(prompter.tokenizer)
+  tokens, mask = _left_pad_batch([prompter.ids(examples[i]) for i in indices], batch_size, pad)
+  question, question_mask = _left_pad_batch([prompter.question_ids(examples[i]) for i in indices],
+                                            batch_size, pad)
   index = np.full((batch_size,), -1, np.int32)
   index[:len(indices)] = indices
-  return {"tokens": tokens, "mask": mask, "index": index}
+  return {"tokens": tokens, "mask": mask, "question": question, "question_mask": question_mask,
+          "index": index}
 
 
 def generation_batches(examples: Sequence[common.Example], prompter: Prompter, *, batch_size: int,
                        shard: tuple[int, int] = (0, 1)) -> grain.MapDataset:
-  """Prompt batches for generation: tokens/mask [B, T] (left-padded), index [B]."""
+  """Prompt batches for generation: tokens/mask [B, T] (left-padded), the bare questions
+  question/question_mask [B, Q] (left-padded), index [B] (-1: filler row)."""
   order = _order(examples, batch_size, shard, lambda ex: len(ex.question) + sum(map(len, ex.choices)))
   return grain.MapDataset.source(order).map(functools.partial(
       _generation_batch, examples=examples, prompter=prompter, batch_size=batch_size))
 
 
-def _loglik_batch(indices: list[int], *, examples, prompter: Prompter, batch_size: int,
-                  max_choices: int):
+def _loglik_batch(indices: list[int], *, examples, prompter: Prompter, batch_size: int):
   pad = pad_id_of(prompter.tokenizer)
   prompts = [prompter.ids(examples[i], with_options=False) for i in indices]
-  choices = [prompter.choice_ids(examples[i]) for i in indices]
-  tokens, mask = _left_pad_batch(prompts, batch_size, pad)
-  longest = max((len(c) for cs in choices for c in cs), default=1)
-  length = decoding.bucket_length(longest, minimum=4)
-  choice_tokens = np.full((batch_size, max_choices, length), pad, np.int32)
-  choice_mask = np.zeros((batch_size, max_choices, length), np.int32)
-  for b, cs in enumerate(choices):
-    for c, ids in enumerate(cs):
-      choice_tokens[b, c, :len(ids)] = ids  # Right-padded: the reply starts right after the prompt.
-      choice_mask[b, c, :len(ids)] = 1
+  tokens, mask = _left_pad_batch(prompts, batch_size, pad, fine=True)
+  rows = [(b, c, ids) for b, i in enumerate(indices)
+          for c, ids in enumerate(prompter.choice_ids(examples[i]))]
+  num_rows = decoding.bucket_length(len(rows), minimum=batch_size, fine=True)
+  length = decoding.bucket_length(max((len(r[2]) for r in rows), default=1), minimum=4)
+  choices = np.full((num_rows, length), pad, np.int32)
+  choice_mask = np.zeros((num_rows, length), np.int32)
+  owner = np.zeros((num_rows,), np.int32)
+  slot = np.full((num_rows,), -1, np.int32)
+  for r, (b, c, ids) in enumerate(rows):
+    choices[r, :len(ids)] = ids  # Right-padded: the reply starts right after the prompt.
+    choice_mask[r, :len(ids)] = 1
+    owner[r], slot[r] = b, c
   index = np.full((batch_size,), -1, np.int32)
   index[:len(indices)] = indices
-  return {"tokens": tokens, "mask": mask, "choices": choice_tokens, "choice_mask": choice_mask,
-          "index": index}
+  return {"tokens": tokens, "mask": mask, "choices": choices, "choice_mask": choice_mask,
+          "owner": owner, "slot": slot, "index": index}
 
 
 def loglik_batches(examples: Sequence[common.Example], prompter: Prompter, *, batch_size: int,
                    shard: tuple[int, int] = (0, 1)) -> grain.MapDataset:
   """Batches for multiple-choice log-likelihood scoring: the prompt once per example
-  (tokens/mask [B, T]) and every option as a reply (choices/choice_mask [B, C, L], right-padded;
-  C = the most options any example of the task has, absent options all-zero mask)."""
+  (tokens/mask [B, T], left-padded) and the options of all its examples as one flat set of reply
+  rows (choices/choice_mask [R, L], right-padded), so no compute goes to options an example does
+  not have: row r is option slot[r] of batch row owner[r]; filler rows have slot -1 and no mask.
+  T and R are bucketed at powers of two and the 1.5x steps between them."""
   mc = [ex for ex in examples if ex.is_mc or ex.problem]
   if len(mc) != len(examples):
     raise common.DataError("log-likelihood scoring needs multiple-choice examples; "
                            f"{len(examples) - len(mc)} are generative")
-  max_choices = max((len(ex.choices) for ex in examples), default=1)
   order = _order(examples, batch_size, shard, lambda ex: len(ex.question))
   return grain.MapDataset.source(order).map(functools.partial(
-      _loglik_batch, examples=examples, prompter=prompter, batch_size=batch_size,
-      max_choices=max_choices))
+      _loglik_batch, examples=examples, prompter=prompter, batch_size=batch_size))
 
 
 def prefetch(dataset: grain.MapDataset, threads: int = 2) -> Any:
