@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 import tqdm
 
-from single_multi import decoding, pool as pool_lib
+from single_multi import collab, decoding, pool as pool_lib
 from single_multi.data import common, metrics, pipeline
 from single_multi.data.tasks import Task
 from single_multi.models import transformer
@@ -52,24 +52,22 @@ class EvalResult:
 # Scoring kernels (jitted, vmapped over the pool axis).
 
 
-def _repeat_cache(cache, c: int):
-  return {"k": jnp.repeat(cache["k"], c, axis=1), "v": jnp.repeat(cache["v"], c, axis=1),
-          "pos": jnp.repeat(cache["pos"], c, axis=0), "end": cache["end"]}
+def _gather_cache(cache, rows_r):
+  return {"k": jnp.take(cache["k"], rows_r, axis=1), "v": jnp.take(cache["v"], rows_r, axis=1),
+          "pos": jnp.take(cache["pos"], rows_r, axis=0), "end": cache["end"]}
 
 
 @functools.partial(jax.jit, static_argnames=("config", "share_prefix"))
-def choice_logprobs(params_n, tokens_bt, mask_bt, choices_bcl, choice_mask_bcl, *,
+def choice_logprobs(params_n, tokens_bt, mask_bt, choices_rl, choice_mask_rl, owner_r, *,
                     config: ModelConfig, share_prefix: bool = True, lora=None) -> jax.Array:
-  """Summed log p(option tokens | prompt) [N, B, C] for every model of the pool.
+  """Summed log p(option tokens | prompt of batch row owner_r[r]) [N, R] for every pool model.
 
-  share_prefix: run each prompt once and every option from a copy of its KV cache (the option
-  tokens are the only extra work); False scores full (prompt + option) rows, the way a plain
-  forward-per-row implementation does: the same numbers, C times the prompt compute.
+  share_prefix: run each prompt once and every option row from a copy of its prompt's KV cache
+  (the option tokens are the only extra work); False scores full (prompt + option) rows, the way
+  a plain forward-per-row implementation does: the same numbers, a prompt's compute per option.
   """
-  B, C, L = choices_bcl.shape
-  P = tokens_bt.shape[1]
-  flat_choices = choices_bcl.reshape(B * C, L)
-  flat_mask = choice_mask_bcl.reshape(B * C, L)
+  B, P = tokens_bt.shape
+  L = choices_rl.shape[1]
 
   def one(params, lora):
     if share_prefix:
@@ -77,18 +75,18 @@ def choice_logprobs(params_n, tokens_bt, mask_bt, choices_bcl, choice_mask_bcl, 
       hidden, cache = transformer.hidden_states(params, tokens_bt, config, mask_bt=mask_bt,
                                                 cache=cache, lora=lora)
       first = transformer.lm_head(params, hidden[:, -1:], config)  # [B, 1, V]
-      hidden, _ = transformer.hidden_states(params, flat_choices, config, mask_bt=flat_mask,
-                                            cache=_repeat_cache(cache, C), lora=lora)
-      rest = transformer.lm_head(params, hidden[:, :-1], config)  # [BC, L-1, V]
-      logits = jnp.concatenate([jnp.repeat(first, C, axis=0), rest], axis=1)
+      hidden, _ = transformer.hidden_states(params, choices_rl, config, mask_bt=choice_mask_rl,
+                                            cache=_gather_cache(cache, owner_r), lora=lora)
+      rest = transformer.lm_head(params, hidden[:, :-1], config)  # [R, L-1, V]
+      logits = jnp.concatenate([jnp.take(first, owner_r, axis=0), rest], axis=1)
     else:
-      rows = jnp.concatenate([jnp.repeat(tokens_bt, C, axis=0), flat_choices], axis=1)
-      row_mask = jnp.concatenate([jnp.repeat(mask_bt, C, axis=0), flat_mask], axis=1)
+      rows = jnp.concatenate([jnp.take(tokens_bt, owner_r, axis=0), choices_rl], axis=1)
+      row_mask = jnp.concatenate([jnp.take(mask_bt, owner_r, axis=0), choice_mask_rl], axis=1)
       hidden, _ = transformer.hidden_states(params, rows, config, mask_bt=row_mask, lora=lora)
       logits = transformer.lm_head(params, hidden[:, P - 1:P + L - 1], config)
     logp = jax.nn.log_softmax(logits, axis=-1)
-    token_lp = jnp.take_along_axis(logp, flat_choices[..., None], axis=-1)[..., 0]
-    return jnp.sum(jnp.where(flat_mask > 0, token_lp, 0.0), axis=-1).reshape(B, C)
+    token_lp = jnp.take_along_axis(logp, choices_rl[..., None], axis=-1)[..., 0]
+    return jnp.sum(jnp.where(choice_mask_rl > 0, token_lp, 0.0), axis=-1)
 
   return jax.vmap(one)(params_n, lora)
 
@@ -170,11 +168,23 @@ def evaluate(model: pool_lib.Pool | Model, examples: Sequence[common.Example], *
              prompter: pipeline.Prompter, task_name: str = "task", split: str = "test",
              method: str = "generate", metric: str = "exact_match", batch_size: int = 8,
              max_new_tokens: int = 64, output_dir: str | pathlib.Path | None = None,
-             progress: bool = True, seed: int = 0, share_prefix: bool = True) -> EvalResult:
-  """Scores every valid example with every model; see the module docstring."""
+             progress: bool = True, seed: int = 0, share_prefix: bool = True,
+             strategy: str | None = None, strategy_cfg: Any = None,
+             strategy_state: Any = None) -> EvalResult:
+  """Scores every valid example with every model; see the module docstring.
+
+  strategy: score the pool's collaboration instead (a `collab` registry name; method "generate"):
+  one record per example under the model name `strategy`, the strategy's config and fitted state
+  as given.
+  """
   if method not in METHODS:
     raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
+  if strategy is not None and method != "generate":
+    raise ValueError(f"a collaboration ({strategy}) is scored by its generated answers: "
+                     "method='generate'")
   pool = _as_pool(model)
+  if strategy is not None:
+    env = collab.make_env(pool, strategy, strategy_cfg, max_new_tokens=max_new_tokens)
   excluded = [{"id": ex.id, "problem": ex.problem} for ex in examples if ex.problem]
   make = pipeline.loglik_batches if method == "loglik" else pipeline.generation_batches
   batches = make(examples, prompter, batch_size=batch_size,
@@ -194,12 +204,14 @@ def evaluate(model: pool_lib.Pool | Model, examples: Sequence[common.Example], *
       continue
     if method == "loglik":
       lp = np.asarray(choice_logprobs(pool.params, batch["tokens"], batch["mask"],
-                                      batch["choices"], batch["choice_mask"], config=pool.config,
-                                      share_prefix=share_prefix))
+                                      batch["choices"], batch["choice_mask"], batch["owner"],
+                                      config=pool.config, share_prefix=share_prefix))
+      column = {(int(b), int(c)): r for r, (b, c) in enumerate(zip(batch["owner"], batch["slot"]))
+                if c >= 0}  # (batch row, option) -> row of the flat option set.
       for n, name in enumerate(pool.names):
         for b, i in enumerate(rows):
           ex = examples[i]
-          scores = lp[n, b, :len(ex.choices)]
+          scores = [lp[n, column[b, c]] for c in range(len(ex.choices))]
           raw, norm = metrics.mc_loglik_predictions(scores, [len(c) for c in ex.choices])
           records.append({"model": name, "id": ex.id, "subject": ex.subject,
                           "input": ex.question, "output": [float(s) for s in scores],
@@ -208,11 +220,19 @@ def evaluate(model: pool_lib.Pool | Model, examples: Sequence[common.Example], *
                           "score": float(raw in ex.correct),
                           "score_norm": float(norm in ex.correct)})
     else:
-      out = pool_lib.decode_each(pool.params, batch["tokens"], batch["mask"],
-                                 jax.random.key(seed), config=pool.config,
-                                 max_new_tokens=max_new_tokens, stop_ids=stop_ids, pad_id=pad_id)
-      tokens, lengths = np.asarray(out.tokens), np.asarray(out.lengths)
-      for n, name in enumerate(pool.names):
+      if strategy is not None:
+        out = collab.run(pool, strategy, collab.batch_from(batch), env=env, cfg=strategy_cfg,
+                         state=strategy_state, rng=jax.random.key(seed))
+        names = (strategy,)
+        tokens, lengths = np.asarray(out.tokens)[None], np.asarray(out.lengths)[None]
+      else:
+        out = pool_lib.decode_each(pool.params, batch["tokens"], batch["mask"],
+                                   jax.random.key(seed), config=pool.config,
+                                   max_new_tokens=max_new_tokens, stop_ids=stop_ids,
+                                   pad_id=pad_id)
+        names = pool.names
+        tokens, lengths = np.asarray(out.tokens), np.asarray(out.lengths)
+      for n, name in enumerate(names):
         for b, i in enumerate(rows):
           ex = examples[i]
           text = pool.tokenizer.decode(tokens[n, b, :lengths[n, b]], skip_special_tokens=True)
@@ -221,7 +241,8 @@ def evaluate(model: pool_lib.Pool | Model, examples: Sequence[common.Example], *
                           **_score_generated(ex, text, metric)})
   wall = time.perf_counter() - start
   order = {ex.id: i for i, ex in enumerate(examples)}
-  records.sort(key=lambda r: (pool.names.index(r["model"]), order[r["id"]]))
+  model_order = (strategy,) if strategy is not None else pool.names
+  records.sort(key=lambda r: (model_order.index(r["model"]), order[r["id"]]))
   keys = ["score", "score_norm"] if method == "loglik" else ["score"]
   if method == "generate" and any("f1" in r for r in records):
     keys.append("f1")

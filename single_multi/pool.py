@@ -108,32 +108,48 @@ def init_cache(config: ModelConfig, n: int, batch: int, max_len: int, dtype=jnp.
 
 
 def forward(params_n: Params, tokens_bt: jax.Array, config: ModelConfig, *, mask_bt=None,
-            cache=None, lora=None, per_model_tokens: bool = False):
-  """Logits [N, B, T, V] of every model (tokens [B, T], or [N, B, T] with per_model_tokens)."""
+            cache=None, lora=None, per_model_tokens: bool = False, extra_head=None):
+  """Logits [N, B, T, V] of every model (tokens [B, T], or [N, B, T] with per_model_tokens).
+
+  extra_head [N, E, D]: E extra LM-head rows per model (e.g. Co-LLM's deferral gate), their
+  logits appended after the V vocabulary logits: [N, B, T, V + E].
+  """
   tok_axis = 0 if per_model_tokens else None
 
-  def one(params, tokens, mask, cache, lora):
-    return transformer.forward(params, tokens, config, mask_bt=mask, cache=cache, lora=lora)
+  def one(params, tokens, mask, cache, lora, extra):
+    hidden, cache = transformer.hidden_states(params, tokens, config, mask_bt=mask, cache=cache,
+                                              lora=lora)
+    logits = transformer.lm_head(params, hidden, config)
+    if extra is not None:
+      gate = jnp.einsum("BTD,ED->BTE", hidden, extra.astype(hidden.dtype),
+                        preferred_element_type=jnp.float32)
+      logits = jnp.concatenate([logits, gate], axis=-1)
+    return logits, cache
 
   cache_axes = None if cache is None else _CACHE_AXES
-  return jax.vmap(one, in_axes=(0, tok_axis, tok_axis, cache_axes, 0),
-                  out_axes=(0, cache_axes))(params_n, tokens_bt, mask_bt, cache, lora)
+  return jax.vmap(one, in_axes=(0, tok_axis, tok_axis, cache_axes, 0, 0),
+                  out_axes=(0, cache_axes))(params_n, tokens_bt, mask_bt, cache, lora, extra_head)
 
 
 def _decode(params_n, prompt_bt, prompt_mask_bt, rng, choose, choose_state, *,
             config: ModelConfig, per_model_tokens: bool, max_new_tokens: int,
-            stop_ids: tuple[int, ...], pad_id: int, return_rows: bool, lora, unstack):
-  """Pool prefill + the shared decode loop; tokens [N, B] per model or [B] shared by all."""
+            stop_ids: tuple[int, ...], pad_id: int, return_rows: bool, lora, unstack,
+            extra_head=None):
+  """Pool prefill + the shared decode loop; tokens [N, B] per model or [B] shared by all.
+
+  prompt_bt: [B, P] shared by every model, or [N, B, P] (a prompt per model and row).
+  """
   params_n = decoding.unstack_for_loop(params_n, unstack, layer_axis=1)
   n = params_n["embed"].shape[0]
-  B, P = prompt_bt.shape
+  B, P = prompt_bt.shape[-2:]
   cache = init_cache(config, n, B, P + max_new_tokens, params_n["embed"].dtype)
   logits, cache = forward(params_n, prompt_bt, config, mask_bt=prompt_mask_bt, cache=cache,
-                          lora=lora)
+                          lora=lora, per_model_tokens=prompt_bt.ndim == 3, extra_head=extra_head)
 
   def step_fn(token, live, cache):
     logits, cache = forward(params_n, token[..., None], config, mask_bt=live[..., None],
-                            cache=cache, lora=lora, per_model_tokens=per_model_tokens)
+                            cache=cache, lora=lora, per_model_tokens=per_model_tokens,
+                            extra_head=extra_head)
     return logits[:, :, -1], cache
 
   if per_model_tokens:  # Model i samples with its own key stream, fold_in(rng, i).
@@ -149,7 +165,9 @@ def decode_each(params_n: Params, prompt_bt, prompt_mask_bt, rng, *, config: Mod
                 sampler: Any = decoding.Greedy(), max_new_tokens: int,
                 stop_ids: tuple[int, ...] = (), pad_id: int = 0, return_rows: bool = False,
                 lora=None, unstack: bool | None = None) -> decoding.DecodeOutput:
-  """Every model answers the same prompts on its own: tokens [N, B, M]; one program for all N.
+  """Every model answers the prompts on its own: tokens [N, B, M]; one program for all N.
+
+  prompt_bt: [B, P] shared, or [N, B, P]: model i answers prompt_bt[i].
 
   Model i samples with key `fold_in(rng, i)`: the same tokens as `decoding.decode(member i,
   rng=fold_in(rng, i))`.
@@ -165,11 +183,18 @@ def decode_each(params_n: Params, prompt_bt, prompt_mask_bt, rng, *, config: Mod
 def decode_combined(params_n: Params, prompt_bt, prompt_mask_bt, rng, combine_state=None, *,
                     config: ModelConfig, combine: Combine, max_new_tokens: int,
                     stop_ids: tuple[int, ...] = (), pad_id: int = 0, return_rows: bool = False,
-                    lora=None, unstack: bool | None = None) -> decoding.DecodeOutput:
-  """One shared continuation chosen by `combine` from all N models' logits each step."""
+                    lora=None, unstack: bool | None = None, extra_head=None
+                    ) -> decoding.DecodeOutput:
+  """One shared continuation chosen by `combine` from all N models' logits each step.
+
+  prompt_bt: [B, P] shared, or [N, B, P] (each model reads its own prefix, e.g. proxy tuning's
+  or contrastive decoding's differently prompted copies). extra_head: see `forward`; combine then
+  sees [N, B, V + E] logits.
+  """
   return _decode(params_n, prompt_bt, prompt_mask_bt, rng, combine, combine_state, config=config,
                  per_model_tokens=False, max_new_tokens=max_new_tokens, stop_ids=stop_ids,
-                 pad_id=pad_id, return_rows=return_rows, lora=lora, unstack=unstack)
+                 pad_id=pad_id, return_rows=return_rows, lora=lora, unstack=unstack,
+                 extra_head=extra_head)
 
 
 # -------------------------------------------------------------------------------------------------

@@ -23,7 +23,7 @@ CONFIG = ModelConfig(model_type="llama", vocab_size=260, hidden_size=32, interme
 
 class Tok(CharTokenizer):
   def decode(self, ids, skip_special_tokens=True):
-    return bytes(max(0, int(i) - 2) for i in ids if i >= 2).decode("utf-8", "replace")
+    return bytes(int(i) - 2 for i in ids if 2 <= i < 258).decode("utf-8", "replace")
 
 
 def _model(seed):
@@ -56,18 +56,21 @@ def test_choice_logprobs_match_hand_computation_both_modes():
   exs = _examples()[:5]
   batch = next(iter(pipeline.loglik_batches(exs, prompter, batch_size=8)))
   params_n = pool_lib.stack([model.params])
-  args = (params_n, batch["tokens"], batch["mask"], batch["choices"], batch["choice_mask"])
+  args = (params_n, batch["tokens"], batch["mask"], batch["choices"], batch["choice_mask"],
+          batch["owner"])
   shared = np.asarray(evaluate.choice_logprobs(*args, config=CONFIG, share_prefix=True))[0]
   full = np.asarray(evaluate.choice_logprobs(*args, config=CONFIG, share_prefix=False))[0]
-  for row, i in enumerate(batch["index"]):
-    if i < 0:
+  checked = 0
+  for r, (row, c) in enumerate(zip(batch["owner"], batch["slot"])):
+    if c < 0:
       continue
-    ex = exs[i]
-    prompt = prompter.ids(ex, with_options=False)
-    for c, option in enumerate(prompter.choice_ids(ex)):
-      want = _hand_logprob(model.params, prompt, option)
-      assert shared[row, c] == pytest.approx(want, abs=1e-4)
-      assert full[row, c] == pytest.approx(want, abs=1e-4)
+    ex = exs[batch["index"][row]]
+    want = _hand_logprob(model.params, prompter.ids(ex, with_options=False),
+                         prompter.choice_ids(ex)[c])
+    assert shared[r] == pytest.approx(want, abs=1e-4)
+    assert full[r] == pytest.approx(want, abs=1e-4)
+    checked += 1
+  assert checked == sum(len(ex.choices) for ex in exs if not ex.problem)
 
 
 @pytest.mark.parametrize("method", ["loglik", "generate"])

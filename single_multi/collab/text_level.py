@@ -1,0 +1,238 @@
+"""Text-level strategies in token space: models read each other's answers inside one program.
+
+Every stage is a pool decode; the prompts of the next stage are packed from template pieces, the
+question's tokens and the previous answers' tokens (`core.pack`), so a whole strategy is one
+`jax.jit` program. Answers enter the next prompt without their stop token.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from single_multi import decoding, pool as pool_lib
+from single_multi.collab import core
+from single_multi.models import transformer
+
+
+def _question(batch: core.Batch) -> core.Segment:
+  return core.right_align(batch.question, batch.question_mask)
+
+
+def _answers(out: decoding.DecodeOutput, env: core.Env) -> list[core.Segment]:
+  """Per-model answer segments from a pool decode (tokens [N, B, M])."""
+  lengths = core.answer_lengths(out.tokens, out.lengths, env.stop_ids)
+  return [(out.tokens[i], lengths[i]) for i in range(out.tokens.shape[0])]
+
+
+def fill(env: core.Env, template: str, question: core.Segment,
+         answers: list[core.Segment]) -> tuple[jax.Array, jax.Array]:
+  """Pack a template: piece, question, piece, answer 1, piece, ..., piece -> tokens, mask."""
+  pieces = env.template(template)
+  if len(pieces) != len(answers) + 2:
+    raise core.StrategyError(f"template {template!r} has {len(pieces) - 2} answer slots, "
+                             f"{len(answers)} answers given")
+  B = question[0].shape[0]
+  segments = [core.piece(pieces[0], B), question]
+  for piece, answer in zip(pieces[1:], answers):
+    segments += [core.piece(piece, B), answer]
+  segments.append(core.piece(pieces[-1], B))
+  length = sum(len(p) for p in pieces) + sum(s[0].shape[1] for s in [question, *answers])
+  return core.pack(segments, length, env.pad_id)
+
+
+def _decode_one(params_n, index, tokens, mask, rng, env: core.Env) -> decoding.DecodeOutput:
+  return decoding.decode(core.member(params_n, index), tokens, mask, rng, sampler=env.sampler,
+                         **env.decode_kw)
+
+
+def _answer_all(params_n, tokens, mask, rng, env: core.Env) -> decoding.DecodeOutput:
+  return pool_lib.decode_each(params_n, tokens, mask, rng, sampler=env.sampler, **env.decode_kw)
+
+
+def _exchange_rounds(params_n, batch, rng, env, rounds: int, template: str, include_own: bool):
+  """All models answer; then `rounds` times each model answers again from the previous answers
+  (the others' only, or everyone's). Returns the last answers, every round's, the last prompts."""
+  n = core.num_models(params_n)
+  question = _question(batch)
+  rng, key = jax.random.split(rng)
+  out = _answer_all(params_n, batch.prompt, batch.prompt_mask, key, env)
+  history, prompts = [out.tokens], None
+  for _ in range(rounds):
+    answers = _answers(out, env)
+    filled = [fill(env, template, question, [a for j, a in enumerate(answers)
+                                             if include_own or j != i]) for i in range(n)]
+    prompts = (jnp.stack([f[0] for f in filled]), jnp.stack([f[1] for f in filled]))
+    rng, key = jax.random.split(rng)
+    out = _answer_all(params_n, *prompts, key, env)
+    history.append(out.tokens)
+  return out, jnp.stack(history), prompts
+
+
+@dataclasses.dataclass(frozen=True)
+class RefineConfig:
+  """Multi-agent refinement. summarizer: the pool member that writes the final answer; None =
+  the best single model on dev (`fit`), member 0 before fitting."""
+
+  rounds: int = 1
+  summarizer: int | None = None
+
+
+def _best_on_dev(pool, dev, cfg, env, rng):
+  """State {"best": index of the best model on dev} from dev scores [N, Q] (a `DevData`)."""
+  del pool, cfg, env, rng
+  return {"best": jnp.asarray(int(jnp.argmax(jnp.mean(jnp.asarray(dev.scores), axis=1))))}
+
+
+def _chosen(cfg_index, state, key="best"):
+  if cfg_index is not None:
+    return cfg_index
+  return 0 if state is None else state[key]
+
+
+@core.register("multiagent_refine", "text", RefineConfig, fit=_best_on_dev, min_models=2,
+               templates=("refine", "summarize"))
+def multiagent_refine(params_n, batch: core.Batch, rng, *, cfg: RefineConfig, env: core.Env,
+                      state=None):
+  """All answer; for k rounds each model reads the others' answers and refines its own; the
+  summarizer (best on dev) writes the final answer from everyone's last answers."""
+  out, history, prompts = _exchange_rounds(params_n, batch, rng, env, cfg.rounds, "refine",
+                                           include_own=False)
+  tokens, mask = fill(env, "summarize", _question(batch), _answers(out, env))
+  final = _decode_one(params_n, _chosen(cfg.summarizer, state), tokens, mask,
+                      jax.random.fold_in(rng, 1), env)
+  extras = {"answers": history, "summary_prompt": tokens}
+  if prompts is not None:
+    extras["refine_prompts"] = prompts[0]
+  return core.Output(final.tokens, final.lengths, None, extras)
+
+
+@dataclasses.dataclass(frozen=True)
+class MixtureOfAgentsConfig:
+  """Mixture-of-Agents (Wang et al. 2024): `layers` proposer layers (every pool member in each,
+  reading all of the previous layer's answers from layer 2 on), then the aggregator."""
+
+  layers: int = 2
+  aggregator: int | None = None  # None: best on dev (`fit`), member 0 before fitting.
+
+
+@core.register("mixture_of_agents", "text", MixtureOfAgentsConfig, fit=_best_on_dev,
+               min_models=2, templates=("aggregate",))
+def mixture_of_agents(params_n, batch: core.Batch, rng, *, cfg: MixtureOfAgentsConfig,
+                      env: core.Env, state=None):
+  """Layers of proposers that synthesise all previous answers; an aggregator answers last."""
+  out, history, _ = _exchange_rounds(params_n, batch, rng, env, cfg.layers - 1, "aggregate",
+                                     include_own=True)
+  tokens, mask = fill(env, "aggregate", _question(batch), _answers(out, env))
+  final = _decode_one(params_n, _chosen(cfg.aggregator, state), tokens, mask,
+                      jax.random.fold_in(rng, 1), env)
+  return core.Output(final.tokens, final.lengths, None, {"answers": history})
+
+
+# -------------------------------------------------------------------------------------------------
+# LLM-Blender.
+
+
+@dataclasses.dataclass(frozen=True)
+class BlenderConfig:
+  """LLM-Blender (Jiang et al. 2023): PairRanker + GenFuser, here both pool members."""
+
+  ranker: int = 0
+  fuser: int = 0
+  top_k: int = 3
+
+
+def pairwise_preferences(ranker_params, question: core.Segment, answers: list[core.Segment],
+                         env: core.Env) -> jax.Array:
+  """pref [N, N, B]: log p("A") - log p("B") of the ranker shown candidate i as A, j as B."""
+  n = len(answers)
+  pairs = [(i, j) for i in range(n) for j in range(n) if i != j]
+  filled = [fill(env, "compare", question, [answers[i], answers[j]]) for i, j in pairs]
+  tokens = jnp.concatenate([f[0] for f in filled])  # [P * B, T]
+  mask = jnp.concatenate([f[1] for f in filled])
+  hidden, _ = transformer.hidden_states(ranker_params, tokens, env.config, mask_bt=mask)
+  logits = transformer.lm_head(ranker_params, hidden[:, -1:], env.config)[:, 0]
+  lp = jax.nn.log_softmax(logits)
+  (a,), (b,) = env.template("labels")
+  margin = (lp[:, a] - lp[:, b]).reshape(len(pairs), -1)
+  pref = jnp.zeros((n, n, margin.shape[1]), jnp.float32)
+  for k, (i, j) in enumerate(pairs):
+    pref = pref.at[i, j].set(margin[k])
+  return pref
+
+
+def rank_candidates(pref_nnb: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """PairRanker's "max wins" aggregation: candidate i wins (i, j) when the ranker prefers it as A
+  (pref[i, j] > 0) and again when it prefers it as B (pref[j, i] < 0). Score = wins, ties broken
+  by the summed margins, then by the lower index. Returns (order [B, N] best first, scores)."""
+  n = pref_nnb.shape[0]
+  off = 1.0 - jnp.eye(n)[..., None]
+  as_a = (pref_nnb > 0).astype(jnp.float32)
+  as_b = (jnp.swapaxes(pref_nnb, 0, 1) < 0).astype(jnp.float32)
+  wins = jnp.sum(off * (as_a + as_b), axis=1)
+  margin = jnp.sum(off * (pref_nnb - jnp.swapaxes(pref_nnb, 0, 1)), axis=1)
+  score = wins + 0.5 * jax.nn.sigmoid(margin)  # The margin term < 1: it only breaks ties.
+  order = jnp.argsort(-score.T, axis=-1, stable=True)  # [B, N]
+  return order, score.T
+
+
+@core.register("llm_blender", "text", BlenderConfig, min_models=2, templates=("compare", "fuse"))
+def llm_blender(params_n, batch: core.Batch, rng, *, cfg: BlenderConfig, env: core.Env,
+                state=None):
+  """All answer; the ranker compares every ordered pair of candidates; the top-k, best first, go
+  to the fuser, which writes the final answer."""
+  n = core.num_models(params_n)
+  question = _question(batch)
+  rng, key = jax.random.split(rng)
+  out = _answer_all(params_n, batch.prompt, batch.prompt_mask, key, env)
+  answers = _answers(out, env)
+  pref = pairwise_preferences(core.member(params_n, cfg.ranker), question, answers, env)
+  order, scores = rank_candidates(pref)
+  k = min(cfg.top_k, n)
+  rows = jnp.arange(order.shape[0])
+  top = [(jnp.stack([a[0] for a in answers])[order[:, r], rows],
+          jnp.stack([a[1] for a in answers])[order[:, r], rows]) for r in range(k)]
+  tokens, mask = fill(env, "fuse", question, top)
+  final = _decode_one(params_n, cfg.fuser, tokens, mask, rng, env)
+  return core.Output(final.tokens, final.lengths, None,
+                     {"answers": out.tokens, "ranking": order, "rank_scores": scores,
+                      "preferences": pref})
+
+
+# -------------------------------------------------------------------------------------------------
+# Multi-agent debate + majority vote (the test-time half of multi-agent fine-tuning).
+
+
+@dataclasses.dataclass(frozen=True)
+class DebateConfig:
+  """Multi-agent fine-tuning (Subramaniam et al. 2025) at test time: `rounds` of debate (each
+  agent reads the others' answers) and a majority vote over the final answers. The fine-tuning
+  half (per-agent generator/critic data from dev debates) belongs to the distillation stage."""
+
+  rounds: int = 2
+
+
+def majority_vote(tokens_nbm: jax.Array, lengths_nb: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """The answer most agents gave token for token (ties: the lowest agent index).
+  Returns (winner [B], votes [N, B])."""
+  n, _, m = tokens_nbm.shape
+  live = jnp.arange(m)[None, None] < lengths_nb[..., None]
+  t = jnp.where(live, tokens_nbm, -1)
+  same = jnp.all(t[:, None] == t[None, :], axis=-1)  # [N, N, B]
+  votes = jnp.sum(same, axis=1)
+  return jnp.argmax(votes, axis=0), votes
+
+
+@core.register("multiagent_finetuning", "text", DebateConfig, min_models=2, templates=("refine",))
+def multiagent_debate(params_n, batch: core.Batch, rng, *, cfg: DebateConfig, env: core.Env,
+                      state=None):
+  """Debate for `rounds` rounds, then majority vote over the agents' final answers."""
+  out, history, _ = _exchange_rounds(params_n, batch, rng, env, cfg.rounds, "refine",
+                                     include_own=False)
+  lengths = core.answer_lengths(out.tokens, out.lengths, env.stop_ids)
+  winner, votes = majority_vote(out.tokens, lengths)
+  rows = jnp.arange(winner.shape[0])
+  return core.Output(out.tokens[winner, rows], out.lengths[winner, rows], None,
+                     {"answers": history, "votes": votes, "winner": winner})

@@ -1,0 +1,215 @@
+"""One model alone, and the strategies that decide every next token from several models' logits.
+
+All of them run one KV-cached pool decode (`pool.decode_combined`): each step every model reads
+the chosen token once; a pure combine function maps the models' logits [N, B, V] to the token and
+the collaboration's log-prob row (the teacher row of logit distillation).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from single_multi import decoding, pool as pool_lib
+from single_multi.collab import core
+
+
+def _output(out: decoding.DecodeOutput, env: core.Env, **extras) -> core.Output:
+  return core.Output(out.tokens, out.lengths, out.rows if env.return_rows else None, extras)
+
+
+@dataclasses.dataclass(frozen=True)
+class SingleConfig:
+  model: int = 0  # Which pool member answers.
+
+
+@core.register("single", "single", SingleConfig)
+def single(params_n, batch: core.Batch, rng, *, cfg: SingleConfig, env: core.Env, state=None):
+  """One model alone (the baseline): its own KV-cached decode, the other models never run."""
+  out = decoding.decode(core.member(params_n, cfg.model), batch.prompt, batch.prompt_mask, rng,
+                        sampler=env.sampler, return_rows=env.return_rows, **env.decode_kw)
+  return _output(out, env)
+
+
+@dataclasses.dataclass(frozen=True)
+class LogitFusionConfig:
+  """Reference: the plain average of next-token logits. weights: None = uniform."""
+
+  weights: tuple[float, ...] | None = None
+  space: str = "logits"  # "logits" (reference) or "logprobs" (each model normalised first).
+
+
+@core.register("logit_fusion", "logit", LogitFusionConfig, min_models=2)
+def logit_fusion(params_n, batch: core.Batch, rng, *, cfg: LogitFusionConfig, env: core.Env,
+                 state=None):
+  """(Weighted) average of all models' next-token logits or log-probs every step, then sample.
+  KV-cached (the reference recomputes the whole sequence every step)."""
+  combine = pool_lib.LogitAverage(cfg.weights, cfg.space, env.sampler)
+  out = pool_lib.decode_combined(params_n, batch.prompt, batch.prompt_mask, rng, combine=combine,
+                                 return_rows=env.return_rows, **env.decode_kw)
+  return _output(out, env)
+
+
+@dataclasses.dataclass(frozen=True)
+class CoLlmConfig:
+  """Co-LLM decoding (Shen et al. 2024): defer to the assistant where sigmoid(gate) > eta."""
+
+  base: int = 0
+  assistant: int = 1
+  eta: float = 0.5
+  mode: str = "defer"  # "defer": the assistant's token; "compose": argmax((1-p) P_b + p P_a).
+
+  def __post_init__(self):
+    if self.mode not in ("defer", "compose"):
+      raise ValueError(f"co_llm mode must be 'defer' or 'compose', got {self.mode!r}")
+    if self.base == self.assistant:
+      raise ValueError("co_llm needs two different pool members as base and assistant")
+
+
+@dataclasses.dataclass(frozen=True)
+class CoLlmCombine:
+  base: int
+  assistant: int
+  eta: float
+  mode: str
+  sampler: Any = decoding.Greedy()
+
+  def __call__(self, logits_nbv, state, key):
+    vocab = logits_nbv.shape[-1] - 1  # The last column is the base's gate logit.
+    gate = jax.nn.sigmoid(logits_nbv[self.base, :, vocab])
+    base = jax.nn.log_softmax(logits_nbv[self.base, :, :vocab])
+    asst = jax.nn.log_softmax(logits_nbv[self.assistant, :, :vocab])
+    defer = gate > self.eta
+    if self.mode == "defer":
+      other = asst
+    else:
+      other = jnp.logaddexp(jnp.log1p(-gate)[:, None] + base, jnp.log(gate)[:, None] + asst)
+    row = jnp.where(defer[:, None], other, base)
+    step = state["step"]
+    state = {"step": step + 1, "gate": state["gate"].at[:, step].set(gate),
+             "deferred": state["deferred"].at[:, step].set(defer)}
+    return self.sampler(row, key), row, state
+
+
+def gate_rows(params_n, w_defer, base: int) -> jax.Array:
+  """extra_head [N, 1, D]: w_defer on the base's LM head, zeros elsewhere."""
+  n, d = core.num_models(params_n), w_defer.shape[-1]
+  return jnp.zeros((n, 1, d), w_defer.dtype).at[base, 0].set(w_defer)
+
+
+@core.register("co_llm", "token", CoLlmConfig, min_models=2)
+def co_llm(params_n, batch: core.Batch, rng, *, cfg: CoLlmConfig, env: core.Env, state=None):
+  """Token-level deferral: the base decodes; where its gate sigmoid(<w_defer, h_t>) > eta the
+  assistant's token (or the composed mixture's) is taken. Both models keep KV caches; every
+  chosen token is fed to both once. state: {"w_defer": [D]} (see `single_multi.co_llm`)."""
+  if state is None or "w_defer" not in state:
+    raise core.StrategyError("co_llm needs a trained gate: state={'w_defer': [hidden]} "
+                             "(train it with single_multi.co_llm)")
+  B = batch.prompt.shape[0]
+  M = env.max_new_tokens
+  init = {"step": jnp.zeros((), jnp.int32), "gate": jnp.zeros((B, M), jnp.float32),
+          "deferred": jnp.zeros((B, M), bool)}
+  combine = CoLlmCombine(cfg.base, cfg.assistant, cfg.eta, cfg.mode, env.sampler)
+  out = pool_lib.decode_combined(params_n, batch.prompt, batch.prompt_mask, rng, init,
+                                 combine=combine, return_rows=env.return_rows,
+                                 extra_head=gate_rows(params_n, state["w_defer"], cfg.base),
+                                 **env.decode_kw)
+  live = jnp.arange(M)[None] < out.lengths[:, None]
+  return _output(out, env, gate=out.state["gate"], deferred=out.state["deferred"] & live)
+
+
+@dataclasses.dataclass(frozen=True)
+class ProxyTuningConfig:
+  """Proxy tuning (Liu et al. 2024): base + alpha * (expert - anti_expert) on logits."""
+
+  base: int = 0
+  expert: int = 1
+  anti_expert: int = 2
+  alpha: float = 1.0
+
+
+@dataclasses.dataclass(frozen=True)
+class ProxyCombine:
+  base: int
+  expert: int
+  anti_expert: int
+  alpha: float
+  sampler: Any = decoding.Greedy()
+
+  def __call__(self, logits_nbv, state, key):
+    lp = jax.nn.log_softmax(logits_nbv, axis=-1)
+    scores = lp[self.base] + self.alpha * (lp[self.expert] - lp[self.anti_expert])
+    return self.sampler(scores, key), jax.nn.log_softmax(scores), state
+
+
+@core.register("proxy_tuning", "logit", ProxyTuningConfig, min_models=3)
+def proxy_tuning(params_n, batch: core.Batch, rng, *, cfg: ProxyTuningConfig, env: core.Env,
+                 state=None):
+  """Steer the base by the difference a tuned expert makes over its untuned anti-expert."""
+  combine = ProxyCombine(cfg.base, cfg.expert, cfg.anti_expert, cfg.alpha, env.sampler)
+  out = pool_lib.decode_combined(params_n, batch.prompt, batch.prompt_mask, rng, combine=combine,
+                                 return_rows=env.return_rows, **env.decode_kw)
+  return _output(out, env)
+
+
+@dataclasses.dataclass(frozen=True)
+class ContrastiveConfig:
+  """Contrastive decoding (Li et al. 2023): log p_expert - beta * log p_amateur over the tokens
+  with p_expert >= alpha * max p_expert."""
+
+  expert: int = 0
+  amateur: int = 1
+  alpha: float = 0.1
+  beta: float = 1.0
+
+
+@dataclasses.dataclass(frozen=True)
+class ContrastiveCombine:
+  expert: int
+  amateur: int
+  alpha: float
+  beta: float
+  sampler: Any = decoding.Greedy()
+
+  def __call__(self, logits_nbv, state, key):
+    lp = jax.nn.log_softmax(logits_nbv, axis=-1)
+    expert, amateur = lp[self.expert], lp[self.amateur]
+    plausible = expert >= jnp.max(expert, axis=-1, keepdims=True) + jnp.log(self.alpha)
+    scores = jnp.where(plausible, expert - self.beta * amateur, -jnp.inf)
+    return self.sampler(scores, key), jax.nn.log_softmax(scores), state
+
+
+@core.register("contrastive_decoding", "logit", ContrastiveConfig, min_models=2)
+def contrastive_decoding(params_n, batch: core.Batch, rng, *, cfg: ContrastiveConfig,
+                         env: core.Env, state=None):
+  """Prefer what the expert finds likely and the amateur does not, among plausible tokens."""
+  combine = ContrastiveCombine(cfg.expert, cfg.amateur, cfg.alpha, cfg.beta, env.sampler)
+  out = pool_lib.decode_combined(params_n, batch.prompt, batch.prompt_mask, rng, combine=combine,
+                                 return_rows=env.return_rows, **env.decode_kw)
+  return _output(out, env)
+
+
+def combine_for(name: str, cfg, sampler=decoding.Greedy()):
+  """The per-step combine of a logit-level strategy (teacher-forced scoring, on-policy KD)."""
+  if name == "logit_fusion":
+    return pool_lib.LogitAverage(cfg.weights, cfg.space, sampler)
+  if name == "proxy_tuning":
+    return ProxyCombine(cfg.base, cfg.expert, cfg.anti_expert, cfg.alpha, sampler)
+  if name == "contrastive_decoding":
+    return ContrastiveCombine(cfg.expert, cfg.amateur, cfg.alpha, cfg.beta, sampler)
+  raise core.StrategyError(f"{name} has no stateless per-token combine to score given tokens "
+                           "with; on-policy distillation supports logit_fusion, proxy_tuning and "
+                           "contrastive_decoding")
+
+
+def teacher_forced_rows(params_n, tokens_bt, mask_bt, num_rows: int, combine, env: core.Env):
+  """The collaboration's log-prob rows [B, num_rows, V] for the last `num_rows` tokens of given
+  sequences: every model reads the sequence once, the combine fuses each position."""
+  logits, _ = pool_lib.forward(params_n, tokens_bt[:, :-1], env.config, mask_bt=mask_bt[:, :-1])
+  last = logits[:, :, -num_rows:]  # [N, B, M, V]: predictions of the last M tokens.
+  key = jax.random.key(0)
+  rows = jax.vmap(lambda lg: combine(lg, None, key)[1], in_axes=2, out_axes=1)(last)
+  return rows

@@ -1,0 +1,392 @@
+"""Collaboration strategies on tiny random models: identities, hand computations, token-space
+prompts, routers on separable labels, merges against hand-made tensors and transformers."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import hf_logits, left_padded_batch, make_hf_model
+
+import single_multi as sm
+from single_multi import collab, decoding, pool as pool_lib
+from single_multi.collab import core, hetero, merge, routers, templates, text_level
+from single_multi.data import common, pipeline
+from single_multi.models import transformer
+from single_multi.models.loading import Model
+
+from test_evaluate import CONFIG, _model
+
+M = 6  # New tokens per answer.
+
+
+@pytest.fixture(scope="module")
+def pool():
+  return pool_lib.from_models([_model(s) for s in range(3)], ["m0", "m1", "m2"])
+
+
+def _examples(n=4):
+  return [common.Example(f"s/{i}", "s", f"Q{i}" + "?" * i, ("yes", "no"), i % 2, ()) for i in
+          range(n)]
+
+
+@pytest.fixture(scope="module")
+def batch(pool):
+  prompter = pipeline.Prompter(pool.tokenizer)
+  data = next(iter(pipeline.generation_batches(_examples(), prompter, batch_size=4)))
+  return core.batch_from(data)
+
+
+def _env(pool, name, cfg=None, **kw):
+  return collab.make_env(pool, name, cfg, max_new_tokens=M, **kw)
+
+
+def _decode(params, batch, env):
+  return decoding.decode(params, batch.prompt, batch.prompt_mask, jax.random.key(0),
+                         return_rows=True, **env.decode_kw)
+
+
+def test_registry_has_the_papers_seven_and_the_comparisons():
+  for name in ("trained_router", "graph_router", "multiagent_refine", "llm_blender",
+               "multiagent_finetuning", "logit_fusion", "dare_ties", "linear", "ties", "co_llm",
+               "proxy_tuning", "contrastive_decoding", "mixture_of_agents", "single"):
+    assert name in collab.REGISTRY, name
+  with pytest.raises(collab.StrategyError, match="unknown strategy 'nope'"):
+    collab.get("nope")
+  with pytest.raises(collab.StrategyError, match="heterogeneous"):
+    collab.check_pool("logit_fusion", homogeneous=False)
+  collab.check_pool("llm_blender", homogeneous=False)  # Text level: fine.
+
+
+def test_single_equals_plain_decode(pool, batch):
+  env = _env(pool, "single", return_rows=True)
+  out = collab.run(pool, "single", batch, env=env, cfg=collab.get("single").Config(model=2))
+  want = _decode(pool.member(2), batch, env)
+  np.testing.assert_array_equal(out.tokens, want.tokens)
+  np.testing.assert_allclose(out.rows, want.rows, atol=1e-5)
+
+
+def test_logit_fusion_identities_and_hand_computation(pool, batch):
+  env = _env(pool, "logit_fusion", return_rows=True)
+  same = pool_lib.Pool(pool.config, pool_lib.stack([pool.member(1)] * 3), ("a", "b", "c"),
+                       pool.tokenizer)
+  alone = _decode(pool.member(1), batch, env)
+  out = collab.run(same, "logit_fusion", batch, env=env)
+  np.testing.assert_array_equal(out.tokens, alone.tokens)
+  np.testing.assert_allclose(out.rows, alone.rows, atol=1e-4)
+  cfg = collab.get("logit_fusion").Config(weights=(1.0, 0.0, 0.0))
+  first = collab.run(pool, "logit_fusion", batch, env=env, cfg=cfg)
+  np.testing.assert_array_equal(first.tokens, _decode(pool.member(0), batch, env).tokens)
+  # Uniform fusion, first step: log_softmax(mean_i logits_i) at the prompt's last position.
+  for space in ("logits", "logprobs"):
+    cfg = collab.get("logit_fusion").Config(space=space)
+    fused = collab.run(pool, "logit_fusion", batch, env=env, cfg=cfg)
+    logits, _ = pool_lib.forward(pool.params, batch.prompt, pool.config,
+                                 mask_bt=batch.prompt_mask)
+    last = np.asarray(logits[:, :, -1], np.float64)
+    if space == "logprobs":
+      last = last - np.log(np.exp(last - last.max(-1, keepdims=True)).sum(-1, keepdims=True)) \
+          - last.max(-1, keepdims=True)
+    mean = last.mean(0)
+    want = mean - mean.max(-1, keepdims=True)
+    want -= np.log(np.exp(want).sum(-1, keepdims=True))
+    np.testing.assert_allclose(fused.rows[:, 0], want, atol=1e-4)
+    np.testing.assert_array_equal(fused.tokens[:, 0], want.argmax(-1))
+
+
+def _gate(pool, scale=0.05, seed=3):
+  return scale * jax.random.normal(jax.random.key(seed), (pool.config.hidden_size,))
+
+
+def test_co_llm_eta_extremes_and_compose_mixture(pool, batch):
+  w = _gate(pool)
+  env = _env(pool, "co_llm", return_rows=True)
+  Cfg = collab.get("co_llm").Config
+  never = collab.run(pool, "co_llm", batch, env=env, cfg=Cfg(eta=1.0), state={"w_defer": w})
+  np.testing.assert_array_equal(never.tokens, _decode(pool.member(0), batch, env).tokens)
+  assert not never.extras["deferred"].any()
+  always = collab.run(pool, "co_llm", batch, env=env, cfg=Cfg(eta=0.0), state={"w_defer": w})
+  np.testing.assert_array_equal(always.tokens, _decode(pool.member(1), batch, env).tokens)
+  live = np.arange(M)[None] < np.asarray(always.lengths)[:, None]
+  assert (np.asarray(always.extras["deferred"]) == live).all()
+  # compose, first step, by hand: log((1 - p) P_base + p P_asst), p = sigmoid(<w, h_last>).
+  comp = collab.run(pool, "co_llm", batch, env=env, cfg=Cfg(eta=0.0, mode="compose"),
+                    state={"w_defer": w})
+  h, _ = transformer.hidden_states(pool.member(0), batch.prompt, pool.config,
+                                   mask_bt=batch.prompt_mask)
+  p = np.asarray(jax.nn.sigmoid(h[:, -1] @ w), np.float64)
+  logits, _ = pool_lib.forward(pool.params, batch.prompt, pool.config, mask_bt=batch.prompt_mask)
+  last = np.asarray(logits[:, :, -1], np.float64)
+  probs = np.exp(last - last.max(-1, keepdims=True))
+  probs /= probs.sum(-1, keepdims=True)
+  want = np.log((1 - p)[:, None] * probs[0] + p[:, None] * probs[1])
+  np.testing.assert_allclose(comp.rows[:, 0], want, atol=1e-4)
+  np.testing.assert_allclose(comp.extras["gate"][:, 0], p, atol=1e-5)
+  assert comp.tokens[:, 0].tolist() == want.argmax(-1).tolist()
+  with pytest.raises(collab.StrategyError, match="trained gate"):
+    collab.run(pool, "co_llm", batch, env=env)
+
+
+def test_proxy_tuning_without_a_difference_is_the_base(pool, batch):
+  env = _env(pool, "proxy_tuning")
+  cfg = collab.get("proxy_tuning").Config(base=2, expert=1, anti_expert=1)
+  out = collab.run(pool, "proxy_tuning", batch, env=env, cfg=cfg)
+  np.testing.assert_array_equal(out.tokens, _decode(pool.member(2), batch, env).tokens)
+
+
+def test_contrastive_decoding_first_token_by_hand(pool, batch):
+  env = _env(pool, "contrastive_decoding", return_rows=True)
+  out = collab.run(pool, "contrastive_decoding", batch, env=env)
+  logits, _ = pool_lib.forward(pool.params, batch.prompt, pool.config, mask_bt=batch.prompt_mask)
+  lp = np.asarray(jax.nn.log_softmax(logits[:, :, -1]), np.float64)
+  plausible = lp[0] >= lp[0].max(-1, keepdims=True) + np.log(0.1)
+  want = np.where(plausible, lp[0] - lp[1], -np.inf).argmax(-1)
+  assert out.tokens[:, 0].tolist() == want.tolist()
+
+
+# -------------------------------------------------------------------------------------------------
+# Token-space text exchange.
+
+
+def test_pack_concatenates_segments_left_padded():
+  a = (jnp.asarray([[5, 6, 0], [7, 0, 0]]), jnp.asarray([2, 1]))
+  b = (jnp.asarray([[8, 9], [1, 2]]), jnp.asarray([1, 2]))
+  tokens, mask = core.pack([a, core.piece([3], 2), b], 6, pad_id=0)
+  assert tokens.tolist() == [[0, 0, 5, 6, 3, 8], [0, 0, 7, 3, 1, 2]]
+  assert mask.tolist() == [[0, 0, 1, 1, 1, 1], [0, 0, 1, 1, 1, 1]]
+  tokens, mask = core.pack([a, core.piece([3], 2), b], 3, pad_id=0)  # Overflow keeps the end.
+  assert tokens.tolist() == [[6, 3, 8], [3, 1, 2]] and mask.tolist() == [[1, 1, 1]] * 2
+
+
+def _contains(haystack, needle):
+  h, n = list(haystack), list(needle)
+  return any(h[i:i + len(n)] == n for i in range(len(h) - len(n) + 1))
+
+
+def _answer(out_tokens, lengths, stop_ids, i, b):
+  n = int(core.answer_lengths(out_tokens[i], lengths[i], stop_ids)[b])
+  return np.asarray(out_tokens[i, b, :n]).tolist()
+
+
+def test_multiagent_refine_zero_rounds_is_independent_answers_then_summary(pool, batch):
+  Cfg = collab.get("multiagent_refine").Config
+  env = _env(pool, "multiagent_refine")
+  out = collab.run(pool, "multiagent_refine", batch, env=env, cfg=Cfg(rounds=0, summarizer=2))
+  each = pool_lib.decode_each(pool.params, batch.prompt, batch.prompt_mask,
+                              jax.random.split(jax.random.key(0))[1], **env.decode_kw)
+  np.testing.assert_array_equal(out.extras["answers"][0], each.tokens)
+  # The summary prompt, built on the host from text pieces and the answers, then decoded by 2.
+  pieces = env.template("summarize")
+  q_tokens, q_len = core.right_align(batch.question, batch.question_mask)
+  for b in range(batch.prompt.shape[0]):
+    ids = list(pieces[0]) + np.asarray(q_tokens[b, :q_len[b]]).tolist()
+    for i in range(3):
+      ids += list(pieces[i + 1]) + _answer(each.tokens, each.lengths, env.stop_ids, i, b)
+    ids += list(pieces[-1])
+    summary = np.asarray(out.extras["summary_prompt"][b])
+    assert summary[-len(ids):].tolist() == ids and (summary[:-len(ids)] == env.pad_id).all()
+    want = decoding.decode(pool.member(2), jnp.asarray([ids]), jnp.ones((1, len(ids)), jnp.int32),
+                           jax.random.fold_in(jax.random.key(0), 1), **env.decode_kw)
+    assert out.tokens[b].tolist() == want.tokens[0].tolist()
+
+
+def test_refine_prompts_contain_the_other_answers(pool, batch):
+  env = _env(pool, "multiagent_refine")
+  out = collab.run(pool, "multiagent_refine", batch, env=env,
+                   cfg=collab.get("multiagent_refine").Config(rounds=1))
+  first = out.extras["answers"][0]
+  each = pool_lib.decode_each(pool.params, batch.prompt, batch.prompt_mask,
+                              jax.random.split(jax.random.key(0))[1], **env.decode_kw)
+  text = pool.tokenizer.decode
+  for i in range(3):
+    for b in range(batch.prompt.shape[0]):
+      prompt = np.asarray(out.extras["refine_prompts"][i, b]).tolist()
+      others = [_answer(first, each.lengths, env.stop_ids, j, b) for j in range(3) if j != i]
+      assert all(_contains(prompt, a) for a in others)
+      assert "These are the answers from other agents" in text(prompt)
+      q = np.asarray(batch.question[b])[np.asarray(batch.question_mask[b]) > 0].tolist()
+      assert _contains(prompt, q)
+
+
+def test_blender_ranking_and_pairwise_preferences(pool, batch):
+  pref = np.zeros((3, 3, 1), np.float32)  # Candidate 2 beats both others from both sides.
+  pref[2, 0] = pref[2, 1] = 1.0
+  pref[0, 2] = pref[1, 2] = -1.0
+  pref[0, 1], pref[1, 0] = 0.5, -0.2  # 0 beats 1 as A and as B.
+  order, _ = text_level.rank_candidates(jnp.asarray(pref))
+  assert order[0].tolist() == [2, 0, 1]
+  env = _env(pool, "llm_blender")
+  out = collab.run(pool, "llm_blender", batch, env=env)
+  order2, _ = text_level.rank_candidates(out.extras["preferences"])
+  np.testing.assert_array_equal(out.extras["ranking"], order2)
+  # One pairwise verdict by hand: compare prompt for (A=answer 0, B=answer 1), row 1.
+  ranker = pool.member(0)
+  pieces = env.template("compare")
+  q_tokens, q_len = core.right_align(batch.question, batch.question_mask)
+  each = pool_lib.decode_each(pool.params, batch.prompt, batch.prompt_mask,
+                              jax.random.split(jax.random.key(0))[1], **env.decode_kw)
+  b = 1
+  ids = (list(pieces[0]) + np.asarray(q_tokens[b, :q_len[b]]).tolist() + list(pieces[1])
+         + _answer(each.tokens, each.lengths, env.stop_ids, 0, b) + list(pieces[2])
+         + _answer(each.tokens, each.lengths, env.stop_ids, 1, b) + list(pieces[3]))
+  logits, _ = transformer.forward(ranker, jnp.asarray([ids]), pool.config)
+  lp = jax.nn.log_softmax(logits[0, -1])
+  (a,), (bb,) = env.template("labels")
+  assert float(out.extras["preferences"][0, 1, b]) == pytest.approx(float(lp[a] - lp[bb]),
+                                                                    abs=1e-4)
+
+
+def test_majority_vote_and_debate_output(pool, batch):
+  tokens = jnp.asarray([[[4, 5, 9]], [[4, 6, 9]], [[4, 5, 7]]])
+  winner, votes = text_level.majority_vote(tokens, jnp.asarray([[2], [2], [2]]))
+  assert winner.tolist() == [0] and votes[:, 0].tolist() == [2, 1, 2]
+  env = _env(pool, "multiagent_finetuning")
+  out = collab.run(pool, "multiagent_finetuning", batch, env=env,
+                   cfg=collab.get("multiagent_finetuning").Config(rounds=1))
+  final = out.extras["answers"][-1]
+  for b, w in enumerate(out.extras["winner"].tolist()):
+    assert out.tokens[b].tolist() == final[w, b].tolist()
+
+
+def test_mixture_of_agents_runs_as_one_program(pool, batch):
+  env = _env(pool, "mixture_of_agents")
+  out = collab.run(pool, "mixture_of_agents", batch, env=env)
+  assert out.tokens.shape == (4, M) and out.extras["answers"].shape == (2, 3, 4, M)
+
+
+# -------------------------------------------------------------------------------------------------
+# Routers.
+
+
+def _router_data(pool, n, seed):
+  """Two kinds of queries (all 'a's vs all 'z's): model 0 is right on 'a', model 1 on 'z'."""
+  rng = np.random.default_rng(seed)
+  kinds = rng.integers(0, 2, n)
+  exs = [common.Example(f"r/{seed}/{i}", "r", ("a" if k == 0 else "z") * int(rng.integers(3, 12)),
+                        ("yes", "no"), 0, ()) for i, k in enumerate(kinds)]
+  prompter = pipeline.Prompter(pool.tokenizer)
+  data = next(iter(pipeline.generation_batches(exs, prompter, batch_size=n)))
+  order = data["index"]
+  kinds = kinds[order]
+  scores = np.stack([kinds == 0, kinds == 1, np.zeros(n, bool)]).astype(np.float32)
+  return core.batch_from(data), kinds, scores
+
+
+@pytest.mark.parametrize("name", ["trained_router", "graph_router"])
+def test_router_learns_separable_labels_and_returns_the_chosen_answer(pool, name):
+  dev_batch, _, scores = _router_data(pool, 48, 0)
+  test_batch, kinds, _ = _router_data(pool, 16, 1)
+  env = _env(pool, name)
+  state = collab.fit(pool, name, collab.DevData(dev_batch, scores), env=env)
+  out = collab.run(pool, name, test_batch, env=env, state=state)
+  choice = np.asarray(out.extras["choice"])
+  assert np.mean(choice == kinds) >= 0.95, (choice, kinds)
+  rows = np.arange(16)
+  np.testing.assert_array_equal(out.tokens, np.asarray(out.extras["answers"])[choice, rows])
+  each = pool_lib.decode_each(pool.params, test_batch.prompt, test_batch.prompt_mask,
+                              jax.random.key(0), **env.decode_kw)
+  np.testing.assert_array_equal(out.tokens, np.asarray(each.tokens)[choice, rows])
+
+
+def test_router_label_tie_break():
+  scores = np.array([[1, 0, 1, 0], [1, 1, 0, 0], [0, 1, 1, 0]], np.float32)
+  # Means: m0 .5, m1 .5, m2 .5 -> equal overall; lower index wins ties. Column 3: all tie -> 0.
+  assert routers.best_model_labels(scores).tolist() == [0, 1, 0, 0]
+  scores = np.array([[1, 0, 0], [1, 1, 1]], np.float32)  # m1 better overall: wins the tie.
+  assert routers.best_model_labels(scores).tolist() == [1, 1, 1]
+
+
+# -------------------------------------------------------------------------------------------------
+# Merges.
+
+
+def test_dare_without_drop_is_task_arithmetic_and_ties_by_hand():
+  base = {"w": jnp.zeros((4,))}
+  d = jnp.asarray([[1.0, -2.0, 3.0, 0.5], [-1.0, -1.5, 2.0, 0.1], [2.0, 1.0, -4.0, 0.2]])
+  params = {"w": d + 0.0}
+  w = jnp.asarray([0.2, 0.3, 0.5])
+  ta = merge.merge_params(params, w, base, method="task_arithmetic", lam=0.7)
+  dare = merge.merge_params(params, w, base, method="dare", density=1.0, lam=0.7)
+  np.testing.assert_allclose(dare["w"], ta["w"], rtol=1e-6)
+  np.testing.assert_allclose(ta["w"], 0.7 * (w @ d), rtol=1e-6)
+  # TIES, density 0.5, uniform weights: trimmed [0,-2,3,0], [0,-1.5,2,0], [2,0,-4,0];
+  # elected signs +,-,+,0; disjoint means 2, -1.75, 2.5, 0.
+  ties = merge.merge_params(params, jnp.ones(3) / 3, base, method="ties", density=0.5, lam=1.0)
+  np.testing.assert_allclose(ties["w"], [2.0, -1.75, 2.5, 0.0], rtol=1e-6)
+  # DARE drops about 1 - density of the entries and rescales the rest.
+  big = {"w": jnp.ones((2, 10000))}
+  dropped = merge.merge_params(big, jnp.asarray([1.0, 0.0]), {"w": jnp.zeros(10000)},
+                               method="dare", density=0.3, key=jax.random.key(1))["w"]
+  kept = np.asarray(dropped) != 0
+  assert abs(kept.mean() - 0.3) < 0.02 and np.allclose(np.asarray(dropped)[kept], 1 / 0.3)
+
+
+def test_linear_merge_of_real_architecture_matches_transformers(tmp_path):
+  hf = [make_hf_model("qwen2_untied", s) for s in (0, 1)]
+  models = []
+  for i, m in enumerate(hf):
+    m.save_pretrained(tmp_path / str(i))
+    models.append(sm.load(str(tmp_path / str(i)), tokenizer=False))
+  p = pool_lib.from_models(models, ["a", "b"])
+  merged = merge.merge_params(p.params, jnp.asarray([0.25, 0.75]), method="linear")
+  state = {k: 0.25 * v + 0.75 * hf[1].state_dict()[k] for k, v in hf[0].state_dict().items()}
+  target = make_hf_model("qwen2_untied", 2)
+  target.load_state_dict(state)
+  ids, mask = left_padded_batch(seed=0, length=12)
+  want = hf_logits(target, ids, mask)
+  got, _ = transformer.forward(merged, jnp.asarray(ids), p.config, mask_bt=jnp.asarray(mask))
+  m = np.asarray(mask) > 0
+  np.testing.assert_allclose(np.asarray(got)[m], want[m], atol=2e-4)
+
+
+def test_merge_strategy_decodes_the_merged_model_and_searches_weights(pool, batch):
+  env = _env(pool, "dare_ties")
+  # density 1 (no trim): a continuous function of the params, so the in-program merge and this
+  # one agree to rounding (a magnitude threshold could flip an entry on a 1-ulp difference).
+  cfg = collab.get("ties").Config(density=1.0, weights=(0.5, 0.3, 0.2))
+  out = collab.run(pool, "ties", batch, env=env, cfg=cfg)
+  merged = merge.merge_params(pool.params, jnp.asarray([0.5, 0.3, 0.2]), method="ties",
+                              density=1.0)
+  np.testing.assert_array_equal(out.tokens, _decode(merged, batch, env).tokens)
+  # PSO: a dev score that prefers weight on model 1 moves the weights there.
+  target = pool.member(1)["layers"]["q"]
+  dev = collab.DevData(batch, evaluate=lambda params: -float(
+      jnp.mean((params["layers"]["q"] - target) ** 2)))
+  cfg = collab.get("linear").Config(search="pso", iterations=6)
+  state = collab.fit(pool, "linear", dev, env=env, cfg=cfg)
+  assert int(np.argmax(state["weights"])) == 1
+  assert state["search"]["history"][-1] >= state["search"]["history"][0]
+
+
+# -------------------------------------------------------------------------------------------------
+# Heterogeneous pools: text on the host.
+
+
+def test_heterogeneous_pool_exchanges_text_and_refuses_logit_strategies(pool):
+  other = dataclasses.replace(CONFIG, hidden_size=48, num_heads=6, intermediate_size=96)
+  a = _model(0)
+  b = Model(other, jax.tree.map(lambda x: x * 4.0 if x.ndim > 1 else x,
+                                transformer.init_params(other, jax.random.key(7))), a.tokenizer,
+            "wide")
+  with pytest.raises(pool_lib.PoolMismatchError):
+    pool_lib.from_models([a, b])
+  exs = _examples(3)
+  with pytest.raises(collab.StrategyError, match="one vocabulary and one architecture"):
+    collab.run_heterogeneous([a, b], "logit_fusion", exs)
+  cfg = collab.get("multiagent_refine").Config(rounds=1, summarizer=1)
+  out = collab.run_heterogeneous([a, b], "multiagent_refine", exs, cfg=cfg, max_new_tokens=M)
+  prompter = pipeline.Prompter(a.tokenizer)
+  first = [[t.strip() for t in decoding.generate(m, [prompter.messages(e) for e in exs],
+                                                 max_new_tokens=M)] for m in (a, b)]
+  for k, ex in enumerate(exs):
+    assert out[k]["answers"][0] == [first[0][k], first[1][k]]
+    q = pipeline.question_text(ex, pipeline.PromptConfig())
+    refine = templates._BUILDERS["refine"](2, cfg)
+    want_a = decoding.generate(a, [[{"role": "user", "content": hetero.fill_text(
+        refine, [q, first[1][k]])}]], max_new_tokens=M)[0].strip()
+    assert out[k]["answers"][1][0] == want_a
+    last = out[k]["answers"][1]
+    summary = hetero.fill_text(templates._BUILDERS["summarize"](2, cfg), [q, *last])
+    assert out[k]["output"] == decoding.generate(b, [[{"role": "user", "content": summary}]],
+                                                 max_new_tokens=M)[0].strip()
