@@ -1,6 +1,6 @@
-"""Embedded default: the real SmolLM2-135M-Instruct (from PyPI) answering chat prompts on CPU.
+"""Chat demo: the real SmolLM2-135M-Instruct (from PyPI) answering chat prompts on CPU.
 
-Run: python -m single_multi.main --config=configs/quickstart.py
+Run: python -m single_multi.main --config=configs/chat.py
 Override any field: --config.max_new_tokens=64 --config.temperature=0.7
 """
 
@@ -9,6 +9,7 @@ from ml_collections import config_dict
 
 def get_config() -> config_dict.ConfigDict:
   c = config_dict.ConfigDict()
+  c.job = "chat"
   c.model = "embedded:smollm2-135m-instruct"  # Any model source: dir, .gguf, hf:org/name.
   c.dtype = "float32"  # or "bfloat16".
   c.seed = 0

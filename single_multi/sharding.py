@@ -33,6 +33,7 @@ RULES: dict[str, tuple[str, ...]] = {
     "kv_heads": ("tensor",),
     "head_dim": (),
     "mlp": ("tensor",),
+    "lora_rank": ("fsdp",),  # LoRA B [R, out] has no embed dim: shard its rank instead.
     # Activations and caches.
     "batch": ("data", "fsdp"),
     "seq": (),

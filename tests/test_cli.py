@@ -57,7 +57,7 @@ def test_chat_cli_without_prompts_is_a_usage_error(tiny_chat_model):
 
 
 def test_main_runs_config_with_overrides(tiny_chat_model, tmp_path):
-  proc = _run("single_multi.main", "--config=configs/quickstart.py",
+  proc = _run("single_multi.main", "--config=configs/chat.py",
               f"--config.model={tiny_chat_model}", "--config.max_new_tokens=3",
               f"--workdir={tmp_path}")
   assert proc.returncode == 0, proc.stderr[-2000:]

@@ -205,3 +205,28 @@ def prefetch(dataset: grain.MapDataset, threads: int = 2) -> Any:
   """A checkpointable iterator that prepares the next batches on background threads."""
   return iter(dataset.to_iter_dataset(grain.ReadOptions(num_threads=threads,
                                                         prefetch_buffer_size=2 * threads)))
+
+
+def sft_rows(prompter: Prompter, examples: Sequence[common.Example], answers: Sequence[str],
+             eos_id: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """Training rows: each example's prompt exactly as at generation (`Prompter.ids`), then its
+  answer's tokens and eos; left-padded to a length bucket. Returns tokens, mask and loss_mask
+  (1 on the answer and eos: what the model learns to write)."""
+  rows, lengths = [], []
+  for ex, answer in zip(examples, answers, strict=True):
+    ids = prompter.tokenizer(answer, add_special_tokens=False)["input_ids"] + [eos_id]
+    rows.append(prompter.ids(ex) + ids)
+    lengths.append(len(ids))
+  if not rows:
+    raise common.DataError("no training rows")
+  tokens, mask = decoding.left_pad(rows, pad_id_of(prompter.tokenizer),
+                                   decoding.bucket_length(max(map(len, rows)), fine=True))
+  loss_mask = np.zeros_like(mask)
+  for i, n in enumerate(lengths):
+    loss_mask[i, -n:] = 1
+  return tokens, mask, loss_mask
+
+
+def gold_answer(ex: common.Example) -> str:
+  """The reference answer as text: the correct option, or the first target."""
+  return ex.choices[ex.answer] if ex.is_mc else ex.targets[0]

@@ -1,0 +1,26 @@
+"""Co-LLM at scale (the paper's setting): a 7B base deferring to a math specialist on GSM8K.
+
+Run: python -m single_multi.co_llm_run --config=configs/co_llm_gsm8k.py --workdir=gs://bucket/run
+(GSM8K via the TFDS catalog when online, or a manual dir with train.jsonl/test.jsonl.)
+"""
+
+from single_multi import configs
+
+
+def get_config():
+  c = configs.load("co_llm_bigbench.py", relative_to=__file__)
+  c.base = "hf:meta-llama/Llama-2-7b-hf"
+  c.assistant = "hf:EleutherAI/llemma_7b"
+  c.task = "gsm8k"
+  c.instruction = "Solve step by step; end with 'The answer is N.'"
+  c.dtype = "bfloat16"
+  c.train_examples = 7000
+  c.val_fraction = 0.05
+  c.val_examples = 200
+  c.test_examples = 1319
+  c.batch_size = 32
+  c.max_new_tokens = 256
+  c.train.steps = 2000
+  c.train.batch_size = 16
+  c.train.learning_rate = 2e-5
+  return c

@@ -1,0 +1,56 @@
+"""The embedded default: the single-multi loop on CPU in about 10 minutes, nothing to download
+but two PyPI files (SmolLM2-135M-Instruct's GGUF and the BIG-bench sdist).
+
+A diverse pool is built from SmolLM2-135M-Instruct: three specialists from short LoRA fine-tunes
+on disjoint BIG-bench task families (cached in the workdir). They collaborate by logit fusion on
+dev rows of real BIG-bench tasks, each distils the collaboration's answers, and round by round
+singles and the collaboration are scored on test rows.
+
+Run: python -m single_multi.main --config=configs/quickstart.py --workdir=/tmp/single_multi
+"""
+
+from ml_collections import config_dict
+
+
+def get_config() -> config_dict.ConfigDict:
+  c = config_dict.ConfigDict()
+  c.job = "evolve"
+  c.seed = 0
+  c.dtype = "float32"
+  # The pool: model sources (dir, .gguf, hf:org/name, embedded:...). With `specialists`, the
+  # first source is the base each specialist is fine-tuned from (one per task family).
+  c.pool = ("embedded:smollm2-135m-instruct",)
+  c.specialists = ("bigbench:arithmetic/2_digit_addition", "bigbench:date_understanding",
+                   "bigbench:sports_understanding")
+  c.specialist_steps = 6
+  c.specialist_examples = 48
+  c.specialist_learning_rate = 3e-4
+  c.task = "bigbench:arithmetic/1_digit_addition,navigate,general_knowledge"
+  c.k_shot = 0
+  c.dev_examples = 32
+  c.test_examples = 32
+  c.batch_size = 16
+  c.max_new_tokens = 8
+  c.temperature = 0.0  # 0: greedy (the reference samples at 0.7, top-p 0.9).
+  c.top_p = 0.9
+  c.rounds = 2
+  c.strategy = "logit_fusion"
+  c.strategy_config = config_dict.ConfigDict()  # Overrides of the strategy's config dataclass.
+  c.distill = config_dict.ConfigDict()
+  c.distill.method = "supervised_kd"
+  c.distill.lora_rank = 8  # 0: full fine-tuning.
+  c.distill.lora_alpha = 16.0
+  c.distill.lora_dropout = 0.0
+  c.distill.lora_targets = ("q", "k", "v", "o")
+  c.distill.learning_rate = 3e-4
+  c.distill.schedule = "cosine"
+  c.distill.warmup_fraction = 0.1
+  c.distill.clip_norm = 1.0
+  c.distill.weight_decay = 0.0
+  c.distill.batch_size = 4
+  c.distill.accumulation = 1
+  c.distill.epochs = 1.0
+  c.distill.correctness_filter = False
+  c.mesh = config_dict.ConfigDict({"data": -1})
+  c.keep_checkpoints = 2
+  return c

@@ -1,0 +1,414 @@
+"""Co-LLM: learning when to defer to an assistant by marginal likelihood (Shen et al., ACL 2024).
+
+At each position a latent Z_t picks the base or the assistant to emit x_t. The gate is
+p_defer = sigmoid(<w_defer, h_t>), h_t the base's last (final-norm) hidden state: one extra row of
+the base's LM head. Training maximises
+
+    log P(x) = sum_t logsumexp(log sigmoid(-l_t) + log p_base(x_t), log sigmoid(l_t) + log p_asst(x_t))
+
+over target tokens with the assistant frozen (its gold-token log-probs precomputed by one scoring
+pass, `score_assistant`). The base trains fully, with LoRA, or not at all (gate only).
+
+    data = co_llm.make_data(tokens, mask, loss_mask, assistant_params, config)
+    w0 = co_llm.init_gate(base_params, data, config)                       # "method a"
+    result = co_llm.train(base_params, data, config, CoLlmTrainConfig(), w_init=w0)
+    eta, table = co_llm.calibrate(pool, batch, result.w_defer, score_fn)   # deferral-rate sweep
+
+Decoding is the `co_llm` collaboration strategy (`collab/token_level.py`): both models keep KV
+caches; `RandomDefer` is the random-deferral baseline.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import html
+import json
+import pathlib
+from typing import Any, Callable, Sequence
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import tqdm
+
+from single_multi import decoding, pool as pool_lib, train as train_lib
+from single_multi.collab import core, token_level
+from single_multi.models import lora as lora_lib, transformer
+from single_multi.models.config import ModelConfig
+
+TRAIN_BASE = ("full", "lora", "gate")
+
+
+@dataclasses.dataclass(frozen=True)
+class CoLlmTrainConfig:
+  """Defaults: the reference's BCE positive weights (init 8, weak supervision 5)."""
+
+  train_base: str = "full"  # "full", "lora" or "gate" (base frozen, only w_defer learns).
+  lora: lora_lib.LoraConfig = lora_lib.LoraConfig(rank=16, alpha=32.0, dropout=0.0)
+  optim: train_lib.OptimConfig = train_lib.OptimConfig(learning_rate=2e-5, weight_decay=0.0)
+  gate_learning_rate: float = 1e-3  # w_defer's own (higher) learning rate.
+  steps: int = 200
+  batch_size: int = 8
+  init: str = "a"  # "a": assistant right and base wrong; "b": base wrong; "none": mean row.
+  init_steps: int = 300
+  init_learning_rate: float = 1e-2
+  init_pos_weight: float = 8.0
+  weak_pos_weight: float = 5.0
+  seed: int = 0
+
+  def __post_init__(self):
+    if self.train_base not in TRAIN_BASE:
+      raise ValueError(f"train_base must be one of {TRAIN_BASE}, got {self.train_base!r}")
+    if self.init not in ("a", "b", "none"):
+      raise ValueError(f"init must be 'a', 'b' or 'none', got {self.init!r}")
+
+
+@flax.struct.dataclass
+class TrainData:
+  """Sequences [S, T] (left-padded prompt + target), loss weights on the target tokens, and the
+  assistant's scoring pass: gold log-prob and argmax-is-gold at every next-token position
+  ([S, T-1]: position t predicts token t+1)."""
+
+  tokens: jax.Array
+  mask: jax.Array
+  loss_mask: jax.Array
+  asst_logp: jax.Array
+  asst_correct: jax.Array
+
+  @property
+  def weights(self) -> jax.Array:
+    return (self.loss_mask[:, 1:] * self.mask[:, 1:]).astype(jnp.float32)
+
+
+# -------------------------------------------------------------------------------------------------
+# The model side.
+
+
+def gold_logprobs(params, tokens, mask, config: ModelConfig, lora=None):
+  """(log p(x_{t+1} | x_<=t) [B, T-1], argmax == gold [B, T-1], hidden [B, T-1, D])."""
+  hidden, _ = transformer.hidden_states(params, tokens, config, mask_bt=mask, lora=lora)
+  logp = jax.nn.log_softmax(transformer.lm_head(params, hidden[:, :-1], config), axis=-1)
+  gold = tokens[:, 1:]
+  lp = jnp.take_along_axis(logp, gold[..., None], axis=-1)[..., 0]
+  return lp, jnp.argmax(logp, -1) == gold, hidden[:, :-1]
+
+
+@functools.partial(jax.jit, static_argnames=("config",))
+def _score(params, tokens, mask, *, config):
+  lp, correct, _ = gold_logprobs(params, tokens, mask, config)
+  return lp, correct
+
+
+def score_assistant(params, tokens, mask, config: ModelConfig, chunk: int = 8):
+  """The assistant's scoring pass over the training sequences, in chunks."""
+  out = [_score(params, jnp.asarray(tokens[s:s + chunk]), jnp.asarray(mask[s:s + chunk]),
+                config=config) for s in range(0, tokens.shape[0], chunk)]
+  return jnp.concatenate([o[0] for o in out]), jnp.concatenate([o[1] for o in out])
+
+
+def make_data(tokens, mask, loss_mask, assistant_params, config: ModelConfig) -> TrainData:
+  lp, correct = score_assistant(assistant_params, tokens, mask, config)
+  return TrainData(jnp.asarray(tokens), jnp.asarray(mask), jnp.asarray(loss_mask), lp, correct)
+
+
+def marginal_nll(gate_logits, base_logp, asst_logp, weights) -> jax.Array:
+  """-mean_t logsumexp(log sigmoid(-l) + log p_base, log sigmoid(l) + log p_asst) (weighted)."""
+  per = -jnp.logaddexp(jax.nn.log_sigmoid(-gate_logits) + base_logp,
+                       jax.nn.log_sigmoid(gate_logits) + asst_logp)
+  w = weights.astype(jnp.float32)
+  return jnp.sum(per * w) / jnp.maximum(jnp.sum(w), 1.0)
+
+
+def weighted_bce(logits, labels, weights, pos_weight: float) -> jax.Array:
+  y = labels.astype(jnp.float32)
+  per = -(pos_weight * y * jax.nn.log_sigmoid(logits) + (1 - y) * jax.nn.log_sigmoid(-logits))
+  w = weights.astype(jnp.float32)
+  return jnp.sum(per * w) / jnp.maximum(jnp.sum(w), 1.0)
+
+
+def pseudo_labels(base_correct, asst_correct, method: str = "a") -> jax.Array:
+  """"a": the assistant's argmax is gold and the base's is not; "b": the base's is not."""
+  return (asst_correct & ~base_correct) if method == "a" else ~base_correct
+
+
+def mean_head_row(params, config: ModelConfig) -> jax.Array:
+  head = params["embed"] if config.tie_word_embeddings else params["lm_head"].T
+  return jnp.mean(head.astype(jnp.float32), axis=0)
+
+
+# -------------------------------------------------------------------------------------------------
+# Gate initialisation (base frozen).
+
+
+@functools.partial(jax.jit, static_argnames=("config",))
+def _hidden_and_base_correct(params, tokens, mask, *, config):
+  _, correct, hidden = gold_logprobs(params, tokens, mask, config)
+  return hidden.astype(jnp.float32), correct
+
+
+def init_gate(base_params, data: TrainData, config: ModelConfig,
+              cfg: CoLlmTrainConfig = CoLlmTrainConfig()) -> tuple[jax.Array, dict[str, float]]:
+  """w_defer from the mean LM-head row, fitted with class-weighted BCE to the pseudo-labels on the
+  frozen base's hidden states. Returns (w, {"label_rate", "defer_rate"}) over target tokens."""
+  w0 = mean_head_row(base_params, config)
+  if cfg.init == "none":
+    return w0, {}
+  hs, cs = [], []
+  for s in range(0, data.tokens.shape[0], 8):
+    h, c = _hidden_and_base_correct(base_params, data.tokens[s:s + 8], data.mask[s:s + 8],
+                                    config=config)
+    hs.append(h)
+    cs.append(c)
+  hidden, base_correct = jnp.concatenate(hs), jnp.concatenate(cs)
+  labels = pseudo_labels(base_correct, data.asst_correct, cfg.init)
+  weights = data.weights
+  opt = optax.adam(cfg.init_learning_rate)
+
+  @jax.jit
+  def fit(w):
+    def loss(w):
+      return weighted_bce(hidden @ w, labels, weights, cfg.init_pos_weight)
+
+    def step(carry, _):
+      w, s = carry
+      g = jax.grad(loss)(w)
+      u, s = opt.update(g, s, w)
+      return (optax.apply_updates(w, u), s), None
+
+    (w, _), _ = jax.lax.scan(step, (w, opt.init(w)), None, length=cfg.init_steps)
+    return w
+
+  w = fit(w0)
+  live = weights > 0
+  rate = lambda x: float(jnp.sum(x & live) / jnp.maximum(jnp.sum(live), 1))
+  return w, {"label_rate": rate(labels), "defer_rate": rate(hidden @ w > 0)}
+
+
+# -------------------------------------------------------------------------------------------------
+# Training.
+
+
+@dataclasses.dataclass
+class TrainResult:
+  params: Any  # The base's params (LoRA merged in when trained with LoRA).
+  w_defer: jax.Array
+  history: list[dict[str, float]]
+
+
+def _losses(objective: str, cfg: CoLlmTrainConfig, config: ModelConfig):
+  def loss_fn(trainable, frozen, batch, rng):
+    if cfg.train_base == "lora":
+      params = frozen["base"]
+      lora = lora_lib.LoraState(trainable["lora"], cfg.lora, rng)
+    else:
+      params = trainable["base"] if cfg.train_base == "full" else frozen["base"]
+      lora = None
+    base_lp, base_correct, hidden = gold_logprobs(params, batch["tokens"], batch["mask"], config,
+                                                  lora)
+    gate = jnp.einsum("BTD,D->BT", hidden.astype(jnp.float32), trainable["w"])
+    weights = (batch["loss_mask"][:, 1:] * batch["mask"][:, 1:]).astype(jnp.float32)
+    marginal = marginal_nll(gate, base_lp, batch["asst_logp"], weights)
+    labels = pseudo_labels(base_correct, batch["asst_correct"], "a")
+    live = weights > 0
+    aux = {"marginal_nll": marginal,
+           "defer_rate": jnp.sum((gate > 0) & live) / jnp.maximum(jnp.sum(live), 1)}
+    if objective == "co_llm":
+      return marginal, aux
+    nll = -jnp.sum(base_lp * weights) / jnp.maximum(jnp.sum(weights), 1.0)
+    bce = weighted_bce(gate, labels, weights, cfg.weak_pos_weight)
+    return 2 / 3 * nll + 1 / 3 * bce, aux | {"nll": nll, "bce": bce}
+
+  return loss_fn
+
+
+def train(base_params, data: TrainData, config: ModelConfig,
+          cfg: CoLlmTrainConfig = CoLlmTrainConfig(), *, w_init=None, objective: str = "co_llm",
+          progress: bool = True, on_step: Callable[[int, dict], None] | None = None
+          ) -> TrainResult:
+  """Trains the gate (and the base: full / LoRA per cfg) on `data`.
+
+  objective: "co_llm" (marginal likelihood) or "weak" (weak-supervision baseline:
+  2/3 NLL + 1/3 BCE to the "method a" pseudo-labels with pos_weight `cfg.weak_pos_weight`).
+  """
+  if objective not in ("co_llm", "weak"):
+    raise ValueError(f"objective must be 'co_llm' or 'weak', got {objective!r}")
+  w = mean_head_row(base_params, config) if w_init is None else jnp.asarray(w_init, jnp.float32)
+  rng = jax.random.key(cfg.seed)
+  trainable: dict[str, Any] = {"w": w}
+  frozen: dict[str, Any] = {}
+  if cfg.train_base == "full":
+    trainable["base"] = jax.tree.map(jnp.copy, base_params)  # The step donates its buffers.
+  else:
+    frozen["base"] = base_params
+  if cfg.train_base == "lora":
+    trainable["lora"] = lora_lib.init(config, cfg.lora, jax.random.fold_in(rng, 1))
+  base_opt = train_lib.make_optimizer(cfg.optim, cfg.steps)
+  gate_opt = train_lib.make_optimizer(
+      dataclasses.replace(cfg.optim, learning_rate=cfg.gate_learning_rate), cfg.steps)
+  optimizer = optax.multi_transform(
+      {"gate": gate_opt, "base": base_opt},
+      {k: jax.tree.map(lambda _: "gate" if k == "w" else "base", v) for k, v in trainable.items()})
+  accumulation = cfg.optim.accumulation
+  step_fn = train_lib.make_train_step(_losses(objective, cfg, config), optimizer, accumulation)
+  opt_state = optimizer.init(trainable)
+  S = data.tokens.shape[0]
+  rows = cfg.batch_size * accumulation
+  order = np.random.default_rng(cfg.seed)
+  perm = np.array([], np.int64)
+  history = []
+  for step in tqdm.trange(cfg.steps, desc=f"co_llm train ({objective})", disable=not progress):
+    if len(perm) < rows:
+      perm = np.concatenate([perm, order.permutation(S)])
+    idx, perm = perm[:rows], perm[rows:]
+    batch = {"tokens": data.tokens[idx], "mask": data.mask[idx],
+             "loss_mask": data.loss_mask[idx], "asst_logp": data.asst_logp[idx],
+             "asst_correct": data.asst_correct[idx]}
+    trainable, opt_state, metrics = step_fn(trainable, opt_state, frozen, batch,
+                                            jax.random.fold_in(rng, step))
+    record = {k: float(v) for k, v in metrics.items()} | {"step": step}
+    history.append(record)
+    if on_step is not None:
+      on_step(step, record)
+  if cfg.train_base == "full":
+    params = trainable["base"]
+  elif cfg.train_base == "lora":
+    params = lora_lib.merge(base_params, trainable["lora"], cfg.lora)
+  else:
+    params = base_params
+  return TrainResult(params, trainable["w"], history)
+
+
+# -------------------------------------------------------------------------------------------------
+# Decoding helpers, the random-deferral baseline, calibration, traces.
+
+
+@dataclasses.dataclass(frozen=True)
+class RandomDefer:
+  """Baseline: defer each token to the assistant with probability `rate`, independent of input."""
+
+  base: int
+  assistant: int
+  rate: float
+  sampler: Any = decoding.Greedy()
+
+  def __call__(self, logits_nbv, state, key):
+    k_defer, k_sample = jax.random.split(key)
+    defer = jax.random.bernoulli(k_defer, self.rate, logits_nbv.shape[1:2])
+    row = jnp.where(defer[:, None], jax.nn.log_softmax(logits_nbv[self.assistant]),
+                    jax.nn.log_softmax(logits_nbv[self.base]))
+    step = state["step"]
+    state = {"step": step + 1, "deferred": state["deferred"].at[:, step].set(defer)}
+    return self.sampler(row, k_sample), row, state
+
+
+def decode_random(params_n, batch: core.Batch, rng, *, rate: float, env: core.Env,
+                  base: int = 0, assistant: int = 1) -> core.Output:
+  B, M = batch.prompt.shape[0], env.max_new_tokens
+  init = {"step": jnp.zeros((), jnp.int32), "deferred": jnp.zeros((B, M), bool)}
+  out = pool_lib.decode_combined(params_n, batch.prompt, batch.prompt_mask, rng, init,
+                                 combine=RandomDefer(base, assistant, rate, env.sampler),
+                                 **env.decode_kw)
+  live = jnp.arange(M)[None] < out.lengths[:, None]
+  return core.Output(out.tokens, out.lengths, None, {"deferred": out.state["deferred"] & live})
+
+
+def deferral_frequency(out: core.Output) -> float:
+  live = np.arange(out.tokens.shape[-1])[None] < np.asarray(out.lengths)[:, None]
+  return float(np.asarray(out.extras["deferred"]).sum() / max(live.sum(), 1))
+
+
+def decode(params_n, batch: core.Batch, w_defer, *, eta: float, env: core.Env, mode="defer",
+           base: int = 0, assistant: int = 1, rng=None) -> core.Output:
+  cfg = token_level.CoLlmConfig(base=base, assistant=assistant, eta=float(eta), mode=mode)
+  return _decode_jit(params_n, batch, jax.random.key(0) if rng is None else rng,
+                     {"w_defer": w_defer}, cfg=cfg, env=env)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "env"))
+def _decode_jit(params_n, batch, rng, state, *, cfg, env):
+  return token_level.co_llm(params_n, batch, rng, cfg=cfg, env=env, state=state)
+
+
+def calibrate(params_n, batches: Sequence[core.Batch], w_defer, score: Callable[[list], float], *,
+              env: core.Env, rates: Sequence[float] = tuple(r / 10 for r in range(10)),
+              base: int = 0, assistant: int = 1) -> tuple[float, list[dict[str, float]]]:
+  """Sweeps deferral rates on validation batches: eta = the (1 - rate) quantile of the gate
+  values seen while the base decodes alone (rate 0: eta = 1, never defer); decodes with each eta
+  and scores the outputs with `score([Output per batch]) -> mean metric`. Returns the best eta
+  (ties: the lower deferral rate) and the table {rate, eta, score, deferral} per rate."""
+  alone = [decode(params_n, b, w_defer, eta=1.0, env=env, base=base, assistant=assistant)
+           for b in batches]
+  gates = np.concatenate([np.asarray(o.extras["gate"])[np.arange(o.tokens.shape[1])[None]
+                                                        < np.asarray(o.lengths)[:, None]]
+                          for o in alone])
+  table = []
+  for rate in rates:
+    eta = 1.0 if rate == 0 else float(np.quantile(gates, 1 - rate))
+    outs = alone if rate == 0 else [decode(params_n, b, w_defer, eta=eta, env=env, base=base,
+                                           assistant=assistant) for b in batches]
+    deferred = sum(np.asarray(o.extras["deferred"]).sum() for o in outs)
+    live = sum(int(np.asarray(o.lengths).sum()) for o in outs)
+    table.append({"rate": rate, "eta": eta, "score": float(score(outs)),
+                  "deferral": float(deferred / max(live, 1))})
+  best = max(table, key=lambda r: (r["score"], -r["rate"]))
+  return best["eta"], table
+
+
+def deferral_traces(tokenizer, out: core.Output, ids: Sequence[str]) -> list[dict[str, Any]]:
+  """Per example: its tokens as text pieces with the deferral flag and gate value of each."""
+  traces = []
+  tokens, lengths = np.asarray(out.tokens), np.asarray(out.lengths)
+  deferred = np.asarray(out.extras["deferred"])
+  gate = np.asarray(out.extras.get("gate", np.zeros(deferred.shape)))
+  for b, ex_id in enumerate(ids):
+    pieces = [{"text": tokenizer.decode([int(t)]), "deferred": bool(deferred[b, k]),
+               "gate": float(gate[b, k])} for k, t in enumerate(tokens[b, :lengths[b]])]
+    traces.append({"id": ex_id, "tokens": pieces,
+                   "deferral": float(np.mean([p["deferred"] for p in pieces])) if pieces else 0.0})
+  return traces
+
+
+def write_traces(traces: Sequence[dict[str, Any]], directory: str | pathlib.Path) -> pathlib.Path:
+  """traces.jsonl plus traces.html (deferred tokens highlighted, gate value on hover)."""
+  d = pathlib.Path(directory)
+  d.mkdir(parents=True, exist_ok=True)
+  with open(d / "traces.jsonl", "w") as f:
+    for t in traces:
+      f.write(json.dumps(t) + "\n")
+  rows = []
+  for t in traces:
+    spans = "".join(
+        f'<span title="gate {p["gate"]:.2f}"' + (' class="d"' if p["deferred"] else "") + ">"
+        + html.escape(p["text"]) + "</span>" for p in t["tokens"])
+    rows.append(f"<div><b>{html.escape(str(t['id']))}</b> ({t['deferral']:.0%} deferred)"
+                f"<pre>{spans}</pre></div>")
+  page = ("<html><head><meta charset='utf-8'><style>.d{background:#ffd54f}"
+          "pre{white-space:pre-wrap}</style></head><body><p>Highlighted: tokens the assistant "
+          "wrote (deferred).</p>" + "".join(rows) + "</body></html>")
+  (d / "traces.html").write_text(page)
+  return d / "traces.html"
+
+
+# -------------------------------------------------------------------------------------------------
+# Checkpoint: the base, the gate and eta together.
+
+
+def save(directory: str | pathlib.Path, params, w_defer, eta: float) -> None:
+  """An Orbax checkpoint of {params, w_defer, eta} (finished before returning)."""
+  import orbax.checkpoint as ocp
+
+  path = pathlib.Path(directory).absolute()
+  with ocp.StandardCheckpointer() as ckpt:
+    ckpt.save(path, {"params": params, "w_defer": w_defer,
+                     "eta": np.asarray(eta, np.float32)}, force=True)
+
+
+def load(directory: str | pathlib.Path) -> tuple[Any, jax.Array, float]:
+  import orbax.checkpoint as ocp
+
+  with ocp.StandardCheckpointer() as ckpt:
+    tree = ckpt.restore(pathlib.Path(directory).absolute())
+  return tree["params"], jnp.asarray(tree["w_defer"]), float(tree["eta"])

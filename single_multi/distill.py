@@ -1,0 +1,215 @@
+"""Distillation of a collaboration into every pool member at once (the "single" half of the loop).
+
+Training examples are (prompt, collaborative output) pairs in token space: the prompt exactly as
+the model saw it at generation (the tokenizer's chat template, `data.pipeline`) and the output
+tokens after it; the loss covers the output tokens only. The train step is `jax.vmap` of one
+model's step over the pool axis: all N models distil in one program, each with its own LoRA (or
+full) params and optimizer state.
+
+Methods:
+  supervised_kd    NLL on the collaboration's outputs (every model, the same data)
+  multi_student_kd each model on its own previous outputs (50%) and the best student's (50%), both
+                   from the DEV split; the best student is chosen by dev score (never test)
+  logit_kd         forward KL(teacher || student) to the collaboration's per-token rows
+                   (logit/token-level strategies, `env.return_rows=True`)
+  on_policy_kd     reverse KL(student || teacher) on the student's own samples, the teacher being
+                   the collaboration's rows scored on those samples
+Option: `correctness_filter` keeps only dev outputs scored correct (off by default, as in the
+reference).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from single_multi import train as train_lib
+from single_multi.models import lora as lora_lib
+from single_multi.models.config import ModelConfig
+
+METHODS = ("supervised_kd", "multi_student_kd", "logit_kd", "on_policy_kd")
+
+
+@dataclasses.dataclass(frozen=True)
+class DistillConfig:
+  """Reference defaults: LoRA r=64, alpha=16, dropout 0.1 on q/k/v/o; lr 1e-5 cosine, warmup 10%;
+  1 epoch; batch 16 (1 x 16 accumulation)."""
+
+  method: str = "supervised_kd"
+  lora: lora_lib.LoraConfig | None = lora_lib.LoraConfig()  # None: full fine-tuning.
+  optim: train_lib.OptimConfig = train_lib.OptimConfig(learning_rate=1e-5, accumulation=16)
+  batch_size: int = 1  # Micro-batch rows; x optim.accumulation per optimizer step.
+  epochs: float = 1.0
+  correctness_filter: bool = False
+  seed: int = 0
+
+  def __post_init__(self):
+    if self.method not in METHODS:
+      raise ValueError(f"unknown distillation method {self.method!r}; choose one of {METHODS}")
+
+
+# -------------------------------------------------------------------------------------------------
+# Losses (one model).
+
+
+def forward_kl(student_logits, teacher_logprobs, weights) -> jax.Array:
+  """sum_v p_T (log p_T - log p_S), mean over weighted positions."""
+  s = jax.nn.log_softmax(student_logits.astype(jnp.float32), axis=-1)
+  t = teacher_logprobs.astype(jnp.float32)
+  per = jnp.sum(jnp.where(t > -jnp.inf, jnp.exp(t) * (t - s), 0.0), axis=-1)
+  w = weights.astype(jnp.float32)
+  return jnp.sum(per * w) / jnp.maximum(jnp.sum(w), 1.0)
+
+
+def reverse_kl(student_logits, teacher_logprobs, weights) -> jax.Array:
+  """sum_v p_S (log p_S - log p_T), mean over weighted positions (teacher -inf rows clipped)."""
+  s = jax.nn.log_softmax(student_logits.astype(jnp.float32), axis=-1)
+  t = jnp.maximum(teacher_logprobs.astype(jnp.float32), -1e4)
+  per = jnp.sum(jnp.exp(s) * (s - t), axis=-1)
+  w = weights.astype(jnp.float32)
+  return jnp.sum(per * w) / jnp.maximum(jnp.sum(w), 1.0)
+
+
+def sequences(prompt_bt, prompt_mask_bt, output_bm, output_len_b):
+  """Prompt (left-padded) + output (its first output_len tokens) rows [B, T + M], the mask, and
+  the loss mask (1 on output tokens)."""
+  M = output_bm.shape[-1]
+  live = jnp.arange(M)[None] < output_len_b[:, None]
+  tokens = jnp.concatenate([prompt_bt, jnp.where(live, output_bm, 0)], axis=-1)
+  mask = jnp.concatenate([prompt_mask_bt, live.astype(prompt_mask_bt.dtype)], axis=-1)
+  loss_mask = jnp.concatenate([jnp.zeros_like(prompt_mask_bt), live.astype(jnp.int32)], axis=-1)
+  return tokens.astype(jnp.int32), mask, loss_mask
+
+
+def make_loss(config: ModelConfig, method: str, lora_cfg: lora_lib.LoraConfig | None,
+              tail: int | None = None):
+  """loss_fn(trainable, frozen, batch, rng) for one model. batch: tokens/mask/loss_mask [B, T];
+  logit_kd and on_policy_kd also teacher [B, M, V]: the teacher's distribution of each of the
+  last M tokens of the rows (the output, which ends every row; see `sequences`). tail: the loss
+  tokens all lie in the last `tail` positions (`train.loss_tail`), the LM head runs only there."""
+
+  def loss_fn(trainable, frozen, batch, rng):
+    if lora_cfg is None:
+      params, lora = trainable, None
+    else:
+      params, lora = frozen, lora_lib.LoraState(trainable, lora_cfg, rng)
+    width = batch["teacher"].shape[1] if "teacher" in batch else tail
+    logits = train_lib.next_token_logits(params, batch["tokens"], batch["mask"], config, lora,
+                                         width)
+    weights = batch["loss_mask"][:, 1:] * batch["mask"][:, 1:]
+    if width is not None:
+      weights = weights[:, -width:]
+    if method in ("supervised_kd", "multi_student_kd"):
+      targets = batch["tokens"][:, 1:]
+      loss = train_lib.token_nll(logits, targets if width is None else targets[:, -width:],
+                                 weights)
+    else:
+      kl = forward_kl if method == "logit_kd" else reverse_kl
+      loss = kl(logits, batch["teacher"], weights)
+    return loss, {}
+
+  return loss_fn
+
+
+# -------------------------------------------------------------------------------------------------
+# The vmapped pool step.
+
+
+def make_pool_step(loss_fn, optimizer: optax.GradientTransformation, accumulation: int,
+                   per_model_batch: bool):
+  """step(trainable_n, opt_state_n, frozen_n, batch, rng) -> same + metrics [N]; every model
+  updates from its own gradients (vmap over the pool axis); buffers donated."""
+
+  def one(trainable, opt_state, frozen, batch, key):
+    loss, aux, grads = train_lib.accumulated_grads(loss_fn, trainable, frozen, batch, key,
+                                                   accumulation)
+    updates, opt_state = optimizer.update(grads, opt_state, trainable)
+    return (optax.apply_updates(trainable, updates), opt_state,
+            {"loss": loss, "grad_norm": optax.global_norm(grads), **aux})
+
+  def step(trainable_n, opt_state_n, frozen_n, batch, rng):
+    n = jax.tree.leaves(trainable_n)[0].shape[0]
+    keys = jax.random.split(rng, n)
+    return jax.vmap(one, in_axes=(0, 0, 0, 0 if per_model_batch else None, 0))(
+        trainable_n, opt_state_n, frozen_n, batch, keys)
+
+  return jax.jit(step, donate_argnums=(0, 1))
+
+
+@dataclasses.dataclass
+class DistillState:
+  """What a distillation stage carries (and checkpoints): trainable params (LoRA or full) and
+  optimizer states, stacked over the pool; the frozen base params when training LoRA."""
+
+  trainable: Any
+  opt_state: Any
+  step: int = 0
+
+
+def init_state(params_n, config: ModelConfig, cfg: DistillConfig, total_steps: int):
+  n = params_n["embed"].shape[0]
+  if cfg.lora is None:
+    trainable = jax.tree.map(jnp.copy, params_n)
+  else:
+    keys = jax.random.split(jax.random.key(cfg.seed), n)
+    trainable = jax.vmap(lambda k: lora_lib.init(config, cfg.lora, k))(keys)
+  optimizer = train_lib.make_optimizer(cfg.optim, total_steps)
+  return DistillState(trainable, jax.vmap(optimizer.init)(trainable)), optimizer
+
+
+def merged(params_n, state: DistillState, cfg: DistillConfig):
+  """The pool's params after distillation (LoRA folded in)."""
+  if cfg.lora is None:
+    return state.trainable
+  return jax.vmap(lambda p, l: lora_lib.merge(p, l, cfg.lora))(params_n, state.trainable)
+
+
+def num_steps(num_rows: int, cfg: DistillConfig) -> int:
+  per_step = cfg.batch_size * cfg.optim.accumulation
+  return max(1, int(np.ceil(num_rows * cfg.epochs / per_step)))
+
+
+def distill(params_n, data: dict[str, np.ndarray], config: ModelConfig, cfg: DistillConfig, *,
+            per_model_batch: bool = False, state: DistillState | None = None,
+            on_step=None, progress: bool = True):
+  """Trains every pool member on `data` (rows [R, T] shared, or [N, R, T] per model) for
+  cfg.epochs; resumable from `state` (its step count). Returns (new params_n, state, history)."""
+  import tqdm
+
+  rows = next(iter(data.values())).shape[1 if per_model_batch else 0]
+  total = num_steps(rows, cfg)
+  fresh, optimizer = init_state(params_n, config, cfg, total)
+  state = state or fresh
+  frozen = None if cfg.lora is None else params_n
+  tail = train_lib.loss_tail(data["loss_mask"])
+  step_fn = make_pool_step(make_loss(config, cfg.method, cfg.lora, tail), optimizer,
+                           cfg.optim.accumulation, per_model_batch)
+  per_step = cfg.batch_size * cfg.optim.accumulation
+  order = np.concatenate([np.random.default_rng(cfg.seed + e).permutation(rows)
+                          for e in range(int(np.ceil(per_step * total / rows)))])
+  history = []
+  bar = tqdm.trange(state.step, total, desc=f"distill ({cfg.method})", disable=not progress,
+                    initial=state.step, total=total)
+  for step in bar:
+    idx = order[step * per_step:(step + 1) * per_step]
+    batch = {k: (v[:, idx] if per_model_batch else v[idx]) for k, v in data.items()}
+    trainable, opt_state, metrics = step_fn(state.trainable, state.opt_state, frozen, batch,
+                                            jax.random.fold_in(jax.random.key(cfg.seed), step))
+    state = DistillState(trainable, opt_state, step + 1)
+    loss = np.asarray(metrics["loss"])
+    if not np.isfinite(loss).all():
+      bad = [i for i, v in enumerate(loss.reshape(-1)) if not np.isfinite(v)]
+      raise FloatingPointError(
+          f"distillation loss is {loss.tolist()} at step {step} (model(s) {bad}); stopping before "
+          "anything is saved, so the last good checkpoint stays the latest. Lower "
+          "distill.learning_rate or check the training rows.")
+    history.append({"step": step, "loss": loss.tolist()})
+    bar.set_postfix(loss=f"{loss.mean():.3f}")
+    if on_step is not None:
+      on_step(state)
+  return merged(params_n, state, cfg), state, history

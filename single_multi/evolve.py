@@ -1,0 +1,442 @@
+"""The single-multi evolution loop, checkpointed after every stage.
+
+Round 0 evaluates every single model and the collaboration on the test split. Each round r >= 1:
+  collaborate  the pool collaborates on the DEV split (the strategy fitted on dev first, where it
+               learns anything); its outputs become training rows (prompt as generated + output)
+  distill      every model trains on them at once (vmapped pool step, `distill.py`)
+  evaluate     singles and the collaboration on test (the strategy refitted on dev with the new
+               models)
+Each stage is a host loop over batches of jitted programs (the whole strategy, the whole vmapped
+train step, the whole pool decode are one program per batch), then text scoring on the host.
+After every stage an Orbax checkpoint holds: round, stage, the pool params, the stage's outputs
+(training rows), the metrics history and the rng seed; a killed run rerun with the same command
+resumes after the last finished stage and, every stage being deterministic given its inputs, ends
+with the same metrics as an uninterrupted run. (Interrupting inside a stage redoes that stage.)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import pathlib
+import time
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+from ml_collections import config_dict
+
+from single_multi import collab, decoding, distill, evaluate, pool as pool_lib
+from single_multi import train as train_lib
+from single_multi.data import common, pipeline, tasks
+from single_multi.models import lora as lora_lib
+
+STAGES = ("collaborate", "distill", "evaluate")
+
+
+def stage_list(rounds: int) -> list[tuple[int, str]]:
+  return [(0, "evaluate")] + [(r, s) for r in range(1, rounds + 1) for s in STAGES]
+
+
+# -------------------------------------------------------------------------------------------------
+# Config -> objects.
+
+
+def _dataclass_from(cls, overrides: dict[str, Any]):
+  """A frozen config dataclass with overrides; unknown keys are an error naming the valid ones."""
+  names = {f.name for f in dataclasses.fields(cls)}
+  unknown = set(overrides) - names
+  if unknown:
+    raise ValueError(f"{cls.__name__} has no field(s) {sorted(unknown)}; valid: {sorted(names)}")
+  values = {k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()}
+  return cls(**values)
+
+
+def strategy_config(config: config_dict.ConfigDict):
+  spec = collab.get(config.strategy)
+  overrides = config.strategy_config.to_dict() if "strategy_config" in config else {}
+  return _dataclass_from(spec.Config, overrides)
+
+
+def distill_config(config: config_dict.ConfigDict) -> distill.DistillConfig:
+  d = config.distill
+  lora = (lora_lib.LoraConfig(rank=d.lora_rank, alpha=d.lora_alpha, dropout=d.lora_dropout,
+                              targets=tuple(d.lora_targets)) if d.lora_rank else None)
+  optim = train_lib.OptimConfig(learning_rate=d.learning_rate, accumulation=d.accumulation,
+                                warmup_fraction=d.warmup_fraction, schedule=d.schedule,
+                                clip_norm=d.clip_norm, weight_decay=d.weight_decay)
+  return distill.DistillConfig(method=d.method, lora=lora, optim=optim, batch_size=d.batch_size,
+                               epochs=d.epochs, correctness_filter=d.correctness_filter,
+                               seed=config.seed)
+
+
+def sampler_of(config) -> Any:
+  if config.temperature and config.temperature > 0:
+    return decoding.Sampling(temperature=config.temperature, top_p=config.top_p)
+  return decoding.Greedy()
+
+
+def validate(config: config_dict.ConfigDict) -> None:
+  """Every check that needs no compute, so a bad config fails before any model loads."""
+  collab.get(config.strategy)
+  strategy_config(config)
+  distill_config(config)
+  if config.rounds < 0:
+    raise ValueError(f"rounds must be >= 0, got {config.rounds}")
+  level = collab.get(config.strategy).level
+  if config.distill.method in ("logit_kd", "on_policy_kd") and level not in ("logit", "token"):
+    raise ValueError(f"{config.distill.method} needs per-token teacher rows, which only logit- "
+                     f"and token-level strategies produce; {config.strategy} is {level}-level")
+
+
+# -------------------------------------------------------------------------------------------------
+# Stages.
+
+
+@dataclasses.dataclass
+class Loop:
+  config: config_dict.ConfigDict
+  pool: pool_lib.Pool
+  task: tasks.Task
+  dev: list[common.Example]
+  test: list[common.Example]
+  prompter: pipeline.Prompter
+  progress: bool = True
+
+  @property
+  def kw(self) -> dict[str, Any]:
+    return dict(prompter=self.prompter, task_name=self.task.name, metric=self.task.spec.metric,
+                batch_size=self.config.batch_size, max_new_tokens=self.config.max_new_tokens,
+                progress=self.progress, seed=self.config.seed)
+
+  def singles(self, pool, examples, split, out_dir=None) -> evaluate.EvalResult:
+    return evaluate.evaluate(pool, examples, split=split, method="generate", output_dir=out_dir,
+                             **self.kw)
+
+  def fit(self, pool, dev_scores: np.ndarray | None):
+    """The strategy's dev-fitted state with the current models."""
+    spec = collab.get(self.config.strategy)
+    if spec.fit is None:
+      return None
+    env = collab.make_env(pool, self.config.strategy, strategy_config(self.config),
+                          max_new_tokens=self.config.max_new_tokens)
+    batch = collab.batch_from(next(iter(pipeline.generation_batches(
+        self.dev, self.prompter, batch_size=len(self.dev)))))
+    order = np.asarray(batch_index(self.dev, self.prompter))
+    scores = None if dev_scores is None else dev_scores[:, order]
+    dev = collab.DevData(batch, scores, self._dev_evaluator(pool))
+    return collab.fit(pool, self.config.strategy, dev, env=env, cfg=strategy_config(self.config))
+
+  def _dev_evaluator(self, pool):
+    def score(params):
+      single = pool_lib.Pool(pool.config, jax.tree.map(lambda x: x[None], params), ("merged",),
+                             pool.tokenizer)
+      r = self.singles(single, self.dev, "dev")
+      return r.summary["models"]["merged"]["score"]["mean"]
+    return score
+
+  def needs_dev_singles(self) -> bool:
+    return (collab.get(self.config.strategy).fit is not None
+            or self.config.distill.method == "multi_student_kd")
+
+  def collaboration(self, pool, examples, split, state, out_dir=None, return_rows=False):
+    """The strategy over `examples`: EvalResult plus, per batch, prompts and outputs."""
+    return evaluate.evaluate(pool, examples, split=split, method="generate",
+                             strategy=self.config.strategy,
+                             strategy_cfg=strategy_config(self.config), strategy_state=state,
+                             output_dir=out_dir, **self.kw)
+
+
+def batch_index(examples, prompter) -> list[int]:
+  """The order `generation_batches` puts valid examples in (one batch of all of them)."""
+  b = next(iter(pipeline.generation_batches(examples, prompter, batch_size=len(examples))))
+  return [int(i) for i in b["index"] if i >= 0]
+
+
+def _scores_matrix(result: evaluate.EvalResult, names: Sequence[str], examples) -> np.ndarray:
+  """[N, Q] per-model scores in the order of `examples`."""
+  by = {(r["model"], r["id"]): r["score"] for r in result.records}
+  return np.asarray([[by[(n, ex.id)] for ex in examples] for n in names], np.float32)
+
+
+def training_rows(loop: Loop, pool, outputs: dict[str, str],
+                  keep: np.ndarray | None = None) -> dict[str, np.ndarray]:
+  """Dev training rows: prompt exactly as generated + the output text + eos (`sft_rows`)."""
+  rows = [ex for i, ex in enumerate(loop.dev) if keep is None or keep[i]]
+  if not rows:
+    raise common.DataError("no training rows: every collaborative dev output was filtered out")
+  eos = decoding.stop_ids_for(pool.config, pool.tokenizer)[0]
+  tokens, mask, loss_mask = pipeline.sft_rows(loop.prompter, rows, [outputs[e.id] for e in rows],
+                                              eos)
+  return {"tokens": tokens, "mask": mask, "loss_mask": loss_mask}
+
+
+def round_metrics(round_: int, singles: evaluate.EvalResult, collab_r: evaluate.EvalResult,
+                  names: Sequence[str], strategy: str) -> dict[str, Any]:
+  s = {n: singles.summary["models"][n]["score"] for n in names}
+  c = collab_r.summary["models"][strategy]["score"]
+  best = max(names, key=lambda n: s[n]["mean"])
+  return {"round": round_, "singles": {n: v["mean"] for n, v in s.items()},
+          "singles_ci95": {n: v["ci95"] for n, v in s.items()},
+          "single_mean": float(np.mean([v["mean"] for v in s.values()])),
+          "best_single": s[best]["mean"], "best_single_model": best,
+          "collab": c["mean"], "collab_ci95": c["ci95"], "n": c["n"]}
+
+
+def format_round(m: dict[str, Any]) -> str:
+  lo, hi = m["collab_ci95"]
+  lines = [f"round {m['round']}: single mean {m['single_mean']:.3f}  best single "
+           f"{m['best_single']:.3f} ({m['best_single_model']})  collaboration {m['collab']:.3f} "
+           f"[{lo:.3f}, {hi:.3f}]  (n={m['n']})"]
+  for n, v in m["singles"].items():
+    a, b = m["singles_ci95"][n]
+    lines.append(f"    {n:28s} {v:.3f} [{a:.3f}, {b:.3f}]")
+  return "\n".join(lines)
+
+
+# -------------------------------------------------------------------------------------------------
+# Teacher rows (logit_kd, on_policy_kd).
+
+
+def teacher_rows(loop: Loop, pool, state, on_policy: bool, rng) -> dict[str, np.ndarray]:
+  """Dev rows with the collaboration's per-token rows: its own outputs (logit_kd), or each
+  student's samples scored by the collaboration (on_policy_kd: arrays [N, R, ...])."""
+  from single_multi.collab import token_level
+
+  cfg = strategy_config(loop.config)
+  env = collab.make_env(pool, loop.config.strategy, cfg, max_new_tokens=loop.config.max_new_tokens,
+                        sampler=sampler_of(loop.config), return_rows=True)
+  per_batch = []
+  for k, data in enumerate(pipeline.generation_batches(loop.dev, loop.prompter,
+                                                       batch_size=loop.config.batch_size)):
+    live = data["index"] >= 0
+    batch = collab.batch_from(data)
+    key = jax.random.fold_in(rng, k)
+    if not on_policy:
+      out = collab.run(pool, loop.config.strategy, batch, env=env, cfg=cfg, state=state, rng=key)
+      tokens, mask, loss = distill.sequences(batch.prompt, batch.prompt_mask, out.tokens,
+                                             out.lengths)
+      per_batch.append({"tokens": tokens[live], "mask": mask[live], "loss_mask": loss[live],
+                        "teacher": out.rows[live]})
+      continue
+    combine = token_level.combine_for(loop.config.strategy, cfg)
+    sample = pool_lib.decode_each(pool.params, batch.prompt, batch.prompt_mask, key,
+                                  sampler=decoding.Sampling(temperature=max(
+                                      loop.config.temperature, 0.7), top_p=loop.config.top_p),
+                                  **env.decode_kw)
+    rows = []
+    for i in range(pool.size):
+      tokens, mask, loss = distill.sequences(batch.prompt, batch.prompt_mask, sample.tokens[i],
+                                             sample.lengths[i])
+      teacher = token_level.teacher_forced_rows(pool.params, tokens, mask, env.max_new_tokens,
+                                                combine, env)
+      rows.append({"tokens": tokens[live], "mask": mask[live], "loss_mask": loss[live],
+                   "teacher": teacher[live]})
+    per_batch.append({k: jnp.stack([r[k] for r in rows]) for k in rows[0]})
+  width = max(b["tokens"].shape[-1] for b in per_batch)
+  axis = 1 if on_policy else 0
+
+  def pad(x, key):  # Left-pad the sequence axis to a common width (teacher rows untouched).
+    if key == "teacher":
+      return np.asarray(x)
+    extra = width - x.shape[-1]
+    return np.pad(np.asarray(x), [(0, 0)] * (x.ndim - 1) + [(extra, 0)])
+
+  return {k: np.concatenate([pad(b[k], k) for b in per_batch], axis=axis) for k in per_batch[0]}
+
+
+# -------------------------------------------------------------------------------------------------
+# Checkpoints.
+
+
+class CheckpointError(RuntimeError):
+  """A checkpoint directory cannot be restored; the message names it and the way out."""
+
+
+class Checkpoints:
+  """Orbax CheckpointManager: one step per finished stage (its index in `stage_list`), items
+  params (the pool), arrays (the stage's outputs) and meta (round, stage, history, config)."""
+
+  def __init__(self, directory, keep: int):
+    import orbax.checkpoint as ocp
+    from etils import epath
+
+    self._ocp = ocp
+    self.manager = ocp.CheckpointManager(
+        epath.Path(directory), options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
+
+  def latest(self) -> int | None:
+    return self.manager.latest_step()
+
+  def save(self, index: int, params, arrays: dict[str, np.ndarray], meta: dict[str, Any]):
+    ocp = self._ocp
+    arrays = arrays or {"_empty": np.zeros((1,), np.int32)}
+    self.manager.save(index, args=ocp.args.Composite(
+        params=ocp.args.StandardSave(params), arrays=ocp.args.StandardSave(arrays),
+        meta=ocp.args.JsonSave(meta)))
+
+  def restore(self, index: int, abstract_params):
+    ocp = self._ocp
+    try:
+      out = self.manager.restore(index, args=ocp.args.Composite(
+          params=ocp.args.StandardRestore(abstract_params), arrays=ocp.args.StandardRestore(),
+          meta=ocp.args.JsonRestore()))
+    except Exception as e:  # Orbax raises several types for damaged or foreign directories.
+      raise CheckpointError(
+          f"cannot restore checkpoint {index} in {self.manager.directory}: "
+          f"{type(e).__name__}: {str(e)[:300]}. It is damaged or from another pool/config; "
+          "delete that step's directory to resume from the one before, or use a new --workdir."
+      ) from e
+    arrays = {k: np.asarray(v) for k, v in out["arrays"].items() if k != "_empty"}
+    return out["params"], arrays, out["meta"]
+
+  def close(self):
+    self.manager.wait_until_finished()
+    self.manager.close()
+
+
+# -------------------------------------------------------------------------------------------------
+# Outputs a user plots.
+
+
+def write_metrics(workdir: pathlib.Path, history: list[dict[str, Any]]) -> None:
+  """metrics.jsonl (one line per round), TensorBoard events (the newest round), accuracy.png."""
+  with open(workdir / "metrics.jsonl", "w") as f:
+    for m in history:
+      f.write(json.dumps(m) + "\n")
+  import matplotlib
+  import tensorboardX
+
+  m = history[-1]  # Events are appended round by round (earlier rounds are already written).
+  with tensorboardX.SummaryWriter(str(workdir / "tensorboard")) as w:
+    w.add_scalar("test/collaboration", m["collab"], m["round"])
+    w.add_scalar("test/single_mean", m["single_mean"], m["round"])
+    w.add_scalar("test/best_single", m["best_single"], m["round"])
+    for n, v in m["singles"].items():
+      w.add_scalar(f"test/single/{n}", v, m["round"])
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  rounds = [m["round"] for m in history]
+  fig, ax = plt.subplots(figsize=(5, 3.5))
+  ax.plot(rounds, [m["collab"] for m in history], "o-", label="collaboration")
+  ax.plot(rounds, [m["single_mean"] for m in history], "s-", label="single (mean)")
+  ax.plot(rounds, [m["best_single"] for m in history], "^--", label="best single")
+  ax.set_xlabel("round")
+  ax.set_ylabel("test score")
+  ax.set_xticks(rounds)
+  ax.legend()
+  fig.tight_layout()
+  fig.savefig(workdir / "accuracy.png", dpi=120)
+  plt.close(fig)
+
+
+# -------------------------------------------------------------------------------------------------
+# The loop.
+
+
+class Interrupted(RuntimeError):
+  """Raised by `run(stop_after=k)` after checkpointing stage k (tests simulate a kill with it)."""
+
+
+def run(config: config_dict.ConfigDict, workdir, pool: pool_lib.Pool, *, progress: bool = True,
+        stop_after: int | None = None) -> list[dict[str, Any]]:
+  """Runs (or resumes) the loop in `workdir`; returns the per-round metrics history."""
+  validate(config)
+  workdir = pathlib.Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  task = tasks.load_task(config.task, seed=config.seed)
+  dev = [e for e in task.dev if not e.problem][:config.dev_examples]
+  test = [e for e in task.examples(task.spec.test_split)][:config.test_examples]
+  shots = task.examples(task.spec.shot_split) if config.k_shot else ()
+  prompter = pipeline.Prompter(pool.tokenizer, pipeline.PromptConfig(k_shot=config.k_shot), shots)
+  loop = Loop(config, pool, task, dev, test, prompter, progress)
+  dcfg = distill_config(config)
+  stages = stage_list(config.rounds)
+  ckpt = Checkpoints(workdir / "checkpoints", config.keep_checkpoints)
+  history: list[dict[str, Any]] = []
+  distill_stats: dict[str, Any] = {}
+  arrays: dict[str, np.ndarray] = {}
+  start = 0
+  try:
+    latest = ckpt.latest()
+    if latest is not None:
+      abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), pool.params)
+      params, arrays, meta = ckpt.restore(latest, abstract)
+      pool = dataclasses.replace(pool, params=params)
+      history, distill_stats = meta["history"], meta["distill_stats"]
+      start = latest + 1
+      logging.info("resuming after round %d stage %s", meta["round"], meta["stage"])
+      print(f"Resuming from {workdir / 'checkpoints'}: round {meta['round']} "
+            f"{meta['stage']} was the last finished stage.")
+    for index in range(start, len(stages)):
+      r, stage = stages[index]
+      rng = jax.random.fold_in(jax.random.key(config.seed), index)
+      t0 = time.perf_counter()
+      out_dir = workdir / f"round_{r}"
+      if stage == "evaluate":
+        dev_scores = None
+        if collab.get(config.strategy).fit is not None:
+          dev_singles = loop.singles(pool, dev, "dev")
+          dev_scores = _scores_matrix(dev_singles, pool.names, dev)
+        state = loop.fit(pool, dev_scores)
+        singles = loop.singles(pool, test, "test", out_dir / "singles")
+        collab_r = loop.collaboration(pool, test, "test", state, out_dir / "collaboration")
+        m = round_metrics(r, singles, collab_r, pool.names, config.strategy)
+        if str(r) in distill_stats:
+          m["distill"] = distill_stats[str(r)]
+        history.append(m)
+        write_metrics(workdir, history)
+        print(format_round(m))
+        arrays = {}
+      elif stage == "collaborate":
+        dev_singles = loop.singles(pool, dev, "dev") if loop.needs_dev_singles() else None
+        scores = None if dev_singles is None else _scores_matrix(dev_singles, pool.names, dev)
+        state = loop.fit(pool, scores)
+        if dcfg.method in ("logit_kd", "on_policy_kd"):
+          arrays = teacher_rows(loop, pool, state, dcfg.method == "on_policy_kd", rng)
+        else:
+          res = loop.collaboration(pool, dev, "dev", state, out_dir / "collaboration_dev")
+          outputs = {x["id"]: x["output"] for x in res.records}
+          keep = None
+          if dcfg.correctness_filter:
+            keep = np.asarray([x["score"] > 0 for x in res.records])
+          arrays = training_rows(loop, pool, outputs, keep=keep)
+          if dcfg.method == "multi_student_kd":
+            arrays = multi_student_rows(loop, pool, dev_singles, scores, arrays, keep)
+      else:  # distill
+        per_model = dcfg.method in ("multi_student_kd", "on_policy_kd")
+        params, _, dhist = distill.distill(pool.params, arrays, pool.config, dcfg,
+                                           per_model_batch=per_model, progress=progress)
+        pool = dataclasses.replace(pool, params=params)
+        distill_stats[str(r)] = {"first_loss": dhist[0]["loss"], "last_loss": dhist[-1]["loss"],
+                                 "steps": len(dhist)}
+        arrays = {}
+      logging.info("round %d %s: %.1f s", r, stage, time.perf_counter() - t0)
+      ckpt.save(index, pool.params, arrays, {"round": r, "stage": stage, "history": history,
+                                             "distill_stats": distill_stats, "seed": config.seed,
+                                             "config": json.loads(config.to_json())})
+      if stop_after is not None and index == stop_after:
+        raise Interrupted(f"stopped after stage {index} (round {r} {stage})")
+  finally:
+    ckpt.close()
+  (workdir / "summary.json").write_text(json.dumps(history, indent=1))
+  return history
+
+
+def multi_student_rows(loop: Loop, pool, dev_singles, scores, collab_rows, keep):
+  """Per model: half the dev rows with its own previous outputs, half with the best student's
+  (best by dev score), plus the collaboration's rows: arrays [N, R, T]."""
+  best = int(np.argmax(scores.mean(axis=1)))
+  by = {(x["model"], x["id"]): x["output"] for x in dev_singles.records}
+  half = np.asarray([common.split_fraction(ex.id, loop.config.seed) < 0.5 for ex in loop.dev])
+  per_model = []
+  for i, name in enumerate(pool.names):
+    texts = {ex.id: by[(name if half[k] else pool.names[best], ex.id)]
+             for k, ex in enumerate(loop.dev)}
+    per_model.append(training_rows(loop, pool, texts, keep=keep))
+  width = max(max(r["tokens"].shape[1] for r in per_model), collab_rows["tokens"].shape[1])
+  pad = lambda x: np.pad(x, [(0, 0), (width - x.shape[1], 0)])
+  return {k: np.stack([np.concatenate([pad(collab_rows[k]), pad(r[k])]) for r in per_model])
+          for k in collab_rows}

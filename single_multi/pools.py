@@ -1,0 +1,176 @@
+"""Building the configured pool (with specialists), and the `--dry_run` sharding plan.
+
+`build(config, workdir)`: loads `config.pool`; with `config.specialists` (task names), fine-tunes
+the first source into one specialist per task with a short LoRA SFT on that task's dev rows (gold
+answers) and caches each under `<workdir>/specialists/` (reused on a rerun).
+
+`dry_run(config)`: the pool's architecture (known hub ids without downloading, or a local
+config.json), params / LoRA / AdamW states as `jax.eval_shape` structures placed by the sharding
+rules on `config.mesh`, printed per leaf with the bytes on every device. Nothing is allocated.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import logging
+
+from single_multi import decoding, pool as pool_lib, sharding, train as train_lib
+from single_multi.data import pipeline, tasks
+from single_multi.models import lora as lora_lib, loading, transformer
+from single_multi.models.config import PROJECTIONS, ModelConfig
+
+# Architectures by hub id, so a plan needs no download (numbers from each model's config.json).
+KNOWN_ARCHITECTURES = {
+    "Qwen/Qwen2.5-7B-Instruct": ModelConfig(
+        model_type="qwen2", vocab_size=152064, hidden_size=3584, intermediate_size=18944,
+        num_layers=28, num_heads=28, num_kv_heads=4, head_dim=128, qkv_bias=True,
+        tie_word_embeddings=False, rope_theta=1000000.0, rms_norm_eps=1e-6,
+        max_position_embeddings=32768),
+    "Qwen/Qwen2.5-1.5B-Instruct": ModelConfig(
+        model_type="qwen2", vocab_size=151936, hidden_size=1536, intermediate_size=8960,
+        num_layers=28, num_heads=12, num_kv_heads=2, head_dim=128, qkv_bias=True,
+        tie_word_embeddings=True, rope_theta=1000000.0, rms_norm_eps=1e-6,
+        max_position_embeddings=32768),
+}
+
+
+def architecture(source: str) -> ModelConfig:
+  if source.startswith("hf:") and source[3:] in KNOWN_ARCHITECTURES:
+    return KNOWN_ARCHITECTURES[source[3:]]
+  path = pathlib.Path(source)
+  if (path / "config.json").exists():
+    return ModelConfig.from_hf(json.loads((path / "config.json").read_text()))
+  return loading.load(source, tokenizer=False).config  # Small or cached models: just load.
+
+
+# -------------------------------------------------------------------------------------------------
+# Building.
+
+
+def specialist(base: loading.Model, task_name: str, directory: pathlib.Path, config) -> Any:
+  """The base fine-tuned (LoRA, merged) on a task's dev rows; cached in `directory`."""
+  if (directory / "config.json").exists():
+    logging.info("reusing specialist %s", directory)
+    return loading.load(str(directory), jnp.dtype(config.dtype), tokenizer=False).params
+  task = tasks.load_task(task_name, seed=config.seed)
+  rows = [e for e in task.dev if not e.problem][:config.specialist_examples]
+  prompter = pipeline.Prompter(base.tokenizer, pipeline.PromptConfig(k_shot=0))
+  eos = decoding.stop_ids_for(base.config, base.tokenizer)[0]
+  tokens, mask, loss_mask = pipeline.sft_rows(prompter, rows,
+                                              [pipeline.gold_answer(e) for e in rows], eos)
+  params, _ = train_lib.finetune(
+      base.params, tokens, mask, loss_mask, base.config,
+      optim=train_lib.OptimConfig(learning_rate=config.specialist_learning_rate),
+      steps=config.specialist_steps, batch_size=min(8, len(rows)), seed=config.seed,
+      lora=lora_lib.LoraConfig(rank=8, alpha=16.0, dropout=0.0), desc=f"specialist {task_name}")
+  loading.save_hf(directory, base.config, params)
+  return params
+
+
+def build(config, workdir) -> pool_lib.Pool:
+  dtype = jnp.dtype(config.dtype)
+  sources = list(config.pool)
+  if not config.specialists:
+    return pool_lib.load_pool(sources, dtype)
+  base = loading.load(sources[0], dtype)
+  root = pathlib.Path(workdir) / "specialists"
+  models, names = [], []
+  for name in config.specialists:
+    slug = name.split(":")[-1].replace("/", "_").replace(",", "+")
+    params = specialist(base, name, root / slug, config)
+    models.append(loading.Model(base.config, params, base.tokenizer, f"{slug}"))
+    names.append(slug)
+  return pool_lib.from_models(models, names)
+
+
+# -------------------------------------------------------------------------------------------------
+# The plan.
+
+
+def lora_shardings(config: ModelConfig, lora_cfg: lora_lib.LoraConfig, mesh, pool_size: int):
+  mesh_shape = dict(mesh.shape)
+  sizes = dim_sizes_with_rank(config, lora_cfg.rank)
+  out = {}
+  for name in lora_cfg.targets:
+    ins, outs = PROJECTIONS[name]
+    out[name] = {}
+    for part, letters in (("a", "L" + ins + "R"), ("b", "LR" + outs)):
+      names = ("pool",) + tuple("lora_rank" if c == "R" else sharding.LETTERS[c] for c in letters)
+      shape = (pool_size,) + tuple(sizes[c] for c in letters)
+      out[name][part] = jax.sharding.NamedSharding(mesh, sharding.spec(shape, names, mesh_shape))
+  return out
+
+
+def dim_sizes_with_rank(config: ModelConfig, rank: int) -> dict[str, int]:
+  from single_multi.models.config import dim_sizes
+  return dim_sizes(config) | {"R": rank}
+
+
+def dry_run(config) -> dict[str, Any]:
+  """Prints and returns the plan: per leaf shape / spec, totals, bytes per device."""
+  from single_multi import evolve
+
+  configs = [architecture(s) for s in config.pool]
+  arch = configs[0]
+  if any(c != arch for c in configs[1:]):
+    raise pool_lib.PoolMismatchError("the dry run plans a stacked pool: the sources differ in "
+                                     "architecture")
+  n = len(configs)
+  mesh = sharding.make_mesh(dict(config.mesh))
+  dtype = jnp.dtype(config.dtype)
+  p_shard = sharding.param_shardings(arch, mesh, pool_size=n)
+  params = jax.eval_shape(lambda k: jax.vmap(lambda kk: transformer.init_params(arch, kk, dtype))(
+      jax.random.split(k, n)), jax.random.key(0))
+  params = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                        params, p_shard)
+  dcfg = evolve.distill_config(config)
+  trees = {"params": params}
+  if dcfg.lora is not None:
+    l_shard = lora_shardings(arch, dcfg.lora, mesh, n)
+    lora = jax.eval_shape(lambda k: jax.vmap(lambda kk: lora_lib.init(arch, dcfg.lora, kk))(
+        jax.random.split(k, n)), jax.random.key(0))
+    trees["lora"] = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                                 lora, l_shard)
+    trainable, t_shard = trees["lora"], l_shard
+  else:
+    trainable, t_shard = params, p_shard
+  optimizer = train_lib.make_optimizer(dcfg.optim, 1000)
+  # AdamW's moments are placed like the params they track; step counters are replicated.
+  opt_struct = jax.eval_shape(jax.vmap(optimizer.init), trainable)
+  everywhere = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  placed = lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh)
+  trees["opt_state"] = optax.tree_map_params(
+      optimizer, placed, opt_struct, t_shard,
+      transform_non_params=lambda s: placed(s, everywhere))
+  lines, replicated = [], []
+  for group, tree in trees.items():
+    for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+      spec = leaf.sharding.spec
+      name = group + jax.tree_util.keystr(path)
+      nbytes = int(np.prod(leaf.shape)) * np.dtype(leaf.dtype).itemsize
+      sharded = any(a is not None for a in spec)
+      if not sharded:
+        replicated.append((name, nbytes))
+      lines.append(f"  {name:60s} {str(leaf.shape):28s} {str(leaf.dtype):9s} {spec}")
+  per_device = sharding.bytes_per_device(list(trees.values()))
+  total = {g: sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(t))
+           for g, t in trees.items()}
+  print(f"Dry run: {n} x {arch.model_type} (hidden {arch.hidden_size}, {arch.num_layers} layers, "
+        f"vocab {arch.vocab_size}) on mesh {dict(mesh.shape)} ({mesh.devices.size} devices), "
+        f"{dtype.name}, distill {'LoRA r=%d' % dcfg.lora.rank if dcfg.lora else 'full'}")
+  print("\n".join(lines))
+  print("total bytes: " + ", ".join(f"{g} {v / 2**30:.2f} GiB" for g, v in total.items()))
+  print("bytes per device: " + ", ".join(f"{d}: {v / 2**30:.2f} GiB"
+                                         for d, v in sorted(per_device.items())))
+  big = [(k, v) for k, v in replicated if v >= 2**20]
+  print(f"replicated leaves: {len(replicated)} ({sum(v for _, v in replicated) / 2**20:.2f} MiB "
+        f"in all; {len(big)} of them >= 1 MiB)")
+  return {"mesh": dict(mesh.shape), "total_bytes": total, "bytes_per_device": per_device,
+          "replicated": replicated, "leaves": len(lines)}

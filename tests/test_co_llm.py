@@ -1,0 +1,201 @@
+"""Co-LLM: the marginal likelihood against brute-force enumeration and finite differences, a
+synthetic task where deferral must be learned exactly, gate initialisation, calibration, baselines
+and a checkpoint round trip."""
+
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from single_multi import co_llm, decoding, pool as pool_lib, train as train_lib
+from single_multi.collab import core
+from single_multi.models import transformer
+from single_multi.models.config import ModelConfig
+
+CONFIG = ModelConfig(model_type="llama", vocab_size=32, hidden_size=32, intermediate_size=64,
+                     num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8, rope_theta=10000.0,
+                     tie_word_embeddings=False, eos_token_ids=(31,))
+MARKED = np.arange(20, 30)  # The token class only the assistant predicts.
+
+
+def _brute_force(l, base_lp, asst_lp):
+  """-(1/T) log sum over all 2^T gate assignments of prod_t P(z_t) P_z(x_t)."""
+  T = len(l)
+  total = 0.0
+  for z in itertools.product([0, 1], repeat=T):
+    p = 1.0
+    for t, zt in enumerate(z):
+      gate = 1 / (1 + np.exp(-l[t]))
+      p *= gate * np.exp(asst_lp[t]) if zt else (1 - gate) * np.exp(base_lp[t])
+    total += p
+  return -np.log(total) / T
+
+
+@pytest.mark.parametrize("T", [1, 3, 8])
+def test_marginal_nll_equals_enumeration_and_its_gradient_finite_differences(T):
+  rng = np.random.default_rng(T)
+  l = rng.normal(0, 2, T)
+  base_lp = np.log(rng.uniform(0.01, 1, T))
+  asst_lp = np.log(rng.uniform(0.01, 1, T))
+  with jax.enable_x64(True):
+    got = co_llm.marginal_nll(jnp.asarray(l), jnp.asarray(base_lp), jnp.asarray(asst_lp),
+                              jnp.ones(T))
+    assert float(got) == pytest.approx(_brute_force(l, base_lp, asst_lp), rel=1e-10)
+    f = lambda x: co_llm.marginal_nll(x, jnp.asarray(base_lp), jnp.asarray(asst_lp), jnp.ones(T))
+    grad = np.asarray(jax.grad(f)(jnp.asarray(l)))
+    eps = 1e-6
+    for t in range(T):
+      e = np.zeros(T)
+      e[t] = eps
+      fd = (_brute_force(l + e, base_lp, asst_lp) - _brute_force(l - e, base_lp, asst_lp)) / (2 * eps)
+      assert grad[t] == pytest.approx(fd, rel=1e-5, abs=1e-8)
+
+
+def test_pads_are_masked():
+  rng = np.random.default_rng(0)
+  l, b, a = (jnp.asarray(rng.normal(size=(2, 6))) for _ in range(3))
+  w = jnp.asarray([[1, 1, 1, 0, 0, 1], [0, 0, 1, 1, 1, 1]], jnp.float32)
+  base = co_llm.marginal_nll(l, -jnp.abs(b), -jnp.abs(a), w)
+  noisy = co_llm.marginal_nll(l + 100 * (1 - w), -jnp.abs(b) - 50 * (1 - w), -jnp.abs(a), w)
+  assert float(base) == pytest.approx(float(noisy), rel=1e-6)
+
+
+def _synthetic(n, seed):
+  """Blocks (3, 4, 5, M), M uniform over MARKED: the base can learn 3 -> 4 -> 5 -> ? -> 3; the
+  assistant (precomputed) is right with p 0.99 on every M and near 0 elsewhere."""
+  rng = np.random.default_rng(seed)
+  seqs = []
+  for _ in range(n):
+    s = [1]
+    for _ in range(4):
+      s += [3, 4, 5, int(rng.choice(MARKED))]
+    seqs.append(s)
+  tokens = np.asarray(seqs, np.int32)
+  mask = np.ones_like(tokens)
+  marked = np.isin(tokens[:, 1:], MARKED)
+  asst_lp = np.where(marked, np.log(0.99), np.log(1e-3)).astype(np.float32)
+  data = co_llm.TrainData(jnp.asarray(tokens), jnp.asarray(mask), jnp.asarray(mask),
+                          jnp.asarray(asst_lp), jnp.asarray(marked))
+  return data, marked
+
+
+def _gates(params, w, data):
+  _, _, hidden = co_llm.gold_logprobs(params, data.tokens, data.mask, CONFIG)
+  return np.asarray(hidden @ w)
+
+
+def test_training_learns_to_defer_exactly_on_the_assistants_token_class():
+  params = transformer.init_params(CONFIG, jax.random.key(0))
+  data, _ = _synthetic(64, 0)
+  cfg = co_llm.CoLlmTrainConfig(
+      train_base="full", steps=150, batch_size=16, init="none", gate_learning_rate=3e-2,
+      optim=train_lib.OptimConfig(learning_rate=3e-3, warmup_fraction=0.05))
+  result = co_llm.train(params, data, CONFIG, cfg, progress=False)
+  assert result.history[-1]["loss"] < result.history[0]["loss"] * 0.5
+  test, marked = _synthetic(32, 1)
+  defer = _gates(result.params, result.w_defer, test) > 0
+  precision = (defer & marked).sum() / max(defer.sum(), 1)
+  recall = (defer & marked).sum() / marked.sum()
+  assert precision > 0.9 and recall > 0.9, (precision, recall)
+
+
+def test_gate_init_reproduces_the_pseudo_label_rate_and_stays_inside_0_1():
+  params = transformer.init_params(CONFIG, jax.random.key(1))
+  data, _ = _synthetic(32, 2)
+  w, stats = co_llm.init_gate(params, data, CONFIG, co_llm.CoLlmTrainConfig(init_steps=200))
+  assert 0.15 < stats["label_rate"] < 0.3  # About one position in four is marked.
+  assert stats["defer_rate"] == pytest.approx(stats["label_rate"], abs=0.03)
+  p = np.asarray(jax.nn.sigmoid(_gates(params, w, data)))
+  assert ((p > 0) & (p < 1)).all()
+  _, stats_b = co_llm.init_gate(params, data, CONFIG, co_llm.CoLlmTrainConfig(init="b"))
+  assert stats_b["label_rate"] >= stats["label_rate"]  # "base wrong" contains "a".
+
+
+@pytest.fixture(scope="module")
+def pair():
+  base = transformer.init_params(CONFIG, jax.random.key(2))
+  asst = transformer.init_params(CONFIG, jax.random.key(3))
+  scale = lambda p: jax.tree.map(lambda x: x * 4.0 if x.ndim > 1 else x, p)
+  return pool_lib.stack([scale(base), scale(asst)])
+
+
+def _batch(seed=0):
+  rng = np.random.default_rng(seed)
+  ids = rng.integers(2, 30, (4, 8)).astype(np.int32)
+  mask = np.ones_like(ids)
+  mask[1, :3] = 0
+  return core.Batch(jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(ids), jnp.asarray(mask))
+
+
+def _env():
+  return core.Env(config=CONFIG, max_new_tokens=8, stop_ids=(31,), pad_id=0)
+
+
+def test_random_deferral_extremes(pair):
+  env, batch = _env(), _batch()
+  base = decoding.decode(jax.tree.map(lambda x: x[0], pair), batch.prompt, batch.prompt_mask,
+                         jax.random.key(0), **env.decode_kw)
+  asst = decoding.decode(jax.tree.map(lambda x: x[1], pair), batch.prompt, batch.prompt_mask,
+                         jax.random.key(0), **env.decode_kw)
+  zero = co_llm.decode_random(pair, batch, jax.random.key(0), rate=0.0, env=env)
+  one = co_llm.decode_random(pair, batch, jax.random.key(0), rate=1.0, env=env)
+  np.testing.assert_array_equal(zero.tokens, base.tokens)
+  np.testing.assert_array_equal(one.tokens, asst.tokens)
+  assert co_llm.deferral_frequency(zero) == 0 and co_llm.deferral_frequency(one) == 1
+
+
+def test_calibration_sweeps_rates_and_checkpoint_reloads_identically(pair, tmp_path):
+  env, batches = _env(), [_batch(0), _batch(1)]
+  w = 0.3 * jax.random.normal(jax.random.key(4), (CONFIG.hidden_size,))
+  asst_tokens = [decoding.decode(jax.tree.map(lambda x: x[1], pair), b.prompt, b.prompt_mask,
+                                 jax.random.key(0), **env.decode_kw).tokens for b in batches]
+  # A validation metric that rewards agreeing with the assistant: more deferral scores higher.
+  score = lambda outs: float(np.mean([np.mean(np.asarray(o.tokens) == np.asarray(a))
+                                      for o, a in zip(outs, asst_tokens)]))
+  eta, table = co_llm.calibrate(pair, batches, w, score, env=env)
+  assert [r["rate"] for r in table] == [i / 10 for i in range(10)]
+  assert table[0]["deferral"] == 0 and table[0]["eta"] == 1.0
+  assert table[-1]["deferral"] > table[1]["deferral"]
+  assert eta == max(table, key=lambda r: (r["score"], -r["rate"]))["eta"]
+  out = co_llm.decode(pair, batches[0], w, eta=eta, env=env)
+  co_llm.save(tmp_path / "ckpt", pair, w, eta)
+  params, w2, eta2 = co_llm.load(tmp_path / "ckpt")
+  assert eta2 == pytest.approx(eta)
+  again = co_llm.decode(params, batches[0], w2, eta=eta2, env=env)
+  np.testing.assert_array_equal(again.tokens, out.tokens)
+  np.testing.assert_array_equal(again.extras["deferred"], out.extras["deferred"])
+  traces = co_llm.deferral_traces(_CharTok(), out, ["a", "b", "c", "d"])
+  page = co_llm.write_traces(traces, tmp_path / "traces")
+  assert page.read_text().count("<div>") == 4
+  assert sum(p["deferred"] for t in traces for p in t["tokens"]) == int(
+      np.asarray(out.extras["deferred"]).sum())
+
+
+class _CharTok:
+  def decode(self, ids):
+    return "".join(chr(65 + int(i) % 26) for i in ids)
+
+
+@pytest.mark.slow
+def test_co_llm_job_end_to_end_on_real_bigbench_arithmetic(tmp_path):
+  """The embedded job at toy sizes: SmolLM2 base, a 3-step specialist, real BIG-bench rows."""
+  from configs_loader import load_config
+  from single_multi import co_llm_run
+
+  c = load_config("co_llm_bigbench.py")
+  c.assistant_steps, c.train.steps, c.train.batch_size = 3, 3, 4
+  c.train_examples, c.val_examples, c.test_examples, c.batch_size = 16, 8, 8, 8
+  c.max_new_tokens = 4
+  out = co_llm_run.run(c, tmp_path)
+  assert set(out["summary"]) == {"base", "assistant", "random_deferral", "weak_supervision",
+                                 "co_llm"}
+  assert out["summary"]["base"]["deferral"] == 0 and out["summary"]["assistant"]["deferral"] == 1
+  assert all(r["n"] == 8 for r in out["summary"].values())
+  assert len(out["calibration"]["co_llm"]) == 10
+  for name in ("table.txt", "results.json", "traces.jsonl", "traces.html"):
+    assert (tmp_path / name).exists()
+  params, w, eta = co_llm.load(tmp_path / "checkpoint")
+  assert eta == pytest.approx(out["eta"]["co_llm"]) and w.shape == (576,)
+  assert (tmp_path / "assistant" / "config.json").exists()  # The cached specialist.

@@ -1,0 +1,100 @@
+"""Distillation: KL losses by hand, the vmapped pool step equals training each model alone,
+loss on the collaborative outputs drops, sequences carry the prompt exactly."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from single_multi import distill, pool as pool_lib, train as train_lib
+from single_multi.models import lora as lora_lib, transformer
+
+from test_co_llm import CONFIG
+
+
+def test_kl_losses_by_hand():
+  rng = np.random.default_rng(0)
+  s = rng.normal(size=(1, 2, 5))
+  t = rng.normal(size=(1, 2, 5))
+  lt = t - np.log(np.exp(t).sum(-1, keepdims=True))
+  ls = s - np.log(np.exp(s).sum(-1, keepdims=True))
+  w = np.asarray([[1.0, 0.0]])
+  fwd = float(distill.forward_kl(jnp.asarray(s), jnp.asarray(lt), jnp.asarray(w)))
+  assert fwd == pytest.approx(float((np.exp(lt) * (lt - ls)).sum(-1)[0, 0]), rel=1e-5)
+  rev = float(distill.reverse_kl(jnp.asarray(s), jnp.asarray(lt), jnp.asarray(w)))
+  assert rev == pytest.approx(float((np.exp(ls) * (ls - lt)).sum(-1)[0, 0]), rel=1e-5)
+  assert float(distill.forward_kl(jnp.asarray(s), jnp.asarray(ls), jnp.asarray(w))) == \
+      pytest.approx(0.0, abs=1e-6)
+
+
+def test_sequences_keep_the_prompt_and_mask_only_the_output():
+  prompt = jnp.asarray([[0, 0, 5, 6], [7, 8, 9, 10]])
+  pmask = jnp.asarray([[0, 0, 1, 1], [1, 1, 1, 1]])
+  out = jnp.asarray([[11, 12, 3], [13, 3, 0]])
+  tokens, mask, loss = distill.sequences(prompt, pmask, out, jnp.asarray([3, 2]))
+  assert tokens.tolist() == [[0, 0, 5, 6, 11, 12, 3], [7, 8, 9, 10, 13, 3, 0]]
+  assert mask.tolist() == [[0, 0, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1, 0]]
+  assert loss.tolist() == [[0, 0, 0, 0, 1, 1, 1], [0, 0, 0, 0, 1, 1, 0]]
+
+
+def _data(n=12, seed=0):
+  rng = np.random.default_rng(seed)
+  tokens = rng.integers(2, 30, (n, 10)).astype(np.int32)
+  mask = np.ones_like(tokens)
+  mask[::3, :2] = 0
+  loss_mask = np.zeros_like(tokens)
+  loss_mask[:, 6:] = 1
+  return {"tokens": tokens, "mask": mask, "loss_mask": loss_mask}
+
+
+@pytest.mark.parametrize("lora", [None, lora_lib.LoraConfig(rank=4, alpha=8.0, dropout=0.1)])
+def test_vmapped_pool_training_equals_training_each_model_alone(lora):
+  members = [transformer.init_params(CONFIG, jax.random.key(s)) for s in (0, 1)]
+  params_n = pool_lib.stack(members)
+  cfg = distill.DistillConfig(lora=lora, batch_size=2, epochs=1.0,
+                              optim=train_lib.OptimConfig(learning_rate=1e-2, accumulation=2))
+  data = _data()
+  new_n, state, history = distill.distill(params_n, data, CONFIG, cfg, progress=False)
+  steps = distill.num_steps(12, cfg)
+  assert state.step == steps == 3 and len(history) == steps
+  loss_fn = distill.make_loss(CONFIG, "supervised_kd", lora,
+                              train_lib.loss_tail(data["loss_mask"]))
+  optimizer = train_lib.make_optimizer(cfg.optim, steps)
+  step_fn = train_lib.make_train_step(loss_fn, optimizer, 2)
+  order = np.random.default_rng(cfg.seed).permutation(12)
+  for i, params in enumerate(members):
+    trainable = (jax.tree.map(jnp.copy, params) if lora is None else
+                 lora_lib.init(CONFIG, lora, jax.random.split(jax.random.key(cfg.seed), 2)[i]))
+    opt_state = optimizer.init(trainable)
+    for step in range(steps):
+      idx = order[step * 4:(step + 1) * 4]
+      batch = {k: v[idx] for k, v in data.items()}
+      key = jax.random.split(jax.random.fold_in(jax.random.key(cfg.seed), step), 2)[i]
+      trainable, opt_state, _ = step_fn(trainable, opt_state, None if lora is None else params,
+                                        batch, key)
+    alone = trainable if lora is None else lora_lib.merge(params, trainable, lora)
+    together = jax.tree.map(lambda x: x[i], new_n)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=2e-5, rtol=1e-4), alone,
+                 together)
+
+
+def test_distillation_lowers_the_loss_on_the_outputs_and_resumes():
+  params_n = pool_lib.stack([transformer.init_params(CONFIG, jax.random.key(s)) for s in (0, 1)])
+  cfg = distill.DistillConfig(lora=None, batch_size=4, epochs=10.0,
+                              optim=train_lib.OptimConfig(learning_rate=1e-2, accumulation=1))
+  data = _data(8)
+  _, state, history = distill.distill(params_n, data, CONFIG, cfg, progress=False)
+  first, last = np.asarray(history[0]["loss"]), np.asarray(history[-1]["loss"])
+  assert (last < 0.7 * first).all(), (first, last)
+  # Resume from a mid-run state: the same final params as the uninterrupted run.
+  saved = []
+  copy = lambda tree: jax.tree.map(lambda x: np.array(x, copy=True), tree)  # Before donation.
+  distill.distill(params_n, data, CONFIG, cfg, progress=False,
+                  on_step=lambda s: saved.append((copy(s.trainable), copy(s.opt_state), s.step))
+                  if s.step == 9 else None)
+  trainable, opt_state, step = saved[0]
+  mid = distill.DistillState(jax.tree.map(jnp.asarray, trainable),
+                             jax.tree.map(jnp.asarray, opt_state), step)
+  resumed, state2, _ = distill.distill(params_n, data, CONFIG, cfg, progress=False, state=mid)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), state.trainable,
+               state2.trainable)
