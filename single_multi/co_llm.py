@@ -235,7 +235,8 @@ def train(base_params, data: TrainData, config: ModelConfig,
   """
   if objective not in ("co_llm", "weak"):
     raise ValueError(f"objective must be 'co_llm' or 'weak', got {objective!r}")
-  w = mean_head_row(base_params, config) if w_init is None else jnp.asarray(w_init, jnp.float32)
+  # A copy: the step donates the trainable buffers, and the caller may reuse w_init.
+  w = mean_head_row(base_params, config) if w_init is None else jnp.array(w_init, jnp.float32)
   rng = jax.random.key(cfg.seed)
   trainable: dict[str, Any] = {"w": w}
   frozen: dict[str, Any] = {}
@@ -322,9 +323,9 @@ def deferral_frequency(out: core.Output) -> float:
 
 def decode(params_n, batch: core.Batch, w_defer, *, eta: float, env: core.Env, mode="defer",
            base: int = 0, assistant: int = 1, rng=None) -> core.Output:
-  cfg = token_level.CoLlmConfig(base=base, assistant=assistant, eta=float(eta), mode=mode)
+  cfg = token_level.CoLlmConfig(base=base, assistant=assistant, mode=mode)
   return _decode_jit(params_n, batch, jax.random.key(0) if rng is None else rng,
-                     {"w_defer": w_defer}, cfg=cfg, env=env)
+                     {"w_defer": w_defer, "eta": jnp.asarray(eta, jnp.float32)}, cfg=cfg, env=env)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "env"))

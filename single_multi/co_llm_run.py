@@ -151,7 +151,7 @@ def run(config: config_dict.ConfigDict, workdir: str | pathlib.Path) -> dict[str
       for out, (_, r) in zip(outs, test_batches):
         traces += co_llm.deferral_traces(tok, out, [e.id for e in r])
       co_llm.write_traces(traces, workdir)
-  table = (f"{task.name} test ({len(test)} rows), eta {results['co_llm']['eta']:.3f} "
+  table = (f"{task.name} test ({len(test)} rows), eta {results['co_llm']['eta']:.6g} "
            f"(calibrated deferral {rate:.0%}):\n" + "\n".join(lines))
   print(table)
   (workdir / "table.txt").write_text(table + "\n")

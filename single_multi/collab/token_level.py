@@ -71,9 +71,10 @@ class CoLlmConfig:
 
 @dataclasses.dataclass(frozen=True)
 class CoLlmCombine:
+  """eta rides in the combine state (traced), so a sweep over eta compiles once."""
+
   base: int
   assistant: int
-  eta: float
   mode: str
   sampler: Any = decoding.Greedy()
 
@@ -82,15 +83,15 @@ class CoLlmCombine:
     gate = jax.nn.sigmoid(logits_nbv[self.base, :, vocab])
     base = jax.nn.log_softmax(logits_nbv[self.base, :, :vocab])
     asst = jax.nn.log_softmax(logits_nbv[self.assistant, :, :vocab])
-    defer = gate > self.eta
+    defer = gate > state["eta"]
     if self.mode == "defer":
       other = asst
     else:
       other = jnp.logaddexp(jnp.log1p(-gate)[:, None] + base, jnp.log(gate)[:, None] + asst)
     row = jnp.where(defer[:, None], other, base)
     step = state["step"]
-    state = {"step": step + 1, "gate": state["gate"].at[:, step].set(gate),
-             "deferred": state["deferred"].at[:, step].set(defer)}
+    state = dict(state, step=step + 1, gate=state["gate"].at[:, step].set(gate),
+                 deferred=state["deferred"].at[:, step].set(defer))
     return self.sampler(row, key), row, state
 
 
@@ -104,15 +105,17 @@ def gate_rows(params_n, w_defer, base: int) -> jax.Array:
 def co_llm(params_n, batch: core.Batch, rng, *, cfg: CoLlmConfig, env: core.Env, state=None):
   """Token-level deferral: the base decodes; where its gate sigmoid(<w_defer, h_t>) > eta the
   assistant's token (or the composed mixture's) is taken. Both models keep KV caches; every
-  chosen token is fed to both once. state: {"w_defer": [D]} (see `single_multi.co_llm`)."""
+  chosen token is fed to both once. state: {"w_defer": [D]} (see `single_multi.co_llm`) and
+  optionally {"eta": []}, which overrides cfg.eta without recompiling."""
   if state is None or "w_defer" not in state:
     raise core.StrategyError("co_llm needs a trained gate: state={'w_defer': [hidden]} "
                              "(train it with single_multi.co_llm)")
   B = batch.prompt.shape[0]
   M = env.max_new_tokens
   init = {"step": jnp.zeros((), jnp.int32), "gate": jnp.zeros((B, M), jnp.float32),
-          "deferred": jnp.zeros((B, M), bool)}
-  combine = CoLlmCombine(cfg.base, cfg.assistant, cfg.eta, cfg.mode, env.sampler)
+          "deferred": jnp.zeros((B, M), bool),
+          "eta": jnp.asarray(state.get("eta", cfg.eta), jnp.float32)}
+  combine = CoLlmCombine(cfg.base, cfg.assistant, cfg.mode, env.sampler)
   out = pool_lib.decode_combined(params_n, batch.prompt, batch.prompt_mask, rng, init,
                                  combine=combine, return_rows=env.return_rows,
                                  extra_head=gate_rows(params_n, state["w_defer"], cfg.base),
