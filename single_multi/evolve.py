@@ -122,11 +122,11 @@ class Loop:
       return None
     env = collab.make_env(pool, self.config.strategy, strategy_config(self.config),
                           max_new_tokens=self.config.max_new_tokens)
-    batch = collab.batch_from(next(iter(pipeline.generation_batches(
-        self.dev, self.prompter, batch_size=len(self.dev)))))
-    order = np.asarray(batch_index(self.dev, self.prompter))
+    data = next(iter(pipeline.generation_batches(self.dev, self.prompter,
+                                                 batch_size=len(self.dev))))
+    order = data["index"][data["index"] >= 0]  # The batch's row order (longest first).
     scores = None if dev_scores is None else dev_scores[:, order]
-    dev = collab.DevData(batch, scores, self._dev_evaluator(pool))
+    dev = collab.DevData(collab.batch_from(data), scores, self._dev_evaluator(pool))
     return collab.fit(pool, self.config.strategy, dev, env=env, cfg=strategy_config(self.config))
 
   def _dev_evaluator(self, pool):
@@ -141,18 +141,12 @@ class Loop:
     return (collab.get(self.config.strategy).fit is not None
             or self.config.distill.method == "multi_student_kd")
 
-  def collaboration(self, pool, examples, split, state, out_dir=None, return_rows=False):
-    """The strategy over `examples`: EvalResult plus, per batch, prompts and outputs."""
+  def collaboration(self, pool, examples, split, state, out_dir=None):
+    """The strategy's answers to `examples`, scored (an EvalResult under the strategy's name)."""
     return evaluate.evaluate(pool, examples, split=split, method="generate",
                              strategy=self.config.strategy,
                              strategy_cfg=strategy_config(self.config), strategy_state=state,
                              output_dir=out_dir, **self.kw)
-
-
-def batch_index(examples, prompter) -> list[int]:
-  """The order `generation_batches` puts valid examples in (one batch of all of them)."""
-  b = next(iter(pipeline.generation_batches(examples, prompter, batch_size=len(examples))))
-  return [int(i) for i in b["index"] if i >= 0]
 
 
 def _scores_matrix(result: evaluate.EvalResult, names: Sequence[str], examples) -> np.ndarray:
