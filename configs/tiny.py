@@ -1,12 +1,16 @@
-"""Tests: a pool of tiny random models (built in-process, see tests/test_evolve.py) on a real
-BIG-bench task slice; seconds per round."""
+"""Tests and the local multi-process launcher: three tiny random models (`tiny:<seed>`,
+single_multi/models/tiny.py) on a real BIG-bench slice; seconds per round.
+
+  python -m single_multi.main --config=configs/tiny.py --workdir=/tmp/tiny
+  python launch/local.py --num_processes=2 --config=configs/tiny.py --workdir=/tmp/tiny2
+"""
 
 from single_multi import configs
 
 
 def get_config():
   c = configs.load("quickstart.py", relative_to=__file__)
-  c.pool = ("tiny:0", "tiny:1", "tiny:2")  # Resolved by the caller that builds tiny models.
+  c.pool = ("tiny:0", "tiny:1", "tiny:2")  # Random 2-layer models, byte tokenizer (models/tiny.py).
   c.specialists = ()
   c.task = "bigbench:arithmetic/1_digit_addition"
   c.dev_examples = 8

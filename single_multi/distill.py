@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from single_multi import train as train_lib
+from single_multi import multihost, train as train_lib
 from single_multi.models import lora as lora_lib
 from single_multi.models.config import ModelConfig
 
@@ -133,6 +133,8 @@ def make_pool_step(loss_fn, optimizer: optax.GradientTransformation, accumulatio
             {"loss": loss, "grad_norm": optax.global_norm(grads), **aux})
 
   def step(trainable_n, opt_state_n, frozen_n, batch, rng):
+    if not jax.dtypes.issubdtype(rng.dtype, jax.dtypes.prng_key):
+      rng = jax.random.wrap_key_data(rng)  # Raw key data (replicated over processes).
     n = jax.tree.leaves(trainable_n)[0].shape[0]
     keys = jax.random.split(rng, n)
     return jax.vmap(one, in_axes=(0, 0, 0, 0 if per_model_batch else None, 0))(
@@ -190,6 +192,11 @@ def distill(params_n, data: dict[str, np.ndarray], config: ModelConfig, cfg: Dis
   step_fn = make_pool_step(make_loss(config, cfg.method, cfg.lora, tail), optimizer,
                            cfg.optim.accumulation, per_model_batch)
   per_step = cfg.batch_size * cfg.optim.accumulation
+  mesh = multihost.data_mesh(per_step)  # Data parallel over every device of every process.
+  if mesh is not None:
+    state = DistillState(*multihost.replicate((state.trainable, state.opt_state), mesh),
+                         state.step)
+    frozen = multihost.replicate(frozen, mesh)
   order = np.concatenate([np.random.default_rng(cfg.seed + e).permutation(rows)
                           for e in range(int(np.ceil(per_step * total / rows)))])
   history = []
@@ -198,8 +205,11 @@ def distill(params_n, data: dict[str, np.ndarray], config: ModelConfig, cfg: Dis
   for step in bar:
     idx = order[step * per_step:(step + 1) * per_step]
     batch = {k: (v[:, idx] if per_model_batch else v[idx]) for k, v in data.items()}
-    trainable, opt_state, metrics = step_fn(state.trainable, state.opt_state, frozen, batch,
-                                            jax.random.fold_in(jax.random.key(cfg.seed), step))
+    rng = jax.random.fold_in(jax.random.key(cfg.seed), step)
+    if mesh is not None:
+      batch = multihost.shard_rows(batch, mesh, axis=1 if per_model_batch else 0)
+      rng = multihost.replicate(jax.random.key_data(rng), mesh)
+    trainable, opt_state, metrics = step_fn(state.trainable, state.opt_state, frozen, batch, rng)
     state = DistillState(trainable, opt_state, step + 1)
     loss = np.asarray(metrics["loss"])
     if not np.isfinite(loss).all():
@@ -212,4 +222,6 @@ def distill(params_n, data: dict[str, np.ndarray], config: ModelConfig, cfg: Dis
     bar.set_postfix(loss=f"{loss.mean():.3f}")
     if on_step is not None:
       on_step(state)
+  if mesh is not None:
+    state = DistillState(*multihost.local((state.trainable, state.opt_state)), state.step)
   return merged(params_n, state, cfg), state, history

@@ -20,7 +20,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import pathlib
+import os
 import time
 from typing import Any, Sequence
 
@@ -28,8 +28,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import tqdm
+from etils import epath
 
-from single_multi import collab, decoding, pool as pool_lib
+from single_multi import collab, decoding, multihost, pool as pool_lib
 from single_multi.data import common, metrics, pipeline
 from single_multi.data.tasks import Task
 from single_multi.models import transformer
@@ -167,7 +168,7 @@ def _score_generated(ex: common.Example, text: str, metric: str) -> dict[str, An
 def evaluate(model: pool_lib.Pool | Model, examples: Sequence[common.Example], *,
              prompter: pipeline.Prompter, task_name: str = "task", split: str = "test",
              method: str = "generate", metric: str = "exact_match", batch_size: int = 8,
-             max_new_tokens: int = 64, output_dir: str | pathlib.Path | None = None,
+             max_new_tokens: int = 64, output_dir: str | os.PathLike | None = None,
              progress: bool = True, seed: int = 0, share_prefix: bool = True,
              strategy: str | None = None, strategy_cfg: Any = None,
              strategy_state: Any = None) -> EvalResult:
@@ -194,8 +195,8 @@ def evaluate(model: pool_lib.Pool | Model, examples: Sequence[common.Example], *
   records: list[dict[str, Any]] = []
   start, waited = time.perf_counter(), 0.0
   iterator = pipeline.prefetch(batches)
-  for _ in tqdm.trange(len(batches), desc=f"{task_name}/{split} {method}", disable=not progress,
-                       unit="batch"):
+  for _ in tqdm.trange(len(batches), desc=f"{task_name}/{split} {method}", unit="batch",
+                       disable=not progress or not multihost.is_primary()):
     t0 = time.perf_counter()
     batch = next(iterator)
     waited += time.perf_counter() - t0
@@ -239,6 +240,7 @@ def evaluate(model: pool_lib.Pool | Model, examples: Sequence[common.Example], *
           records.append({"model": name, "id": ex.id, "subject": ex.subject,
                           "input": ex.question, "output": text,
                           **_score_generated(ex, text, metric)})
+  records = multihost.allgather_records(records)  # Each process scored its shard.
   wall = time.perf_counter() - start
   order = {ex.id: i for i, ex in enumerate(examples)}
   model_order = (strategy,) if strategy is not None else pool.names
@@ -259,12 +261,10 @@ def evaluate(model: pool_lib.Pool | Model, examples: Sequence[common.Example], *
                  e["by_subject"]} for m, e in models.items()},
       "wall_seconds": wall, "input_pipeline_seconds": waited,
   }
-  if output_dir is not None:
-    out_dir = pathlib.Path(output_dir)
+  if output_dir is not None and multihost.is_primary():
+    out_dir = epath.Path(output_dir)  # Local or a bucket (gs://...).
     out_dir.mkdir(parents=True, exist_ok=True)
-    with open(out_dir / "records.jsonl", "w") as f:
-      for r in records:
-        f.write(json.dumps(r) + "\n")
+    (out_dir / "records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=1))
   return EvalResult(records, summary)
 

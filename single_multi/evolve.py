@@ -12,13 +12,16 @@ After every stage an Orbax checkpoint holds: round, stage, the pool params, the 
 (training rows), the metrics history and the rng seed; a killed run rerun with the same command
 resumes after the last finished stage and, every stage being deterministic given its inputs, ends
 with the same metrics as an uninterrupted run. (Interrupting inside a stage redoes that stage.)
+
+The workdir may be local or a bucket path (gs://...; `etils.epath`). With several processes
+(`multihost.py`) every process runs this loop: evaluation shards the examples, distillation is data
+parallel, process 0 writes the files, all processes take part in the checkpoints.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import pathlib
 import time
 from typing import Any, Sequence
 
@@ -26,9 +29,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
+from etils import epath
 from ml_collections import config_dict
 
-from single_multi import collab, decoding, distill, evaluate, pool as pool_lib
+from single_multi import collab, decoding, distill, evaluate, multihost, pool as pool_lib
 from single_multi import train as train_lib
 from single_multi.data import common, pipeline, tasks
 from single_multi.models import lora as lora_lib
@@ -258,6 +262,10 @@ class Checkpoints:
     from etils import epath
 
     self._ocp = ocp
+    self.mesh = None
+    if jax.process_count() > 1:
+      from single_multi import sharding
+      self.mesh = sharding.make_mesh({"data": -1})
     self.manager = ocp.CheckpointManager(
         epath.Path(directory), options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
 
@@ -267,12 +275,18 @@ class Checkpoints:
   def save(self, index: int, params, arrays: dict[str, np.ndarray], meta: dict[str, Any]):
     ocp = self._ocp
     arrays = arrays or {"_empty": np.zeros((1,), np.int32)}
+    if self.mesh is not None:  # Several processes: one replicated global array per leaf.
+      params = multihost.replicate(params, self.mesh)
     self.manager.save(index, args=ocp.args.Composite(
         params=ocp.args.StandardSave(params), arrays=ocp.args.StandardSave(arrays),
         meta=ocp.args.JsonSave(meta)))
 
   def restore(self, index: int, abstract_params):
     ocp = self._ocp
+    if self.mesh is not None:
+      everywhere = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
+      abstract_params = jax.tree.map(
+          lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=everywhere), abstract_params)
     try:
       out = self.manager.restore(index, args=ocp.args.Composite(
           params=ocp.args.StandardRestore(abstract_params), arrays=ocp.args.StandardRestore(),
@@ -284,7 +298,7 @@ class Checkpoints:
           "delete that step's directory to resume from the one before, or use a new --workdir."
       ) from e
     arrays = {k: np.asarray(v) for k, v in out["arrays"].items() if k != "_empty"}
-    return out["params"], arrays, out["meta"]
+    return multihost.local(out["params"]), arrays, out["meta"]
 
   def close(self):
     self.manager.wait_until_finished()
@@ -295,11 +309,9 @@ class Checkpoints:
 # Outputs a user plots.
 
 
-def write_metrics(workdir: pathlib.Path, history: list[dict[str, Any]]) -> None:
+def write_metrics(workdir: epath.Path, history: list[dict[str, Any]]) -> None:
   """metrics.jsonl (one line per round), TensorBoard events (the newest round), accuracy.png."""
-  with open(workdir / "metrics.jsonl", "w") as f:
-    for m in history:
-      f.write(json.dumps(m) + "\n")
+  (workdir / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in history))
   import matplotlib
   import tensorboardX
 
@@ -322,7 +334,8 @@ def write_metrics(workdir: pathlib.Path, history: list[dict[str, Any]]) -> None:
   ax.set_xticks(rounds)
   ax.legend()
   fig.tight_layout()
-  fig.savefig(workdir / "accuracy.png", dpi=120)
+  with (workdir / "accuracy.png").open("wb") as f:
+    fig.savefig(f, format="png", dpi=120)
   plt.close(fig)
 
 
@@ -338,8 +351,12 @@ def run(config: config_dict.ConfigDict, workdir, pool: pool_lib.Pool, *, progres
         stop_after: int | None = None) -> list[dict[str, Any]]:
   """Runs (or resumes) the loop in `workdir`; returns the per-round metrics history."""
   validate(config)
-  workdir = pathlib.Path(workdir)
+  workdir = epath.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
+  primary = multihost.is_primary()
+  progress = progress and primary
+  if primary and jax.process_count() > 1:
+    print(f"{jax.process_count()} processes, {jax.device_count()} devices in all")
   task = tasks.load_task(config.task, seed=config.seed)
   dev = [e for e in task.dev if not e.problem][:config.dev_examples]
   test = [e for e in task.examples(task.spec.test_split)][:config.test_examples]
@@ -362,8 +379,9 @@ def run(config: config_dict.ConfigDict, workdir, pool: pool_lib.Pool, *, progres
       history, distill_stats = meta["history"], meta["distill_stats"]
       start = latest + 1
       logging.info("resuming after round %d stage %s", meta["round"], meta["stage"])
-      print(f"Resuming from {workdir / 'checkpoints'}: round {meta['round']} "
-            f"{meta['stage']} was the last finished stage.")
+      if primary:
+        print(f"Resuming from {workdir / 'checkpoints'}: round {meta['round']} "
+              f"{meta['stage']} was the last finished stage.")
     for index in range(start, len(stages)):
       r, stage = stages[index]
       rng = jax.random.fold_in(jax.random.key(config.seed), index)
@@ -381,8 +399,9 @@ def run(config: config_dict.ConfigDict, workdir, pool: pool_lib.Pool, *, progres
         if str(r) in distill_stats:
           m["distill"] = distill_stats[str(r)]
         history.append(m)
-        write_metrics(workdir, history)
-        print(format_round(m))
+        if primary:
+          write_metrics(workdir, history)
+          print(format_round(m))
         arrays = {}
       elif stage == "collaborate":
         dev_singles = loop.singles(pool, dev, "dev") if loop.needs_dev_singles() else None
@@ -415,7 +434,8 @@ def run(config: config_dict.ConfigDict, workdir, pool: pool_lib.Pool, *, progres
         raise Interrupted(f"stopped after stage {index} (round {r} {stage})")
   finally:
     ckpt.close()
-  (workdir / "summary.json").write_text(json.dumps(history, indent=1))
+  if primary:
+    (workdir / "summary.json").write_text(json.dumps(history, indent=1))
   return history
 
 

@@ -5,13 +5,16 @@ Overrides (`--config.rounds=3`) are checked against the config before anything l
 key fails at once. `--dry_run` builds nothing: it prints the sharding plan of the pool's params and
 optimizer states from the architecture alone (`jax.eval_shape`) and the bytes per device.
 Rerunning the same command resumes an interrupted run from its last finished stage.
+Multi-process: `--distributed` (TPU pods, SLURM: discovered from the environment) or
+`--coordinator_address/--num_processes/--process_id` (see launch/).
 """
 
 from __future__ import annotations
 
+import logging as std_logging
 import pathlib
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file.",
@@ -20,6 +23,14 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory (metrics, chec
                                "or a bucket path (gs://...).")
 _DRY_RUN = flags.DEFINE_bool("dry_run", False, "Print the sharding plan and per-device bytes "
                              "without loading or computing anything.")
+_DISTRIBUTED = flags.DEFINE_bool(
+    "distributed", False, "Call jax.distributed.initialize() first: the cluster is discovered "
+    "from the environment (TPU pod slices, SLURM, ...). Implied by --coordinator_address.")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0 in a "
+                                   "hand-launched multi-process run (with --num_processes and "
+                                   "--process_id; gloo collectives on CPU).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the run.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
 flags.mark_flags_as_required(["config"])
 
 
@@ -46,6 +57,12 @@ def run(config, workdir: str | None = None, dry_run: bool = False):
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  # Orbax reports every save step at INFO; keep its warnings, and our own progress.
+  logging.get_absl_handler().addFilter(
+      lambda r: r.levelno >= std_logging.WARNING or "orbax" not in r.pathname)
+  if _DISTRIBUTED.value or _COORDINATOR.value:
+    from single_multi import sharding
+    sharding.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   run(_CONFIG.value, _WORKDIR.value, _DRY_RUN.value)
 
 

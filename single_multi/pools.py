@@ -11,6 +11,7 @@ rules on `config.mesh`, printed per leaf with the bytes on every device. Nothing
 
 from __future__ import annotations
 
+import hashlib
 import json
 import pathlib
 from typing import Any
@@ -21,7 +22,8 @@ import numpy as np
 import optax
 from absl import logging
 
-from single_multi import decoding, pool as pool_lib, sharding, train as train_lib
+from single_multi import assets, decoding, multihost, pool as pool_lib, sharding
+from single_multi import train as train_lib
 from single_multi.data import pipeline, tasks
 from single_multi.models import lora as lora_lib, loading, transformer
 from single_multi.models.config import PROJECTIONS, ModelConfig
@@ -56,6 +58,7 @@ def architecture(source: str) -> ModelConfig:
 
 def specialist(base: loading.Model, task_name: str, directory: pathlib.Path, config) -> Any:
   """The base fine-tuned (LoRA, merged) on a task's dev rows; cached in `directory`."""
+  multihost.sync(f"specialist {task_name}")  # Nobody reads while process 0 may be writing.
   if (directory / "config.json").exists():
     logging.info("reusing specialist %s", directory)
     return loading.load(str(directory), jnp.dtype(config.dtype), tokenizer=False).params
@@ -70,7 +73,8 @@ def specialist(base: loading.Model, task_name: str, directory: pathlib.Path, con
       optim=train_lib.OptimConfig(learning_rate=config.specialist_learning_rate),
       steps=config.specialist_steps, batch_size=min(8, len(rows)), seed=config.seed,
       lora=lora_lib.LoraConfig(rank=8, alpha=16.0, dropout=0.0), desc=f"specialist {task_name}")
-  loading.save_hf(directory, base.config, params)
+  if multihost.is_primary():
+    loading.save_hf(directory, base.config, params)
   return params
 
 
@@ -80,7 +84,14 @@ def build(config, workdir) -> pool_lib.Pool:
   if not config.specialists:
     return pool_lib.load_pool(sources, dtype)
   base = loading.load(sources[0], dtype)
-  root = pathlib.Path(workdir) / "specialists"
+  # Cached next to the run; a bucket workdir caches them on the local disk instead, keyed by
+  # what they are made from.
+  if "://" in str(workdir):
+    key = json.dumps([sources[0], config.dtype, config.seed, config.specialist_steps,
+                      config.specialist_examples, config.specialist_learning_rate])
+    root = assets.cache_root() / "specialists" / hashlib.sha256(key.encode()).hexdigest()[:16]
+  else:
+    root = pathlib.Path(workdir) / "specialists"
   models, names = [], []
   for name in config.specialists:
     slug = name.split(":")[-1].replace("/", "_").replace(",", "+")

@@ -70,9 +70,13 @@ LossFn = Callable[[Any, Any, Any, jax.Array], tuple[jax.Array, dict[str, jax.Arr
 
 
 def accumulated_grads(loss_fn: LossFn, trainable, frozen, batch, rng, accumulation: int):
-  """Mean loss, aux and gradients over `accumulation` micro-batches (a `lax.scan`)."""
-  micro = jax.tree.map(lambda x: x.reshape(accumulation, x.shape[0] // accumulation,
-                                           *x.shape[1:]), batch)
+  """Mean loss, aux and gradients over `accumulation` micro-batches (a `lax.scan`).
+
+  Micro-batch a holds rows a, a + A, a + 2A, ... (strided): when the rows are sharded in
+  contiguous blocks over a data axis, every micro-batch stays spread over all of its devices.
+  """
+  micro = jax.tree.map(lambda x: x.reshape(x.shape[0] // accumulation, accumulation,
+                                           *x.shape[1:]).swapaxes(0, 1), batch)
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
   def body(acc, xs):

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from single_multi.data import bigbench, common, gsm8k, mmlu, pipeline, tasks
+from single_multi.models.tiny import ByteTokenizer as CharTokenizer
 
 # -------------------------------------------------------------------------------------------------
 # MMLU: the official archive layout (headerless CSV), its extracted tree, and the parquet copy.
@@ -249,20 +250,6 @@ def test_unknown_task_name():
 
 # -------------------------------------------------------------------------------------------------
 # Prompts and batches.
-
-
-class CharTokenizer:
-  """A byte-level tokenizer with a ChatML-like template, enough to test the pipeline exactly."""
-  chat_template = "chatml"
-  pad_token_id = 0
-  eos_token_id = 1
-
-  def apply_chat_template(self, messages, add_generation_prompt, tokenize):
-    text = "".join(f"<{m['role']}>{m['content']}</>" for m in messages)
-    return text + ("<assistant>" if add_generation_prompt else "")
-
-  def __call__(self, text, add_special_tokens=False):
-    return {"input_ids": [2 + b for b in text.encode()]}
 
 
 def _examples(n, subject="s", prefix="q"):

@@ -10,27 +10,12 @@ import pytest
 
 from single_multi import evaluate, pool as pool_lib
 from single_multi.data import common, pipeline
-from single_multi.models import transformer
-from single_multi.models.config import ModelConfig
-from single_multi.models.loading import Model
-
-from test_data import CharTokenizer
-
-CONFIG = ModelConfig(model_type="llama", vocab_size=260, hidden_size=32, intermediate_size=64,
-                     num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8, rope_theta=10000.0,
-                     tie_word_embeddings=False, eos_token_ids=(1,))
+from single_multi.models import tiny, transformer
 
 
-class Tok(CharTokenizer):
-  def decode(self, ids, skip_special_tokens=True):
-    return bytes(int(i) - 2 for i in ids if 2 <= i < 258).decode("utf-8", "replace")
-
-
-def _model(seed):
-  params = transformer.init_params(CONFIG, jax.random.key(seed))
-  # Larger weights than the init so different options get clearly different scores.
-  params = jax.tree.map(lambda x: x * 4.0 if x.ndim > 1 else x, params)
-  return Model(CONFIG, params, Tok(), f"tiny{seed}")
+CONFIG = tiny.CONFIG
+Tok = tiny.ByteTokenizer
+_model = tiny.model
 
 
 def _examples():

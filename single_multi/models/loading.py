@@ -5,6 +5,7 @@ A source is a string, as written in configs:
   hf:<org>/<name>       the Hugging Face Hub (cached snapshot, or a download when online)
   /path/to/model.gguf   a llama.cpp GGUF file (dequantised with the `gguf` package)
   /path/to/dir          an HF directory: config.json + *.safetensors (optionally sharded)
+  tiny:<seed>           a tiny random 2-layer Llama with a byte tokenizer (`models/tiny.py`)
 
 Checkpoint tensors map to our params through one declarative table {our name: (HF key, GGUF key)};
 2-D linear weights are transposed from torch's [out, in] to our [in, out] and reshaped to the
@@ -327,6 +328,9 @@ def load(source: str, dtype=jnp.float32, tokenizer: bool = True) -> Model:
     model = load_gguf(path, dtype, tokenizer, tokenizer_cache=path.with_suffix(".tokenizer"))
   elif source.startswith("hf:"):
     model = load_hf_dir(resolve_hub(source.removeprefix("hf:")), dtype, tokenizer)
+  elif source.startswith("tiny:"):
+    from single_multi.models import tiny
+    model = tiny.model(int(source.removeprefix("tiny:")))
   elif source.endswith(".gguf"):
     if not os.path.isfile(source):
       raise LoadError(f"GGUF file {source} does not exist")
@@ -335,7 +339,7 @@ def load(source: str, dtype=jnp.float32, tokenizer: bool = True) -> Model:
     model = load_hf_dir(source, dtype, tokenizer)
   else:
     raise LoadError(f"model source {source!r} is neither an existing directory nor a .gguf file, "
-                    "nor of the form 'hf:<org>/<name>' or 'embedded:<name>'")
+                    "nor of the form 'hf:<org>/<name>', 'embedded:<name>' or 'tiny:<seed>'")
   return dataclasses.replace(model, source=source)
 
 
