@@ -3,7 +3,7 @@ fine-tuned on BIG-bench 2-digit multiplication as the assistant; train the gate 
 calibrate eta on validation rows, evaluate base / assistant / random deferral / weak supervision /
 Co-LLM on test rows.
 
-Run: python -m single_multi.co_llm_run --config=configs/co_llm_bigbench.py --workdir=/tmp/co_llm
+Run: python -m single_multi.main --config=configs/co_llm_bigbench.py --workdir=/tmp/co_llm
 """
 
 from ml_collections import config_dict
@@ -11,6 +11,7 @@ from ml_collections import config_dict
 
 def get_config() -> config_dict.ConfigDict:
   c = config_dict.ConfigDict()
+  c.job = "co_llm"
   c.base = "embedded:smollm2-135m-instruct"
   c.assistant = ""  # A model source; "": fine-tune the base into a specialist (cached).
   c.assistant_steps = 60

@@ -1,6 +1,6 @@
 """Co-LLM at scale (the paper's setting): a 7B base deferring to a math specialist on GSM8K.
 
-Run: python -m single_multi.co_llm_run --config=configs/co_llm_gsm8k.py --workdir=gs://bucket/run
+Run: python -m single_multi.main --config=configs/co_llm_gsm8k.py --workdir=gs://bucket/run
 (GSM8K via the TFDS catalog when online, or a manual dir with train.jsonl/test.jsonl.)
 """
 

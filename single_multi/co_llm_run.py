@@ -1,6 +1,6 @@
 """The Co-LLM job: specialist assistant, gate init, training, calibration, evaluation, traces.
 
-    python -m single_multi.co_llm_run --config=configs/co_llm_bigbench.py --workdir=/tmp/co_llm
+    python -m single_multi.main --config=configs/co_llm_bigbench.py --workdir=/tmp/co_llm
 
 1. The assistant: the configured model, or the base fine-tuned on the task's training rows (a
    specialist; cached in the workdir, reused when present).

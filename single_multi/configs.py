@@ -16,3 +16,135 @@ def load(path: str | pathlib.Path, relative_to: str | pathlib.Path | None = None
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module.get_config()
+
+
+# -------------------------------------------------------------------------------------------------
+# The config reference (docs/config.md), generated from the configs in configs/ and FIELDS below.
+# tests/test_configs.py fails when a field of any config has no entry here, when an entry names
+# no field, or when docs/config.md differs from what `python -m single_multi.configs` writes.
+
+FIELDS: dict[str, str] = {
+    # Every job.
+    "job": "`evolve` (the single-multi loop), `co_llm` (Co-LLM training and evaluation) or "
+           "`chat` (answer `prompts`).",
+    "seed": "Seeds everything: data splits, initialisations, sampling, distillation order.",
+    "dtype": "Parameter and compute dtype (`float32`, `bfloat16`).",
+    "batch_size": "Examples per decoding / scoring batch.",
+    "max_new_tokens": "Tokens generated per answer at most.",
+    "temperature": "Sampling temperature; 0 is greedy decoding.",
+    "top_p": "Nucleus sampling mass (with temperature > 0).",
+    "task": "Task spec: `bbh`, `mmlu`, `mmlu_redux`, `gsm8k`, `bigbench_knowledge` or "
+            "`bigbench:<task>[/<subtask>],...` (data/tasks.py).",
+    "test_examples": "Held-out test rows scored (first n of the test split).",
+    # evolve.
+    "pool": "Model sources (HF dir, `.gguf`, `hf:org/name`, `embedded:<name>`, `tiny:<seed>`). "
+            "With `specialists`, the first is the base they are fine-tuned from.",
+    "specialists": "Task specs, one per specialist: the base fine-tuned (LoRA r=8, merged) on "
+                   "that task's dev rows becomes a pool member; cached under the workdir.",
+    "specialist_steps": "Optimizer steps per specialist fine-tune.",
+    "specialist_examples": "Dev rows per specialist fine-tune.",
+    "specialist_learning_rate": "AdamW learning rate of the specialist fine-tunes.",
+    "k_shot": "Exemplars per prompt, from the task's shot split (0: zero-shot).",
+    "dev_examples": "Dev rows the pool collaborates on each round (the distillation data) and "
+                    "fits strategies on.",
+    "rounds": "Rounds of collaborate -> distil -> evaluate after round 0.",
+    "strategy": "Collaboration strategy (a `collab` registry name, README table).",
+    "strategy_config": "Overrides of the strategy's config dataclass fields, set in a config "
+                       "file (`c.strategy_config.rounds = 2`; the command line can override "
+                       "the keys a file sets); unknown keys fail before anything runs.",
+    "distill.method": "`supervised_kd`, `multi_student_kd`, `logit_kd` or `on_policy_kd` "
+                      "(distill.py).",
+    "distill.lora_rank": "LoRA rank of the distillation updates; 0 trains all params.",
+    "distill.lora_alpha": "LoRA alpha (scale alpha / rank).",
+    "distill.lora_dropout": "Dropout on the LoRA input.",
+    "distill.lora_targets": "Projections with LoRA adapters (q, k, v, o, gate, up, down).",
+    "distill.learning_rate": "Peak AdamW learning rate.",
+    "distill.schedule": "`cosine` or `linear` decay after warmup.",
+    "distill.warmup_fraction": "Fraction of the steps spent warming up linearly.",
+    "distill.clip_norm": "Global gradient norm clip.",
+    "distill.weight_decay": "AdamW weight decay.",
+    "distill.batch_size": "Rows per micro-batch.",
+    "distill.accumulation": "Micro-batches per optimizer step (a `lax.scan`).",
+    "distill.epochs": "Passes over the round's training rows.",
+    "distill.correctness_filter": "Keep only dev outputs scored correct (off in the reference).",
+    "mesh": "Mesh axis sizes ({axis: size}, one may be -1) of the `--dry_run` sharding plan. "
+            "The loop itself runs data parallel over all devices (multihost.py).",
+    "keep_checkpoints": "Orbax checkpoints kept (one per finished stage).",
+    # chat.
+    "model": "The model source that answers.",
+    "prompts": "User messages, each answered with the chat template.",
+    # co_llm.
+    "base": "The base model source (it learns when to defer).",
+    "assistant": "The assistant's source; empty: the base fine-tuned into a task specialist "
+                 "(cached in the workdir).",
+    "assistant_steps": "Optimizer steps of that fine-tune.",
+    "assistant_learning_rate": "Its learning rate.",
+    "instruction": "Appended to every question.",
+    "train_examples": "Dev rows for gate training (the rest of dev is validation).",
+    "val_fraction": "Share of dev kept for validation (calibrating eta).",
+    "val_examples": "Validation rows used for calibration.",
+    "train.base": "`full`, `lora` or `gate` (base frozen): what trains with the gate.",
+    "train.lora_rank": "LoRA rank when train.base is `lora`.",
+    "train.lora_alpha": "LoRA alpha when train.base is `lora`.",
+    "train.steps": "Training steps of the Co-LLM objective (and of the weak-supervision "
+                   "baseline).",
+    "train.batch_size": "Rows per step.",
+    "train.learning_rate": "Base learning rate (AdamW, warmup + cosine).",
+    "train.gate_learning_rate": "The gate row's learning rate.",
+    "train.warmup_fraction": "Warmup share of the steps.",
+    "train.init": "Gate init: `a` (assistant right and base wrong), `b` (base wrong) or `none`.",
+}
+
+SECTIONS = (("evolve", ("quickstart.py", "tiny.py", "mmlu.py", "bbh.py")),
+            ("co_llm", ("co_llm_bigbench.py", "co_llm_gsm8k.py")),
+            ("chat", ("chat.py",)))
+
+
+def leaves(config, prefix: str = "") -> dict[str, object]:
+  """{dotted field: value}; a nested ConfigDict is walked, except `mesh` and `strategy_config`
+  whose keys are free-form (one row each)."""
+  out = {}
+  for k in sorted(config.keys()):
+    v, name = config[k], prefix + k
+    if hasattr(v, "keys") and name not in ("mesh", "strategy_config"):
+      out.update(leaves(v, name + "."))
+    else:
+      out[name] = v.to_dict() if hasattr(v, "to_dict") else v
+  return out
+
+
+def undocumented(config) -> list[str]:
+  """The config's fields that FIELDS does not describe."""
+  return [n for n in leaves(config) if n not in FIELDS]
+
+
+def reference(config_dir: str | pathlib.Path) -> str:
+  """docs/config.md: per job, every field with each config's value and its meaning."""
+  config_dir = pathlib.Path(config_dir)
+  lines = ["# Config reference", "",
+           "Generated by `python -m single_multi.configs > docs/config.md` from the files in "
+           "`configs/` and the field descriptions in `single_multi/configs.py` (a test fails "
+           "when they drift). Override any field with `--config.<field>=<value>`.", ""]
+  for job, files in SECTIONS:
+    values = {f: leaves(load(config_dir / f)) for f in files}
+    names = sorted(set().union(*values.values()), key=lambda n: (n.count("."), n))
+    lines += [f"## `job = \"{job}\"`", "",
+              "| field | meaning | " + " | ".join(f"`{f}`" for f in files) + " |",
+              "|---" * (2 + len(files)) + "|"]
+    for n in names:
+      cells = [_cell(values[f].get(n, "—")) for f in files]
+      lines.append(f"| `{n}` | {FIELDS.get(n, '**undocumented**')} | " + " | ".join(cells)
+                   + " |")
+    lines.append("")
+  return "\n".join(lines)
+
+
+def _cell(v) -> str:
+  if isinstance(v, str) and v == "—":
+    return v
+  text = repr(tuple(v) if isinstance(v, list) else v)
+  return "`" + text.replace("|", "\\|") + "`"
+
+
+if __name__ == "__main__":
+  print(reference(pathlib.Path(__file__).resolve().parent.parent / "configs"), end="")

@@ -312,8 +312,8 @@ class Checkpoints:
 def write_metrics(workdir: epath.Path, history: list[dict[str, Any]]) -> None:
   """metrics.jsonl (one line per round), TensorBoard events (the newest round), accuracy.png."""
   (workdir / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in history))
-  import matplotlib
   import tensorboardX
+  from matplotlib.figure import Figure
 
   m = history[-1]  # Events are appended round by round (earlier rounds are already written).
   with tensorboardX.SummaryWriter(str(workdir / "tensorboard")) as w:
@@ -321,11 +321,10 @@ def write_metrics(workdir: epath.Path, history: list[dict[str, Any]]) -> None:
     w.add_scalar("test/single_mean", m["single_mean"], m["round"])
     w.add_scalar("test/best_single", m["best_single"], m["round"])
     for n, v in m["singles"].items():
-      w.add_scalar(f"test/single/{n}", v, m["round"])
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
+      w.add_scalar(f"test/single/{n.replace(':', '_')}", v, m["round"])
   rounds = [m["round"] for m in history]
-  fig, ax = plt.subplots(figsize=(5, 3.5))
+  fig = Figure(figsize=(5, 3.5))  # No pyplot: the caller's backend stays as it is.
+  ax = fig.subplots()
   ax.plot(rounds, [m["collab"] for m in history], "o-", label="collaboration")
   ax.plot(rounds, [m["single_mean"] for m in history], "s-", label="single (mean)")
   ax.plot(rounds, [m["best_single"] for m in history], "^--", label="best single")
@@ -336,7 +335,6 @@ def write_metrics(workdir: epath.Path, history: list[dict[str, Any]]) -> None:
   fig.tight_layout()
   with (workdir / "accuracy.png").open("wb") as f:
     fig.savefig(f, format="png", dpi=120)
-  plt.close(fig)
 
 
 # -------------------------------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """Entry point: `python -m single_multi.main --config=configs/quickstart.py [--workdir=DIR]`.
 
-config.job: "evolve" (the single-multi loop, `evolve.py`) or "chat" (answer the config's prompts).
+config.job: "evolve" (the single-multi loop, `evolve.py`), "co_llm" (`co_llm_run.py`) or "chat"
+(answer the config's prompts). Every field is described in docs/config.md.
 Overrides (`--config.rounds=3`) are checked against the config before anything loads: a misspelled
 key fails at once. `--dry_run` builds nothing: it prints the sharding plan of the pool's params and
 optimizer states from the architecture alone (`jax.eval_shape`) and the bytes per device.
@@ -34,6 +35,9 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
 flags.mark_flags_as_required(["config"])
 
 
+JOBS = ("evolve", "chat", "co_llm")
+
+
 def run_chat(config, workdir: str | None = None) -> list[dict]:
   from single_multi import chat
   return chat.run(config.model, list(config.prompts), dtype=config.dtype,
@@ -43,8 +47,14 @@ def run_chat(config, workdir: str | None = None) -> list[dict]:
 
 
 def run(config, workdir: str | None = None, dry_run: bool = False):
-  if config.get("job", "chat") == "chat":
+  job = config.get("job", "chat")
+  if job not in JOBS:
+    raise ValueError(f"unknown job {job!r}; choose one of {JOBS}")
+  if job == "chat":
     return run_chat(config, workdir)
+  if job == "co_llm":
+    from single_multi import co_llm_run
+    return co_llm_run.run(config, workdir or "/tmp/co_llm")
   from single_multi import evolve, pools
   evolve.validate(config)
   if dry_run:

@@ -7,6 +7,8 @@ import pathlib
 import subprocess
 import sys
 
+import jax
+import numpy as np
 import pytest
 from configs_loader import load_config
 
@@ -52,6 +54,43 @@ def test_one_round_end_to_end_and_distillation_lowers_the_loss(tiny_pool, tmp_pa
   assert (tmp_path / "metrics.jsonl").read_text().count("\n") == 2
   records = (tmp_path / "round_1" / "collaboration" / "records.jsonl").read_text().splitlines()
   assert len(records) == 8 and json.loads(records[0])["model"] == strategy
+
+
+@pytest.mark.parametrize("method", ["logit_kd", "on_policy_kd"])
+def test_logit_and_on_policy_kd_rounds_train_on_normalised_teacher_rows(tiny_pool, tmp_path,
+                                                                        monkeypatch, method):
+  # The KL to the fused teacher starts small (~0.07): Adam at the NLL tests' 1e-2 overshoots it.
+  c = _config(**{"distill.method": method, "distill.epochs": 3.0,
+                 "distill.learning_rate": 1e-3})
+  seen = {}
+  real = evolve.distill.distill
+
+  def spy(params, data, *args, **kwargs):
+    out = real(params, data, *args, **kwargs)
+    seen.update(data, before=params, after=out[0], per_model=kwargs.get("per_model_batch"))
+    return out
+
+  monkeypatch.setattr(evolve.distill, "distill", spy)
+  history = evolve.run(c, tmp_path, tiny_pool, progress=False)
+  assert [m["round"] for m in history] == [0, 1] and history[1]["distill"]["steps"] == 6
+  teacher, tokens = np.asarray(seen["teacher"]), np.asarray(seen["tokens"])
+  # logit_kd: one set of rows (the collaboration's own outputs) for every model; on_policy_kd:
+  # per model, its own samples, [N, R, ...].
+  assert seen["per_model"] == (method == "on_policy_kd")
+  lead = (3, 8) if method == "on_policy_kd" else (8,)
+  assert tokens.shape[:len(lead)] == lead and teacher.shape[:len(lead)] == lead
+  assert teacher.shape[-2:] == (c.max_new_tokens, tiny_pool.config.vocab_size)
+  # Every teacher row the loss uses is a distribution over the vocabulary.
+  loss_mask = np.asarray(seen["loss_mask"])[..., -c.max_new_tokens:] > 0
+  mass = np.exp(teacher.astype(np.float64)).sum(-1)
+  assert loss_mask.any() and np.allclose(mass[loss_mask], 1.0, atol=1e-4)
+  # The KL over all the round's rows drops for every model (merged params after vs before).
+  loss_fn = evolve.distill.make_loss(tiny_pool.config, method, None)
+  data = {k: seen[k] for k in ("tokens", "mask", "loss_mask", "teacher")}
+  one = lambda p, d: loss_fn(p, None, d, jax.random.key(0))[0]
+  total = jax.vmap(one, in_axes=(0, 0 if seen["per_model"] else None))
+  before, after = np.asarray(total(seen["before"], data)), np.asarray(total(seen["after"], data))
+  assert (after < before).all(), (before, after)
 
 
 def test_kill_after_each_stage_then_resume_gives_the_same_metrics(tiny_pool, tmp_path):
