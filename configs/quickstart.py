@@ -53,4 +53,6 @@ def get_config() -> config_dict.ConfigDict:
   c.distill.correctness_filter = False
   c.mesh = config_dict.ConfigDict({"data": -1})
   c.keep_checkpoints = 2
+  # True: each round is one jax.jit program (supervised_kd / logit_kd; a checkpoint per round).
+  c.fused_round = False
   return c

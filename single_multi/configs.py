@@ -70,6 +70,9 @@ FIELDS: dict[str, str] = {
     "mesh": "Mesh axis sizes ({axis: size}, one may be -1) of the `--dry_run` sharding plan. "
             "The loop itself runs data parallel over all devices (multihost.py).",
     "keep_checkpoints": "Orbax checkpoints kept (one per finished stage).",
+    "fused_round": "Each round as one `jax.jit` program (collaborate on all dev rows, token-space "
+                   "rows, every distillation step in a `lax.scan`, test decodes), one checkpoint "
+                   "per round; `supervised_kd` and `logit_kd` only (evolve.py).",
     # chat.
     "model": "The model source that answers.",
     "prompts": "User messages, each answered with the chat template.",

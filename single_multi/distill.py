@@ -176,6 +176,36 @@ def num_steps(num_rows: int, cfg: DistillConfig) -> int:
   return max(1, int(np.ceil(num_rows * cfg.epochs / per_step)))
 
 
+def step_order(num_rows: int, cfg: DistillConfig) -> np.ndarray:
+  """[steps, rows per step]: the rows of every optimizer step (a seeded permutation per epoch)."""
+  per_step, total = cfg.batch_size * cfg.optim.accumulation, num_steps(num_rows, cfg)
+  order = np.concatenate([np.random.default_rng(cfg.seed + e).permutation(num_rows)
+                          for e in range(int(np.ceil(per_step * total / num_rows)))])
+  return order[:per_step * total].reshape(total, per_step)
+
+
+def program(params_n, data: dict[str, jax.Array], order, config: ModelConfig,
+            cfg: DistillConfig, tail: int | None = None):
+  """The whole distillation as traced code (for a caller's jit): every optimizer step of the
+  vmapped pool step in one `lax.scan` over `order` [steps, rows per step] (`step_order`), the
+  rows shared by the pool. Returns (merged params, losses [steps, N])."""
+  fresh, optimizer = init_state(params_n, config, cfg, order.shape[0])
+  step_fn = make_pool_step(make_loss(config, cfg.method, cfg.lora, tail), optimizer,
+                           cfg.optim.accumulation, per_model_batch=False)
+  frozen = None if cfg.lora is None else params_n
+
+  def body(carry, xs):
+    idx, step = xs
+    batch = jax.tree.map(lambda v: v[idx], data)
+    trainable, opt_state, metrics = step_fn(*carry, frozen, batch,
+                                            jax.random.fold_in(jax.random.key(cfg.seed), step))
+    return (trainable, opt_state), metrics["loss"]
+
+  (trainable, _), losses = jax.lax.scan(body, (fresh.trainable, fresh.opt_state),
+                                        (order, jnp.arange(order.shape[0])))
+  return merged(params_n, DistillState(trainable, None), cfg), losses
+
+
 def distill(params_n, data: dict[str, np.ndarray], config: ModelConfig, cfg: DistillConfig, *,
             per_model_batch: bool = False, state: DistillState | None = None,
             on_step=None, progress: bool = True):
@@ -197,13 +227,12 @@ def distill(params_n, data: dict[str, np.ndarray], config: ModelConfig, cfg: Dis
     state = DistillState(*multihost.replicate((state.trainable, state.opt_state), mesh),
                          state.step)
     frozen = multihost.replicate(frozen, mesh)
-  order = np.concatenate([np.random.default_rng(cfg.seed + e).permutation(rows)
-                          for e in range(int(np.ceil(per_step * total / rows)))])
+  order = step_order(rows, cfg)
   history = []
   bar = tqdm.trange(state.step, total, desc=f"distill ({cfg.method})", disable=not progress,
                     initial=state.step, total=total)
   for step in bar:
-    idx = order[step * per_step:(step + 1) * per_step]
+    idx = order[step]
     batch = {k: (v[:, idx] if per_model_batch else v[idx]) for k, v in data.items()}
     rng = jax.random.fold_in(jax.random.key(cfg.seed), step)
     if mesh is not None:

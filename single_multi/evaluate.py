@@ -186,7 +186,6 @@ def evaluate(model: pool_lib.Pool | Model, examples: Sequence[common.Example], *
   pool = _as_pool(model)
   if strategy is not None:
     env = collab.make_env(pool, strategy, strategy_cfg, max_new_tokens=max_new_tokens)
-  excluded = [{"id": ex.id, "problem": ex.problem} for ex in examples if ex.problem]
   make = pipeline.loglik_batches if method == "loglik" else pipeline.generation_batches
   batches = make(examples, prompter, batch_size=batch_size,
                  shard=(jax.process_index(), jax.process_count()))
@@ -233,17 +232,36 @@ def evaluate(model: pool_lib.Pool | Model, examples: Sequence[common.Example], *
                                    pad_id=pad_id)
         names = pool.names
         tokens, lengths = np.asarray(out.tokens), np.asarray(out.lengths)
-      for n, name in enumerate(names):
-        for b, i in enumerate(rows):
-          ex = examples[i]
-          text = pool.tokenizer.decode(tokens[n, b, :lengths[n, b]], skip_special_tokens=True)
-          records.append({"model": name, "id": ex.id, "subject": ex.subject,
-                          "input": ex.question, "output": text,
-                          **_score_generated(ex, text, metric)})
+      records += generation_records(examples, rows, names, tokens, lengths, pool.tokenizer,
+                                    metric)
   records = multihost.allgather_records(records)  # Each process scored its shard.
-  wall = time.perf_counter() - start
-  order = {ex.id: i for i, ex in enumerate(examples)}
   model_order = (strategy,) if strategy is not None else pool.names
+  return finish(records, examples, model_order, method=method, metric=metric,
+                task_name=task_name, split=split, seed=seed, output_dir=output_dir,
+                timing={"wall_seconds": time.perf_counter() - start,
+                        "input_pipeline_seconds": waited})
+
+
+def generation_records(examples, rows: Sequence[int], names: Sequence[str], tokens, lengths,
+                       tokenizer, metric: str) -> list[dict[str, Any]]:
+  """Scored records of generated answers: tokens/lengths [N, B(, M)] of models `names` for
+  batch rows that hold examples[rows[b]]."""
+  records = []
+  for n, name in enumerate(names):
+    for b, i in enumerate(rows):
+      ex = examples[i]
+      text = tokenizer.decode(tokens[n, b, :lengths[n, b]], skip_special_tokens=True)
+      records.append({"model": name, "id": ex.id, "subject": ex.subject, "input": ex.question,
+                      "output": text, **_score_generated(ex, text, metric)})
+  return records
+
+
+def finish(records: list[dict[str, Any]], examples, model_order: Sequence[str], *, method: str,
+           metric: str, task_name: str, split: str, seed: int, output_dir=None,
+           timing: dict[str, float] | None = None) -> EvalResult:
+  """Sorted records, the summary (bootstrap CIs, excluded rows) and the files."""
+  excluded = [{"id": ex.id, "problem": ex.problem} for ex in examples if ex.problem]
+  order = {ex.id: i for i, ex in enumerate(examples)}
   records.sort(key=lambda r: (model_order.index(r["model"]), order[r["id"]]))
   keys = ["score", "score_norm"] if method == "loglik" else ["score"]
   if method == "generate" and any("f1" in r for r in records):
@@ -259,7 +277,7 @@ def evaluate(model: pool_lib.Pool | Model, examples: Sequence[common.Example], *
                         f"(scored {len(examples) - len(excluded)} of {len(examples)})"),
       "models": {m: {names[k]: v for k, v in e.items() if k in names} | {"by_subject":
                  e["by_subject"]} for m, e in models.items()},
-      "wall_seconds": wall, "input_pipeline_seconds": waited,
+      **(timing or {}),
   }
   if output_dir is not None and multihost.is_primary():
     out_dir = epath.Path(output_dir)  # Local or a bucket (gs://...).

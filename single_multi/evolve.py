@@ -13,6 +13,13 @@ After every stage an Orbax checkpoint holds: round, stage, the pool params, the 
 resumes after the last finished stage and, every stage being deterministic given its inputs, ends
 with the same metrics as an uninterrupted run. (Interrupting inside a stage redoes that stage.)
 
+`config.fused_round`: each round r >= 1 is one `jax.jit` program instead (`round_program`):
+collaborate on all dev rows, build the training rows in token space (the output tokens exactly
+as generated, ending in eos), run every optimizer step of the distillation in a `lax.scan`, and
+decode the test rows with the distilled singles and the collaboration; tokenisation before,
+text scoring after, one checkpoint per round. Strategies fitted on dev refit on the host before
+the test evaluation (two programs per round). Methods: supervised_kd and logit_kd.
+
 The workdir may be local or a bucket path (gs://...; `etils.epath`). With several processes
 (`multihost.py`) every process runs this loop: evaluation shards the examples, distillation is data
 parallel, process 0 writes the files, all processes take part in the checkpoints.
@@ -40,8 +47,11 @@ from single_multi.models import lora as lora_lib
 STAGES = ("collaborate", "distill", "evaluate")
 
 
-def stage_list(rounds: int) -> list[tuple[int, str]]:
-  return [(0, "evaluate")] + [(r, s) for r in range(1, rounds + 1) for s in STAGES]
+def stage_list(rounds: int, fused: bool = False) -> list[tuple[int, str]]:
+  """The checkpointed stages in order: round 0's evaluation, then per round its three stages, or
+  one "round" stage when each round is one program (`config.fused_round`)."""
+  per_round = ("round",) if fused else STAGES
+  return [(0, "evaluate")] + [(r, s) for r in range(1, rounds + 1) for s in per_round]
 
 
 # -------------------------------------------------------------------------------------------------
@@ -90,6 +100,10 @@ def validate(config: config_dict.ConfigDict) -> None:
   if config.rounds < 0:
     raise ValueError(f"rounds must be >= 0, got {config.rounds}")
   level = collab.get(config.strategy).level
+  if config.get("fused_round", False) and config.distill.method not in FUSED_METHODS:
+    raise ValueError(f"fused_round: one program per round supports distill.method in "
+                     f"{FUSED_METHODS}, not {config.distill.method!r} (it needs host work "
+                     "between collaborating and distilling); set fused_round=False")
   if config.distill.method in ("logit_kd", "on_policy_kd") and level not in ("logit", "token"):
     raise ValueError(f"{config.distill.method} needs per-token teacher rows, which only logit- "
                      f"and token-level strategies produce; {config.strategy} is {level}-level")
@@ -306,6 +320,114 @@ class Checkpoints:
 
 
 # -------------------------------------------------------------------------------------------------
+# One round as one program (config.fused_round).
+
+FUSED_METHODS = ("supervised_kd", "logit_kd")
+
+
+def rows_with_eos(prompt, prompt_mask, tokens, lengths, stop_ids: Sequence[int], eos: int):
+  """Training rows in token space: the prompt as generated, then the output tokens exactly as
+  generated, ending in eos (a final stop token becomes eos; an answer cut off at the token limit
+  gets one). Rows [B, P + M + 1]; the loss covers the output and its eos."""
+  B = tokens.shape[0]
+  tokens = jnp.pad(tokens, ((0, 0), (0, 1)))
+  last = jnp.take_along_axis(tokens, jnp.maximum(lengths - 1, 0)[:, None], axis=1)[:, 0]
+  stopped = (lengths > 0) & jnp.isin(last, jnp.asarray(stop_ids, tokens.dtype))
+  at = jnp.where(stopped, lengths - 1, lengths)
+  tokens = tokens.at[jnp.arange(B), at].set(eos)
+  return distill.sequences(prompt, prompt_mask, tokens, at + 1)
+
+
+def _round_program(params_n, dev, test, order, rng, state, *, strategy, cfg, env, dcfg, eos,
+                   evaluate_test):
+  """Collaborate on all dev rows -> rows -> every optimizer step of the vmapped pool distillation
+  (`distill.program`) -> [the distilled singles and the collaboration answer all test rows]."""
+  run = collab.get(strategy).run
+  k_dev, k_single, k_test = jax.random.split(rng, 3)
+  out = run(params_n, dev, k_dev, cfg=cfg, env=env, state=state)
+  if dcfg.method == "logit_kd":  # Rows end with the output; the teacher row of each its token.
+    tokens, mask, loss_mask = distill.sequences(dev.prompt, dev.prompt_mask, out.tokens,
+                                                out.lengths)
+    data, tail = {"tokens": tokens, "mask": mask, "loss_mask": loss_mask,
+                  "teacher": out.rows}, None
+  else:
+    tokens, mask, loss_mask = rows_with_eos(dev.prompt, dev.prompt_mask, out.tokens,
+                                            out.lengths, env.stop_ids, eos)
+    data, tail = {"tokens": tokens, "mask": mask, "loss_mask": loss_mask}, env.max_new_tokens + 1
+  params_n, losses = distill.program(params_n, data, order, env.config, dcfg, tail)
+  result = {"params": params_n, "losses": losses, "data": data,
+            "dev": (out.tokens, out.lengths)}
+  if evaluate_test:
+    singles = pool_lib.decode_each(params_n, test.prompt, test.prompt_mask, k_single,
+                                   sampler=env.sampler, **env.decode_kw)
+    together = run(params_n, test, k_test, cfg=cfg, env=env, state=state)
+    result["singles"] = (singles.tokens, singles.lengths)
+    result["collab"] = (together.tokens, together.lengths)
+  return result
+
+
+round_program = jax.jit(_round_program, static_argnames=(
+    "strategy", "cfg", "env", "dcfg", "eos", "evaluate_test"))
+
+
+def fused_round(loop: Loop, pool, state, rng, out_dir):
+  """One round through `round_program`: tokenisation before (all dev rows, all test rows as one
+  batch each), text scoring after. A strategy fitted on dev (routers, best-on-dev summariser)
+  is refitted on the host with the distilled models before the test evaluation, which then runs
+  as its own programs (`Loop.singles` / `Loop.collaboration`): such a round is two programs.
+  Returns (params, dev result, singles, collaboration, distillation losses [steps, N])."""
+  config, dcfg = loop.config, distill_config(loop.config)
+  env = collab.make_env(pool, config.strategy, strategy_config(config),
+                        max_new_tokens=config.max_new_tokens, sampler=sampler_of(config),
+                        return_rows=dcfg.method == "logit_kd")
+  dev_data = next(iter(pipeline.generation_batches(loop.dev, loop.prompter,
+                                                   batch_size=len(loop.dev))))
+  test_data = next(iter(pipeline.generation_batches(loop.test, loop.prompter,
+                                                    batch_size=len(loop.test))))
+  refit = collab.get(config.strategy).fit is not None
+  order = distill.step_order(len(loop.dev), dcfg)
+  res = round_program(pool.params, collab.batch_from(dev_data), collab.batch_from(test_data),
+                      jnp.asarray(order), rng, state, strategy=config.strategy,
+                      cfg=strategy_config(config), env=env, dcfg=dcfg,
+                      eos=decoding.stop_ids_for(pool.config, pool.tokenizer)[0],
+                      evaluate_test=not refit)
+  losses = np.asarray(res["losses"])
+  if not np.isfinite(losses).all():
+    raise FloatingPointError(
+        f"distillation loss is not finite ({losses[-1].tolist()} at the last step); stopping "
+        "before anything is saved, so the last good checkpoint stays the latest. Lower "
+        "distill.learning_rate or check the training rows.")
+  pool = dataclasses.replace(pool, params=res["params"])
+  kw = dict(method="generate", metric=loop.task.spec.metric, task_name=loop.task.name,
+            seed=config.seed)
+
+  def scored(data, examples, names, out, split, directory):
+    rows = [int(i) for i in data["index"] if i >= 0]
+    tokens, lengths = (np.asarray(x) for x in out)
+    if tokens.ndim == 2:  # The collaboration's [B, M]: one "model".
+      tokens, lengths = tokens[None], lengths[None]
+    records = evaluate.generation_records(examples, rows, names, tokens, lengths,
+                                          pool.tokenizer, loop.task.spec.metric)
+    return evaluate.finish(records, examples, names, split=split, output_dir=directory, **kw)
+
+  scored(dev_data, loop.dev, (config.strategy,), res["dev"], "dev",
+         out_dir / "collaboration_dev")
+  if refit:
+    scores = None
+    if loop.needs_dev_singles():
+      scores = _scores_matrix(loop.singles(pool, loop.dev, "dev"), pool.names, loop.dev)
+    state = loop.fit(pool, scores)
+    singles = loop.singles(pool, loop.test, "test", out_dir / "singles")
+    collab_r = loop.collaboration(pool, loop.test, "test", state, out_dir / "collaboration")
+  else:
+    singles = scored(test_data, loop.test, pool.names, res["singles"], "test",
+                     out_dir / "singles")
+    collab_r = scored(test_data, loop.test, (config.strategy,), res["collab"], "test",
+                      out_dir / "collaboration")
+  return pool, singles, collab_r, losses
+
+
+# -------------------------------------------------------------------------------------------------
 # Outputs a user plots.
 
 
@@ -362,7 +484,8 @@ def run(config: config_dict.ConfigDict, workdir, pool: pool_lib.Pool, *, progres
   prompter = pipeline.Prompter(pool.tokenizer, pipeline.PromptConfig(k_shot=config.k_shot), shots)
   loop = Loop(config, pool, task, dev, test, prompter, progress)
   dcfg = distill_config(config)
-  stages = stage_list(config.rounds)
+  fused = bool(config.get("fused_round", False))
+  stages = stage_list(config.rounds, fused)
   ckpt = Checkpoints(workdir / "checkpoints", config.keep_checkpoints)
   history: list[dict[str, Any]] = []
   distill_stats: dict[str, Any] = {}
@@ -396,6 +519,21 @@ def run(config: config_dict.ConfigDict, workdir, pool: pool_lib.Pool, *, progres
         m = round_metrics(r, singles, collab_r, pool.names, config.strategy)
         if str(r) in distill_stats:
           m["distill"] = distill_stats[str(r)]
+        history.append(m)
+        if primary:
+          write_metrics(workdir, history)
+          print(format_round(m))
+        arrays = {}
+      elif stage == "round":  # config.fused_round: the round as one program.
+        scores = None
+        if loop.needs_dev_singles():
+          scores = _scores_matrix(loop.singles(pool, dev, "dev"), pool.names, dev)
+        pool, singles, collab_r, losses = fused_round(loop, pool, loop.fit(pool, scores), rng,
+                                                      out_dir)
+        distill_stats[str(r)] = {"first_loss": losses[0].tolist(),
+                                 "last_loss": losses[-1].tolist(), "steps": len(losses)}
+        m = round_metrics(r, singles, collab_r, pool.names, config.strategy)
+        m["distill"] = distill_stats[str(r)]
         history.append(m)
         if primary:
           write_metrics(workdir, history)

@@ -40,9 +40,14 @@ def _config(**overrides):
   return c
 
 
-@pytest.mark.parametrize("strategy", ["logit_fusion", "multiagent_refine", "trained_router"])
+# logit_fusion's round (same checks) is the uninterrupted run of the kill/resume test below.
+@pytest.mark.parametrize("strategy", ["multiagent_refine", "trained_router"])
 def test_one_round_end_to_end_and_distillation_lowers_the_loss(tiny_pool, tmp_path, strategy):
-  c = _config(strategy=strategy, **{"distill.epochs": 3.0})
+  _check_one_round(tiny_pool, tmp_path, strategy)
+
+
+def _check_one_round(tiny_pool, tmp_path, strategy, **overrides):
+  c = _config(strategy=strategy, **{"distill.epochs": 3.0}, **overrides)
   history = evolve.run(c, tmp_path, tiny_pool, progress=False)
   assert [m["round"] for m in history] == [0, 1]
   for m in history:
@@ -54,6 +59,7 @@ def test_one_round_end_to_end_and_distillation_lowers_the_loss(tiny_pool, tmp_pa
   assert (tmp_path / "metrics.jsonl").read_text().count("\n") == 2
   records = (tmp_path / "round_1" / "collaboration" / "records.jsonl").read_text().splitlines()
   assert len(records) == 8 and json.loads(records[0])["model"] == strategy
+  return history
 
 
 @pytest.mark.parametrize("method", ["logit_kd", "on_policy_kd"])
@@ -94,8 +100,9 @@ def test_logit_and_on_policy_kd_rounds_train_on_normalised_teacher_rows(tiny_poo
 
 
 def test_kill_after_each_stage_then_resume_gives_the_same_metrics(tiny_pool, tmp_path):
-  c = _config()
-  want = evolve.run(c, tmp_path / "whole", tiny_pool, progress=False)
+  """Also logit_fusion's one round end to end (the distillation loss drops for every model)."""
+  c = _config(**{"distill.epochs": 3.0})
+  want = _check_one_round(tiny_pool, tmp_path / "whole", "logit_fusion")
   stages = evolve.stage_list(c.rounds)
   for k in range(len(stages) - 1):
     workdir = tmp_path / f"killed_{k}"
@@ -181,3 +188,97 @@ def test_dry_run_plans_the_paper_pool_on_8_devices():
   replicated = out.split("replicated leaves: ")[1]
   assert "0 of them >= 1 MiB" in replicated
   assert "params['embed']" in out and "opt_state" in out
+
+
+# -------------------------------------------------------------------------------------------------
+# One round as one program (config.fused_round).
+
+
+def test_rows_with_eos_by_hand():
+  prompt = np.asarray([[0, 7, 8], [9, 9, 9]])
+  prompt_mask = (prompt > 0).astype(np.int32)
+  tokens = np.asarray([[5, 1, 0], [5, 6, 7]])  # Row 0 stopped (1 = stop id); row 1 was cut off.
+  rows, mask, loss = evolve.rows_with_eos(prompt, prompt_mask, tokens, np.asarray([2, 3]),
+                                          (1, 3), eos=3)
+  np.testing.assert_array_equal(rows, [[0, 7, 8, 5, 3, 0, 0], [9, 9, 9, 5, 6, 7, 3]])
+  np.testing.assert_array_equal(mask, [[0, 1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1, 1]])
+  np.testing.assert_array_equal(loss, [[0, 0, 0, 1, 1, 0, 0], [0, 0, 0, 1, 1, 1, 1]])
+
+
+def test_fused_round_program_equals_its_parts_run_as_separate_programs(tiny_pool):
+  """collaborate -> rows -> distill -> decode in one jit == the same steps as the staged loop's
+  separate programs (collab.run, distill.distill, pool decode) on the program's own rows."""
+  from single_multi import collab, decoding, distill
+  from single_multi.data import pipeline
+
+  c = _config(**{"distill.epochs": 2.0})
+  task = tasks.load_task(c.task)
+  dev, test = task.dev[:8], task.test[:8]
+  prompter = pipeline.Prompter(tiny_pool.tokenizer)
+  dcfg, cfg = evolve.distill_config(c), evolve.strategy_config(c)
+  env = collab.make_env(tiny_pool, c.strategy, cfg, max_new_tokens=c.max_new_tokens)
+  dev_b = collab.batch_from(next(iter(pipeline.generation_batches(dev, prompter, batch_size=8))))
+  test_b = collab.batch_from(next(iter(pipeline.generation_batches(test, prompter,
+                                                                   batch_size=8))))
+  order = distill.step_order(8, dcfg)
+  rng = jax.random.key(3)
+  res = evolve.round_program(tiny_pool.params, dev_b, test_b, order, rng, None,
+                             strategy=c.strategy, cfg=cfg, env=env, dcfg=dcfg, eos=1,
+                             evaluate_test=True)
+  k_dev, k_single, k_test = jax.random.split(rng, 3)
+  out = collab.run(tiny_pool, c.strategy, dev_b, env=env, cfg=cfg, rng=k_dev)
+  np.testing.assert_array_equal(res["dev"][0], out.tokens)
+  data = {k: np.asarray(v) for k, v in res["data"].items()}
+  P = dev_b.prompt.shape[1]  # Each row: the prompt, the output as generated, then eos (= 1).
+  for b in range(8):
+    gen = [int(t) for t in np.asarray(out.tokens)[b, :int(out.lengths[b])]]
+    want = (gen[:-1] if gen and gen[-1] == 1 else gen) + [1]
+    assert data["tokens"][b, P:P + len(want)].tolist() == want
+    assert data["loss_mask"][b].sum() == len(want) and data["loss_mask"][b, P:P + len(want)].all()
+  params, _, hist = distill.distill(tiny_pool.params, data, tiny_pool.config, dcfg,
+                                    progress=False)
+  assert len(hist) == len(order)
+  np.testing.assert_allclose(np.asarray(res["losses"]), [h["loss"] for h in hist], rtol=2e-5)
+  for a, b in zip(jax.tree.leaves(res["params"]), jax.tree.leaves(params)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-5)
+  singles = pool_lib.decode_each(res["params"], test_b.prompt, test_b.prompt_mask, k_single,
+                                 **env.decode_kw)
+  np.testing.assert_array_equal(res["singles"][0], singles.tokens)
+  distilled = pool_lib.Pool(tiny_pool.config, res["params"], tiny_pool.names, tiny_pool.tokenizer)
+  together = collab.run(distilled, c.strategy, test_b, env=env, cfg=cfg, rng=k_test)
+  np.testing.assert_array_equal(res["collab"][0], together.tokens)
+  assert decoding.stop_ids_for(tiny_pool.config, tiny_pool.tokenizer)[0] == 1
+
+
+def test_fused_logit_kd_loop_equals_the_staged_loop_and_resumes(tiny_pool, tmp_path):
+  """With every dev/test row in one batch, logit_kd's staged rows are the program's rows: the
+  fused loop reproduces the staged loop's metrics and records; killed after round 0, it resumes
+  to the same history."""
+  c = _config(**{"distill.method": "logit_kd", "distill.learning_rate": 1e-3})
+  staged = evolve.run(c, tmp_path / "staged", tiny_pool, progress=False)
+  c.fused_round = True
+  fused = evolve.run(c, tmp_path / "fused", tiny_pool, progress=False)
+  assert [m["round"] for m in fused] == [0, 1] and fused[1]["distill"]["steps"] == 2
+  for a, b in zip(staged, fused):
+    da, db = a.pop("distill", None), b.pop("distill", None)
+    assert a == b
+    if da:
+      for k in ("first_loss", "last_loss"):
+        assert da[k] == pytest.approx(db[k], rel=1e-4)
+  assert (tmp_path / "fused" / "round_1" / "collaboration_dev" / "records.jsonl").exists()
+  for part in ("singles", "collaboration"):
+    got = (tmp_path / "fused" / "round_1" / part / "records.jsonl").read_text()
+    assert got == (tmp_path / "staged" / "round_1" / part / "records.jsonl").read_text(), part
+  with pytest.raises(evolve.Interrupted):
+    evolve.run(c, tmp_path / "killed", tiny_pool, progress=False, stop_after=0)
+  resumed = evolve.run(c, tmp_path / "killed", tiny_pool, progress=False)
+  for m in resumed:
+    m.pop("distill", None)
+  assert resumed == fused
+
+
+def test_fused_round_with_a_dev_fitted_strategy_refits_then_tests(tiny_pool, tmp_path):
+  """trained_router learns on dev: its fused round is the collaborate + distill program, a host
+  refit with the distilled models, then the test decodes (two programs)."""
+  history = _check_one_round(tiny_pool, tmp_path, "trained_router", fused_round=True)
+  assert history[1]["distill"]["steps"] == 6

@@ -11,7 +11,9 @@ import sys
 
 import pytest
 
-from single_multi import assets, launch
+from configs_loader import load_config
+
+from single_multi import assets, launch, main
 from single_multi.data import tasks
 
 ROOT = pathlib.Path(__file__).parent.parent
@@ -106,9 +108,10 @@ def test_two_local_processes_give_the_single_process_metrics(tmp_path):
     pytest.skip(f"BIG-bench sdist unavailable: {e}")
   env = {**os.environ, "JAX_PLATFORMS": "cpu"}
   args = ["--config=configs/tiny.py", "--config.distill.epochs=2.0"]
-  one = tmp_path / "one"
-  subprocess.run([sys.executable, "-m", "single_multi.main", *args, f"--workdir={one}"],
-                 cwd=ROOT, env=env, check=True, capture_output=True)
+  one = tmp_path / "one"  # One process: main's run in this process (what `main` calls).
+  c = load_config("tiny.py")
+  c.distill.epochs = 2.0
+  main.run(c, str(one))
   two = tmp_path / "two"
   cmd = [sys.executable, "launch/local.py", "--num_processes=2", *args, f"--workdir={two}"]
   out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
