@@ -1,4 +1,4 @@
-"""The embedded default: the single-multi loop on CPU in about 10 minutes, nothing to download
+"""The embedded default: the single-multi loop on CPU in about 13 minutes (2 cores), nothing to download
 but two PyPI files (SmolLM2-135M-Instruct's GGUF and the BIG-bench sdist).
 
 A diverse pool is built from SmolLM2-135M-Instruct: three specialists from short LoRA fine-tunes
