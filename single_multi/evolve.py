@@ -273,7 +273,6 @@ class Checkpoints:
 
   def __init__(self, directory, keep: int):
     import orbax.checkpoint as ocp
-    from etils import epath
 
     self._ocp = ocp
     self.mesh = None
@@ -375,7 +374,8 @@ def fused_round(loop: Loop, pool, state, rng, out_dir):
   batch each), text scoring after. A strategy fitted on dev (routers, best-on-dev summariser)
   is refitted on the host with the distilled models before the test evaluation, which then runs
   as its own programs (`Loop.singles` / `Loop.collaboration`): such a round is two programs.
-  Returns (params, dev result, singles, collaboration, distillation losses [steps, N])."""
+  Returns (the distilled pool, singles and collaboration test results, distillation losses
+  [steps, N]); the dev collaboration's records go to out_dir/collaboration_dev."""
   config, dcfg = loop.config, distill_config(loop.config)
   env = collab.make_env(pool, config.strategy, strategy_config(config),
                         max_new_tokens=config.max_new_tokens, sampler=sampler_of(config),
@@ -491,6 +491,13 @@ def run(config: config_dict.ConfigDict, workdir, pool: pool_lib.Pool, *, progres
   distill_stats: dict[str, Any] = {}
   arrays: dict[str, np.ndarray] = {}
   start = 0
+
+  def record(m: dict[str, Any]) -> None:  # A finished round: history, files, the table.
+    history.append(m)
+    if primary:
+      write_metrics(workdir, history)
+      print(format_round(m))
+
   try:
     latest = ckpt.latest()
     if latest is not None:
@@ -519,10 +526,7 @@ def run(config: config_dict.ConfigDict, workdir, pool: pool_lib.Pool, *, progres
         m = round_metrics(r, singles, collab_r, pool.names, config.strategy)
         if str(r) in distill_stats:
           m["distill"] = distill_stats[str(r)]
-        history.append(m)
-        if primary:
-          write_metrics(workdir, history)
-          print(format_round(m))
+        record(m)
         arrays = {}
       elif stage == "round":  # config.fused_round: the round as one program.
         scores = None
@@ -534,10 +538,7 @@ def run(config: config_dict.ConfigDict, workdir, pool: pool_lib.Pool, *, progres
                                  "last_loss": losses[-1].tolist(), "steps": len(losses)}
         m = round_metrics(r, singles, collab_r, pool.names, config.strategy)
         m["distill"] = distill_stats[str(r)]
-        history.append(m)
-        if primary:
-          write_metrics(workdir, history)
-          print(format_round(m))
+        record(m)
         arrays = {}
       elif stage == "collaborate":
         dev_singles = loop.singles(pool, dev, "dev") if loop.needs_dev_singles() else None

@@ -22,6 +22,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
 from typing import Sequence
 
 MAIN = ("-m", "single_multi.main")
@@ -139,21 +140,23 @@ def run_local(commands, timeout: float | None = None) -> None:
     logs.append(log)
     procs.append(subprocess.Popen(argv, env={**os.environ, **env}, stdout=log,
                                   stderr=subprocess.STDOUT if log else None, text=True))
-  codes = [None] * len(procs)
-  try:
-    for i, p in enumerate(procs):
-      codes[i] = p.wait(timeout=timeout)
-      if codes[i]:
-        break
+  deadline = None if timeout is None else time.monotonic() + timeout
+  try:  # Watch all of them: one that fails would leave the others waiting in a collective.
+    while (any(p.poll() is None for p in procs) and not any(p.poll() for p in procs)
+           and (deadline is None or time.monotonic() < deadline)):
+      time.sleep(0.2)
   finally:
     for p in procs:
       if p.poll() is None:
         p.kill()
-  bad = [(i, procs[i].wait()) for i in range(len(procs)) if procs[i].wait()]
+  codes = [p.wait() for p in procs]
+  bad = [(i, c) for i, c in enumerate(codes) if c]
   if bad:
     tails = {i: pathlib.Path(logs[i].name).read_text()[-2000:] if logs[i] else "(above)"
              for i, _ in bad}
     raise RuntimeError(f"process(es) failed (index, exit code): {bad}; output tails: {tails}")
+  for log in logs[1:]:
+    os.unlink(log.name)
 
 
 # -------------------------------------------------------------------------------------------------

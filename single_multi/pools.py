@@ -58,8 +58,10 @@ def architecture(source: str) -> ModelConfig:
 
 def specialist(base: loading.Model, task_name: str, directory: pathlib.Path, config) -> Any:
   """The base fine-tuned (LoRA, merged) on a task's dev rows; cached in `directory`."""
-  multihost.sync(f"specialist {task_name}")  # Nobody reads while process 0 may be writing.
-  if (directory / "config.json").exists():
+  cached = (directory / "config.json").exists()
+  # Every process has looked before process 0 may start writing this directory below.
+  multihost.sync(f"specialist {task_name}")
+  if cached:
     logging.info("reusing specialist %s", directory)
     return loading.load(str(directory), jnp.dtype(config.dtype), tokenizer=False).params
   task = tasks.load_task(task_name, seed=config.seed)
