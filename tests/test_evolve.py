@@ -123,6 +123,11 @@ def test_bad_input_fails_clearly(tiny_pool, tmp_path):
     evolve.validate(c)
   with pytest.raises(ValueError, match="per-token teacher rows"):
     evolve.validate(_config(strategy="multiagent_refine", **{"distill.method": "logit_kd"}))
+  with pytest.raises(ValueError, match="fused_round: .* not 'multi_student_kd'"):
+    evolve.validate(_config(fused_round=True, **{"distill.method": "multi_student_kd"}))
+  from single_multi import main
+  with pytest.raises(ValueError, match="unknown job 'evolv'"):
+    main.run(_config(job="evolv"))
   # A damaged checkpoint: a clear error naming the directory.
   c = _config()
   with pytest.raises(evolve.Interrupted):
