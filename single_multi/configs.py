@@ -67,8 +67,10 @@ FIELDS: dict[str, str] = {
     "distill.accumulation": "Micro-batches per optimizer step (a `lax.scan`).",
     "distill.epochs": "Passes over the round's training rows.",
     "distill.correctness_filter": "Keep only dev outputs scored correct (off in the reference).",
-    "mesh": "Mesh axis sizes ({axis: size}, one may be -1) of the `--dry_run` sharding plan. "
-            "The loop itself runs data parallel over all devices (multihost.py).",
+    "mesh": "Mesh axis sizes ({axis: size} over model/data/fsdp/tensor, one may be -1) the loop "
+            "runs on with more than one device, params and optimizer states placed by "
+            "sharding.RULES (one process: the whole loop; several: distillation); `--dry_run` "
+            "prints its plan. Empty: one device.",
     "keep_checkpoints": "Orbax checkpoints kept (one per finished stage).",
     "fused_round": "Each round as one `jax.jit` program (collaborate on all dev rows, token-space "
                    "rows, every distillation step in a `lax.scan`, test decodes), one checkpoint "

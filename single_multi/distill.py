@@ -20,6 +20,7 @@ reference).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from typing import Any
 
@@ -121,9 +122,13 @@ def make_loss(config: ModelConfig, method: str, lora_cfg: lora_lib.LoraConfig | 
 
 
 def make_pool_step(loss_fn, optimizer: optax.GradientTransformation, accumulation: int,
-                   per_model_batch: bool):
+                   per_model_batch: bool, shardings=None):
   """step(trainable_n, opt_state_n, frozen_n, batch, rng) -> same + metrics [N]; every model
-  updates from its own gradients (vmap over the pool axis); buffers donated."""
+  updates from its own gradients (vmap over the pool axis); buffers donated.
+
+  shardings: (trainable, opt_state, frozen, batch) shardings on one mesh (`Placement`): the step
+  is jitted with them as its in/out shardings, the rng and metrics replicated. None: the step
+  follows its inputs' placement."""
 
   def one(trainable, opt_state, frozen, batch, key):
     loss, aux, grads = train_lib.accumulated_grads(loss_fn, trainable, frozen, batch, key,
@@ -140,7 +145,43 @@ def make_pool_step(loss_fn, optimizer: optax.GradientTransformation, accumulatio
     return jax.vmap(one, in_axes=(0, 0, 0, 0 if per_model_batch else None, 0))(
         trainable_n, opt_state_n, frozen_n, batch, keys)
 
-  return jax.jit(step, donate_argnums=(0, 1))
+  if shardings is None:
+    return jax.jit(step, donate_argnums=(0, 1))
+  trainable, opt_state, frozen, batch = shardings
+  everywhere = jax.sharding.NamedSharding(jax.tree.leaves(trainable)[0].mesh,
+                                          jax.sharding.PartitionSpec())
+  return jax.jit(step, in_shardings=(trainable, opt_state, frozen, batch, everywhere),
+                 out_shardings=(trainable, opt_state, everywhere), donate_argnums=(0, 1))
+
+
+@dataclasses.dataclass(frozen=True)
+class Placement:
+  """Where distillation's arrays live on a mesh (`sharding.RULES`): the pool's params, the LoRA (or
+  full) params and optimizer moments sharded like the params they are, each step's rows over the
+  batch axes (and the pool axis for per-model rows). On an fsdp/tensor mesh no device holds a
+  whole model or its optimizer state; on a data-only mesh everything but the rows is replicated."""
+
+  mesh: Any
+  frozen: Any
+  trainable: Any
+  opt_state: Any
+  batch: Any
+
+  @classmethod
+  def make(cls, mesh, config: ModelConfig, cfg: DistillConfig, optimizer, state: DistillState,
+           batch_shapes: dict[str, tuple[int, ...]], per_model_batch: bool) -> "Placement":
+    from single_multi import sharding
+
+    n = jax.tree.leaves(state.trainable)[0].shape[0]
+    params = sharding.param_shardings(config, mesh, pool_size=n)
+    trainable = params if cfg.lora is None else sharding.lora_shardings(config, cfg.lora, mesh, n)
+    return cls(mesh, None if cfg.lora is None else params, trainable,
+               sharding.opt_state_shardings(optimizer, state.opt_state, trainable, mesh),
+               {k: sharding.rows(mesh, shape, per_model_batch) for k, shape in batch_shapes.items()})
+
+  def put(self, tree, shardings):
+    from single_multi import sharding
+    return None if tree is None else sharding.put(tree, shardings)
 
 
 @dataclasses.dataclass
@@ -208,9 +249,12 @@ def program(params_n, data: dict[str, jax.Array], order, config: ModelConfig,
 
 def distill(params_n, data: dict[str, np.ndarray], config: ModelConfig, cfg: DistillConfig, *,
             per_model_batch: bool = False, state: DistillState | None = None,
-            on_step=None, progress: bool = True):
+            on_step=None, progress: bool = True, mesh=None):
   """Trains every pool member on `data` (rows [R, T] shared, or [N, R, T] per model) for
-  cfg.epochs; resumable from `state` (its step count). Returns (new params_n, state, history)."""
+  cfg.epochs; resumable from `state` (its step count). Returns (new params_n, state, history).
+
+  mesh: train on it with the arrays placed by the sharding rules (`Placement`). None: data
+  parallel over every device when there are several (`multihost.data_mesh`), else one device."""
   import tqdm
 
   rows = next(iter(data.values())).shape[1 if per_model_batch else 0]
@@ -219,38 +263,56 @@ def distill(params_n, data: dict[str, np.ndarray], config: ModelConfig, cfg: Dis
   state = state or fresh
   frozen = None if cfg.lora is None else params_n
   tail = train_lib.loss_tail(data["loss_mask"])
-  step_fn = make_pool_step(make_loss(config, cfg.method, cfg.lora, tail), optimizer,
-                           cfg.optim.accumulation, per_model_batch)
   per_step = cfg.batch_size * cfg.optim.accumulation
-  mesh = multihost.data_mesh(per_step)  # Data parallel over every device of every process.
+  # Data parallel over every device of every process unless a mesh plan is given.
+  mesh = mesh if mesh is not None else multihost.data_mesh(per_step)
+  place = None
   if mesh is not None:
-    state = DistillState(*multihost.replicate((state.trainable, state.opt_state), mesh),
-                         state.step)
-    frozen = multihost.replicate(frozen, mesh)
+    shapes = {k: (v.shape[0], per_step) + v.shape[2:] if per_model_batch
+              else (per_step,) + v.shape[1:] for k, v in data.items()}
+    place = Placement.make(mesh, config, cfg, optimizer, state, shapes, per_model_batch)
+    state = DistillState(place.put(state.trainable, place.trainable),
+                         place.put(state.opt_state, place.opt_state), state.step)
+    frozen = place.put(frozen, place.frozen)
+  step_fn = make_pool_step(make_loss(config, cfg.method, cfg.lora, tail), optimizer,
+                           cfg.optim.accumulation, per_model_batch,
+                           None if place is None else (place.trainable, place.opt_state,
+                                                       place.frozen, place.batch))
   order = step_order(rows, cfg)
   history = []
   bar = tqdm.trange(state.step, total, desc=f"distill ({cfg.method})", disable=not progress,
                     initial=state.step, total=total)
-  for step in bar:
-    idx = order[step]
-    batch = {k: (v[:, idx] if per_model_batch else v[idx]) for k, v in data.items()}
-    rng = jax.random.fold_in(jax.random.key(cfg.seed), step)
-    if mesh is not None:
-      batch = multihost.shard_rows(batch, mesh, axis=1 if per_model_batch else 0)
-      rng = multihost.replicate(jax.random.key_data(rng), mesh)
-    trainable, opt_state, metrics = step_fn(state.trainable, state.opt_state, frozen, batch, rng)
-    state = DistillState(trainable, opt_state, step + 1)
-    loss = np.asarray(metrics["loss"])
-    if not np.isfinite(loss).all():
-      bad = [i for i, v in enumerate(loss.reshape(-1)) if not np.isfinite(v)]
-      raise FloatingPointError(
-          f"distillation loss is {loss.tolist()} at step {step} (model(s) {bad}); stopping before "
-          "anything is saved, so the last good checkpoint stays the latest. Lower "
-          "distill.learning_rate or check the training rows.")
-    history.append({"step": step, "loss": loss.tolist()})
-    bar.set_postfix(loss=f"{loss.mean():.3f}")
-    if on_step is not None:
-      on_step(state)
-  if mesh is not None:
-    state = DistillState(*multihost.local((state.trainable, state.opt_state)), state.step)
-  return merged(params_n, state, cfg), state, history
+  with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
+    for step in bar:
+      idx = order[step]
+      batch = {k: (v[:, idx] if per_model_batch else v[idx]) for k, v in data.items()}
+      rng = jax.random.fold_in(jax.random.key(cfg.seed), step)
+      if place is not None:
+        batch = place.put(batch, place.batch)
+        rng = place.put(jax.random.key_data(rng),
+                        jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+      trainable, opt_state, metrics = step_fn(state.trainable, state.opt_state, frozen, batch,
+                                              rng)
+      state = DistillState(trainable, opt_state, step + 1)
+      loss = np.asarray(metrics["loss"])
+      if not np.isfinite(loss).all():
+        bad = [i for i, v in enumerate(loss.reshape(-1)) if not np.isfinite(v)]
+        raise FloatingPointError(
+            f"distillation loss is {loss.tolist()} at step {step} (model(s) {bad}); stopping "
+            "before anything is saved, so the last good checkpoint stays the latest. Lower "
+            "distill.learning_rate or check the training rows.")
+      history.append({"step": step, "loss": loss.tolist()})
+      bar.set_postfix(loss=f"{loss.mean():.3f}")
+      if on_step is not None:
+        on_step(state)
+    if place is None:
+      return merged(params_n, state, cfg), state, history
+    out = state.trainable
+    if cfg.lora is not None:  # Folded in on the mesh, the result placed like the pool.
+      out = jax.jit(lambda p, t: merged(p, DistillState(t, None), cfg),
+                    out_shardings=place.frozen)(frozen, state.trainable)
+  # One process: the arrays stay on the mesh. Several: every process gets the full values back,
+  # for its process-local evaluation.
+  return (multihost.gather(out), DistillState(*multihost.gather((state.trainable,
+                                                                 state.opt_state)), state.step),
+          history)

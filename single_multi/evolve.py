@@ -20,13 +20,16 @@ decode the test rows with the distilled singles and the collaboration; tokenisat
 text scoring after, one checkpoint per round. Strategies fitted on dev refit on the host before
 the test evaluation (two programs per round). Methods: supervised_kd and logit_kd.
 
+With several devices the loop runs on `config.mesh` (`runtime_mesh`): in one process the pool's
+params live on it for the whole loop, placed by `sharding.RULES`, and every program follows them.
 The workdir may be local or a bucket path (gs://...; `etils.epath`). With several processes
-(`multihost.py`) every process runs this loop: evaluation shards the examples, distillation is data
-parallel, process 0 writes the files, all processes take part in the checkpoints.
+(`multihost.py`) every process runs this loop: evaluation shards the examples, distillation runs
+on the global mesh, process 0 writes the files, all processes take part in the checkpoints.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import time
@@ -40,6 +43,7 @@ from etils import epath
 from ml_collections import config_dict
 
 from single_multi import collab, decoding, distill, evaluate, multihost, pool as pool_lib
+from single_multi import sharding
 from single_multi import train as train_lib
 from single_multi.data import common, pipeline, tasks
 from single_multi.models import lora as lora_lib
@@ -90,6 +94,21 @@ def sampler_of(config) -> Any:
   if config.temperature and config.temperature > 0:
     return decoding.Sampling(temperature=config.temperature, top_p=config.top_p)
   return decoding.Greedy()
+
+
+def runtime_mesh(config: config_dict.ConfigDict):
+  """The mesh the loop runs on: `config.mesh` over every device of every process. None (one
+  device) with a single device or an empty `config.mesh`."""
+  axes = dict(config.get("mesh") or {})
+  if jax.device_count() == 1 or not axes:
+    return None
+  return sharding.make_mesh(axes)
+
+
+def placed(pool: pool_lib.Pool, mesh) -> pool_lib.Pool:
+  """The pool with its params on `mesh` by the sharding rules (the pool axis over `model`)."""
+  shardings = sharding.param_shardings(pool.config, mesh, pool_size=pool.size)
+  return dataclasses.replace(pool, params=sharding.put(pool.params, shardings))
 
 
 def validate(config: config_dict.ConfigDict) -> None:
@@ -498,79 +517,89 @@ def run(config: config_dict.ConfigDict, workdir, pool: pool_lib.Pool, *, progres
       write_metrics(workdir, history)
       print(format_round(m))
 
-  try:
-    latest = ckpt.latest()
-    if latest is not None:
-      abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), pool.params)
-      params, arrays, meta = ckpt.restore(latest, abstract)
-      pool = dataclasses.replace(pool, params=params)
-      history, distill_stats = meta["history"], meta["distill_stats"]
-      start = latest + 1
-      logging.info("resuming after round %d stage %s", meta["round"], meta["stage"])
-      if primary:
-        print(f"Resuming from {workdir / 'checkpoints'}: round {meta['round']} "
-              f"{meta['stage']} was the last finished stage.")
-    for index in range(start, len(stages)):
-      r, stage = stages[index]
-      rng = jax.random.fold_in(jax.random.key(config.seed), index)
-      t0 = time.perf_counter()
-      out_dir = workdir / f"round_{r}"
-      if stage == "evaluate":
-        dev_scores = None
-        if collab.get(config.strategy).fit is not None:
-          dev_singles = loop.singles(pool, dev, "dev")
-          dev_scores = _scores_matrix(dev_singles, pool.names, dev)
-        state = loop.fit(pool, dev_scores)
-        singles = loop.singles(pool, test, "test", out_dir / "singles")
-        collab_r = loop.collaboration(pool, test, "test", state, out_dir / "collaboration")
-        m = round_metrics(r, singles, collab_r, pool.names, config.strategy)
-        if str(r) in distill_stats:
-          m["distill"] = distill_stats[str(r)]
-        record(m)
-        arrays = {}
-      elif stage == "round":  # config.fused_round: the round as one program.
-        scores = None
-        if loop.needs_dev_singles():
-          scores = _scores_matrix(loop.singles(pool, dev, "dev"), pool.names, dev)
-        pool, singles, collab_r, losses = fused_round(loop, pool, loop.fit(pool, scores), rng,
-                                                      out_dir)
-        distill_stats[str(r)] = {"first_loss": losses[0].tolist(),
-                                 "last_loss": losses[-1].tolist(), "steps": len(losses)}
-        m = round_metrics(r, singles, collab_r, pool.names, config.strategy)
-        m["distill"] = distill_stats[str(r)]
-        record(m)
-        arrays = {}
-      elif stage == "collaborate":
-        dev_singles = loop.singles(pool, dev, "dev") if loop.needs_dev_singles() else None
-        scores = None if dev_singles is None else _scores_matrix(dev_singles, pool.names, dev)
-        state = loop.fit(pool, scores)
-        if dcfg.method in ("logit_kd", "on_policy_kd"):
-          arrays = teacher_rows(loop, pool, state, dcfg.method == "on_policy_kd", rng)
-        else:
-          res = loop.collaboration(pool, dev, "dev", state, out_dir / "collaboration_dev")
-          outputs = {x["id"]: x["output"] for x in res.records}
-          keep = None
-          if dcfg.correctness_filter:
-            keep = np.asarray([x["score"] > 0 for x in res.records])
-          arrays = training_rows(loop, pool, outputs, keep=keep)
-          if dcfg.method == "multi_student_kd":
-            arrays = multi_student_rows(loop, pool, dev_singles, scores, arrays, keep)
-      else:  # distill
-        per_model = dcfg.method in ("multi_student_kd", "on_policy_kd")
-        params, _, dhist = distill.distill(pool.params, arrays, pool.config, dcfg,
-                                           per_model_batch=per_model, progress=progress)
+  # One process: the pool lives on the mesh for the whole loop (every program follows its params;
+  # activations are constrained by the rules under `jax.set_mesh`). Several processes: evaluation
+  # stays process-local and only distillation runs on the global mesh.
+  mesh = runtime_mesh(config)
+  local_mesh = mesh if jax.process_count() == 1 else None
+  if local_mesh is not None:
+    pool = placed(pool, local_mesh)
+  with jax.set_mesh(local_mesh) if local_mesh is not None else contextlib.nullcontext():
+    try:
+      latest = ckpt.latest()
+      if latest is not None:
+        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(
+            x.shape, x.dtype, sharding=getattr(x, "sharding", None)), pool.params)
+        params, arrays, meta = ckpt.restore(latest, abstract)
         pool = dataclasses.replace(pool, params=params)
-        distill_stats[str(r)] = {"first_loss": dhist[0]["loss"], "last_loss": dhist[-1]["loss"],
-                                 "steps": len(dhist)}
-        arrays = {}
-      logging.info("round %d %s: %.1f s", r, stage, time.perf_counter() - t0)
-      ckpt.save(index, pool.params, arrays, {"round": r, "stage": stage, "history": history,
-                                             "distill_stats": distill_stats, "seed": config.seed,
-                                             "config": json.loads(config.to_json())})
-      if stop_after is not None and index == stop_after:
-        raise Interrupted(f"stopped after stage {index} (round {r} {stage})")
-  finally:
-    ckpt.close()
+        history, distill_stats = meta["history"], meta["distill_stats"]
+        start = latest + 1
+        logging.info("resuming after round %d stage %s", meta["round"], meta["stage"])
+        if primary:
+          print(f"Resuming from {workdir / 'checkpoints'}: round {meta['round']} "
+                f"{meta['stage']} was the last finished stage.")
+      for index in range(start, len(stages)):
+        r, stage = stages[index]
+        rng = jax.random.fold_in(jax.random.key(config.seed), index)
+        t0 = time.perf_counter()
+        out_dir = workdir / f"round_{r}"
+        if stage == "evaluate":
+          dev_scores = None
+          if collab.get(config.strategy).fit is not None:
+            dev_singles = loop.singles(pool, dev, "dev")
+            dev_scores = _scores_matrix(dev_singles, pool.names, dev)
+          state = loop.fit(pool, dev_scores)
+          singles = loop.singles(pool, test, "test", out_dir / "singles")
+          collab_r = loop.collaboration(pool, test, "test", state, out_dir / "collaboration")
+          m = round_metrics(r, singles, collab_r, pool.names, config.strategy)
+          if str(r) in distill_stats:
+            m["distill"] = distill_stats[str(r)]
+          record(m)
+          arrays = {}
+        elif stage == "round":  # config.fused_round: the round as one program.
+          scores = None
+          if loop.needs_dev_singles():
+            scores = _scores_matrix(loop.singles(pool, dev, "dev"), pool.names, dev)
+          pool, singles, collab_r, losses = fused_round(loop, pool, loop.fit(pool, scores), rng,
+                                                        out_dir)
+          distill_stats[str(r)] = {"first_loss": losses[0].tolist(),
+                                   "last_loss": losses[-1].tolist(), "steps": len(losses)}
+          m = round_metrics(r, singles, collab_r, pool.names, config.strategy)
+          m["distill"] = distill_stats[str(r)]
+          record(m)
+          arrays = {}
+        elif stage == "collaborate":
+          dev_singles = loop.singles(pool, dev, "dev") if loop.needs_dev_singles() else None
+          scores = None if dev_singles is None else _scores_matrix(dev_singles, pool.names, dev)
+          state = loop.fit(pool, scores)
+          if dcfg.method in ("logit_kd", "on_policy_kd"):
+            arrays = teacher_rows(loop, pool, state, dcfg.method == "on_policy_kd", rng)
+          else:
+            res = loop.collaboration(pool, dev, "dev", state, out_dir / "collaboration_dev")
+            outputs = {x["id"]: x["output"] for x in res.records}
+            keep = None
+            if dcfg.correctness_filter:
+              keep = np.asarray([x["score"] > 0 for x in res.records])
+            arrays = training_rows(loop, pool, outputs, keep=keep)
+            if dcfg.method == "multi_student_kd":
+              arrays = multi_student_rows(loop, pool, dev_singles, scores, arrays, keep)
+        else:  # distill
+          per_model = dcfg.method in ("multi_student_kd", "on_policy_kd")
+          params, _, dhist = distill.distill(pool.params, arrays, pool.config, dcfg,
+                                             per_model_batch=per_model, progress=progress,
+                                             mesh=mesh)
+          pool = dataclasses.replace(pool, params=params)
+          distill_stats[str(r)] = {"first_loss": dhist[0]["loss"], "last_loss": dhist[-1]["loss"],
+                                   "steps": len(dhist)}
+          arrays = {}
+        logging.info("round %d %s: %.1f s", r, stage, time.perf_counter() - t0)
+        ckpt.save(index, pool.params, arrays, {"round": r, "stage": stage, "history": history,
+                                               "distill_stats": distill_stats, "seed": config.seed,
+                                               "config": json.loads(config.to_json())})
+        if stop_after is not None and index == stop_after:
+          raise Interrupted(f"stopped after stage {index} (round {r} {stage})")
+    finally:
+      ckpt.close()
   if primary:
     (workdir / "summary.json").write_text(json.dumps(history, indent=1))
   return history

@@ -5,9 +5,10 @@ its work as follows:
   * evaluation and collaboration: each process decodes its shard of the examples
     (`pipeline.*_batches(shard=...)`) with process-local programs; the records are all-gathered,
     so every process holds the same results;
-  * distillation: data parallel over every device of every process (`data_mesh`): params and
-    optimizer states replicated, each optimizer step's rows split in contiguous blocks over the
-    `data` axis, gradients all-reduced by XLA (gloo on CPU);
+  * distillation: on the config's mesh over every device of every process, the arrays placed by
+    the sharding rules (`distill.Placement`; a data-only mesh, the default `data_mesh`, replicates
+    params and optimizer states and splits each step's rows), collectives by XLA (gloo on CPU);
+    the distilled params are gathered back to every process;
   * files (records, metrics, plots) are written by process 0; Orbax checkpoints by all together.
 With one process and one device every helper is the identity.
 """
@@ -64,19 +65,13 @@ def replicate(tree, mesh):
       jax.tree.map(np.asarray, tree), mesh, P())
 
 
-def shard_rows(tree, mesh, axis: int):
-  """Arrays identical on every process -> global arrays whose `axis` is split in contiguous
-  blocks over the mesh's `data` axis (this process keeps its block)."""
-  p, n = jax.process_index(), jax.process_count()
-
-  def one(x):
-    x = np.asarray(x)
-    size = x.shape[axis] // n
-    local = np.take(x, np.arange(p * size, (p + 1) * size), axis=axis)
-    return multihost_utils.host_local_array_to_global_array(
-        local, mesh, P(*([None] * axis), "data"))
-
-  return jax.tree.map(one, tree)
+def gather(tree):
+  """Global arrays -> their full values on every process (numpy where an array spans processes);
+  the identity with one process, where every array is addressable."""
+  if jax.process_count() == 1:
+    return tree
+  return jax.tree.map(lambda x: np.asarray(multihost_utils.process_allgather(x, tiled=True))
+                      if isinstance(x, jax.Array) and not x.is_fully_addressable else x, tree)
 
 
 def local(tree):

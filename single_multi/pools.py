@@ -19,14 +19,13 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from absl import logging
 
 from single_multi import assets, decoding, multihost, pool as pool_lib, sharding
 from single_multi import train as train_lib
 from single_multi.data import pipeline, tasks
 from single_multi.models import lora as lora_lib, loading, transformer
-from single_multi.models.config import PROJECTIONS, ModelConfig
+from single_multi.models.config import ModelConfig
 
 # Architectures by hub id, so a plan needs no download (numbers from each model's config.json).
 KNOWN_ARCHITECTURES = {
@@ -107,25 +106,6 @@ def build(config, workdir) -> pool_lib.Pool:
 # The plan.
 
 
-def lora_shardings(config: ModelConfig, lora_cfg: lora_lib.LoraConfig, mesh, pool_size: int):
-  mesh_shape = dict(mesh.shape)
-  sizes = dim_sizes_with_rank(config, lora_cfg.rank)
-  out = {}
-  for name in lora_cfg.targets:
-    ins, outs = PROJECTIONS[name]
-    out[name] = {}
-    for part, letters in (("a", "L" + ins + "R"), ("b", "LR" + outs)):
-      names = ("pool",) + tuple("lora_rank" if c == "R" else sharding.LETTERS[c] for c in letters)
-      shape = (pool_size,) + tuple(sizes[c] for c in letters)
-      out[name][part] = jax.sharding.NamedSharding(mesh, sharding.spec(shape, names, mesh_shape))
-  return out
-
-
-def dim_sizes_with_rank(config: ModelConfig, rank: int) -> dict[str, int]:
-  from single_multi.models.config import dim_sizes
-  return dim_sizes(config) | {"R": rank}
-
-
 def dry_run(config) -> dict[str, Any]:
   """Prints and returns the plan: per leaf shape / spec, totals, bytes per device."""
   from single_multi import evolve
@@ -146,7 +126,7 @@ def dry_run(config) -> dict[str, Any]:
   dcfg = evolve.distill_config(config)
   trees = {"params": params}
   if dcfg.lora is not None:
-    l_shard = lora_shardings(arch, dcfg.lora, mesh, n)
+    l_shard = sharding.lora_shardings(arch, dcfg.lora, mesh, n)
     lora = jax.eval_shape(lambda k: jax.vmap(lambda kk: lora_lib.init(arch, dcfg.lora, kk))(
         jax.random.split(k, n)), jax.random.key(0))
     trees["lora"] = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
@@ -157,11 +137,9 @@ def dry_run(config) -> dict[str, Any]:
   optimizer = train_lib.make_optimizer(dcfg.optim, 1000)
   # AdamW's moments are placed like the params they track; step counters are replicated.
   opt_struct = jax.eval_shape(jax.vmap(optimizer.init), trainable)
-  everywhere = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  placed = lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh)
-  trees["opt_state"] = optax.tree_map_params(
-      optimizer, placed, opt_struct, t_shard,
-      transform_non_params=lambda s: placed(s, everywhere))
+  trees["opt_state"] = jax.tree.map(
+      lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), opt_struct,
+      sharding.opt_state_shardings(optimizer, opt_struct, t_shard, mesh))
   lines, replicated = [], []
   for group, tree in trees.items():
     for path, leaf in jax.tree_util.tree_leaves_with_path(tree):

@@ -110,6 +110,39 @@ def param_shardings(config: ModelConfig, mesh, pool_size: int | None = None) -> 
   return jax.tree.map(one, param_layout(config), param_names(config, pool_size is not None))
 
 
+def lora_shardings(config: ModelConfig, lora_cfg, mesh, pool_size: int | None = None):
+  """Shardings of a LoRA tree (`lora.init`'s structure; a leading pool axis when pool_size)."""
+  from single_multi.models.config import PROJECTIONS
+
+  sizes = dim_sizes(config) | {"R": lora_cfg.rank}
+  prefix = () if pool_size is None else (pool_size,)
+  out = {}
+  for name in lora_cfg.targets:
+    ins, outs = PROJECTIONS[name]
+    out[name] = {}
+    for part, letters in (("a", "L" + ins + "R"), ("b", "LR" + outs)):
+      names = (("pool",) if prefix else ()) + tuple("lora_rank" if c == "R" else LETTERS[c]
+                                                    for c in letters)
+      out[name][part] = named(mesh, prefix + tuple(sizes[c] for c in letters), names)
+  return out
+
+
+def opt_state_shardings(optimizer, opt_state, param_shardings_tree, mesh):
+  """Shardings of an optax state (arrays or ShapeDtypeStructs): every moment is placed like the
+  param it tracks, everything else (step counts) replicated."""
+  import optax
+
+  everywhere = NamedSharding(mesh, PartitionSpec())
+  return optax.tree_map_params(optimizer, lambda _, sh: sh, opt_state, param_shardings_tree,
+                               transform_non_params=lambda _: everywhere)
+
+
+def rows(mesh, shape: Sequence[int], pool: bool = False) -> NamedSharding:
+  """Sharding of a batch of rows [(N,) B, T, ...]: rows over the batch axes (and the pool axis)."""
+  names = (("pool",) if pool else ()) + ("batch", "seq")
+  return named(mesh, shape, names + (None,) * (len(shape) - len(names)))
+
+
 def named(mesh, shape: Sequence[int], names: Sequence[str | None]) -> NamedSharding:
   return NamedSharding(mesh, spec(shape, names, dict(mesh.shape)))
 
@@ -123,10 +156,13 @@ def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
 
 
 def put(tree, shardings):
-  """Places host (or single-device) arrays onto their shardings; each process supplies only the
-  shards it owns (`make_array_from_callback`), so this also works across hosts."""
+  """Places arrays onto their shardings. One process: `jax.device_put` (an array already on the
+  mesh is resharded in place). Several: from values identical on every process, each supplying
+  only the shards it owns (`make_array_from_callback`)."""
   def one(x, sharding):
-    x = np.asarray(x) if not isinstance(x, jax.Array) else x
+    if jax.process_count() == 1:
+      return jax.device_put(x, sharding)
+    x = np.asarray(x)
     return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
   return jax.tree.map(one, tree, shardings)
 

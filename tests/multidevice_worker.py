@@ -27,8 +27,6 @@ MESHES = [
     {"fsdp": 8},
     {"data": 8},
     {"tensor": 8},  # 8 does not divide 4 heads: those dims fall back to replicated.
-    {"data": 1, "fsdp": 4, "tensor": 2},
-    {"data": 4, "fsdp": 1, "tensor": 2},
 ]
 POOL_MESHES = [{"model": 2, "fsdp": 2, "tensor": 2}, {"model": 2, "data": 4}]
 

@@ -76,7 +76,7 @@ def test_eight_fake_devices_match_one_device():
   results = json.loads(out.stdout.strip().splitlines()[-1])
   singles = [r for r in results if not r.get("pool")]
   pools = [r for r in results if r.get("pool")]
-  assert len(singles) == 6 and len(pools) == 2
+  assert len(singles) == 4 and len(pools) == 2
   for r in singles:
     assert r["logits_max_diff"] <= TOL, r
     assert r["cached_step_max_diff"] <= TOL, r
@@ -114,3 +114,33 @@ def test_two_processes_match_single_process(tmp_path):
   got = np.load(tmp_path / "logits.npy")
   assert got.shape == ref.shape
   assert np.abs(got - np.asarray(ref)).max() <= TOL
+
+
+def test_mesh_plan_runs_distillation_and_the_loop(tmp_path):
+  """config.mesh at run time: distillation on a model x fsdp x tensor mesh (LoRA and full) and a
+  logit_fusion round on an fsdp x tensor mesh equal one device, with nothing replicated that the
+  rules shard."""
+  out = subprocess.run([sys.executable, str(HERE / "mesh_loop_worker.py"), str(tmp_path)],
+                       env=_env(), capture_output=True, text=True, timeout=900)
+  assert out.returncode == 0, out.stderr[-3000:]
+  results = json.loads(out.stdout.strip().splitlines()[-1])
+  lora, full = results["distill"]
+  for r in (lora, full):
+    assert r["steps"] == 2 and r["loss_max_rel_diff"] <= 1e-5, r
+    n, total = r["params_sharded"]
+    assert n == total, r  # Every pool param leaf is split over the mesh...
+    assert r["embed_spec"] == "P('model', 'tensor', 'fsdp')", r
+    n, total = r["trainable_sharded"]
+    assert n == total and r["mu_sharded"] == r["trainable_sharded"], r  # ...and every trained one,
+    assert r["mu_specs_like_trainable"], r  # Adam's moments exactly like their params,
+    assert r["state_bytes_per_device_max"] * 4 <= r["state_bytes_replicated"], r  # so ~1/8 each.
+  assert lora["params_max_diff"] <= TOL, lora
+  # Full fine-tuning: Adam's first steps move every weight by ~lr (1e-2) whatever the gradient's
+  # size, so a near-zero gradient summed in another order may move a weight by a fraction of lr.
+  assert full["params_max_diff"] <= 1e-3, full
+  loop = results["loop"]
+  assert loop["metrics_equal"] and loop["outputs_equal"] and loop["outputs"] >= 4 * 8, loop
+  assert loop["last_loss_max_rel_diff"] <= 1e-4, loop
+  one, meshed = loop["distill_calls"]
+  assert one["in"][0] == 0 and meshed["in"][0] == meshed["in"][1] == meshed["out"][1], loop
+  assert meshed["q_spec"] == "P(None, None, 'fsdp', 'tensor', None)", loop
