@@ -128,12 +128,39 @@ def loss_tail(loss_mask: np.ndarray, minimum: int = 8) -> int:
   return min(T - 1, decoding.bucket_length(int((T - first).max(initial=1)), minimum=minimum))
 
 
+@jax.custom_vjp
+def cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
+  """-log softmax(logits)[target] per position, in float32: logsumexp minus the target's logit.
+
+  Its gradient is written out, softmax - onehot(target), one elementwise pass over the [.., V]
+  logits (autodiff of log_softmax + take_along_axis makes a zero [.., V] buffer, scatters into
+  it and adds several passes; under a vmapped pool that chain was the largest non-matmul cost).
+  Only the logits and the per-position logsumexp are kept for the backward pass.
+  """
+  return _cross_entropy_fwd(logits, targets)[0]
+
+
+def _cross_entropy_fwd(logits, targets):
+  x = logits.astype(jnp.float32)
+  lse = jax.nn.logsumexp(x, axis=-1)
+  picked = jnp.take_along_axis(x, targets[..., None], axis=-1)[..., 0]
+  return lse - picked, (logits, targets, lse)
+
+
+def _cross_entropy_bwd(res, g):
+  logits, targets, lse = res
+  onehot = jnp.arange(logits.shape[-1]) == targets[..., None]
+  grad = (jnp.exp(logits.astype(jnp.float32) - lse[..., None]) - onehot) * g[..., None]
+  return grad.astype(logits.dtype), np.zeros(targets.shape, jax.dtypes.float0)
+
+
+cross_entropy.defvjp(_cross_entropy_fwd, _cross_entropy_bwd)
+
+
 def token_nll(logits_btv: jax.Array, targets_bt: jax.Array, weights_bt: jax.Array) -> jax.Array:
   """Mean negative log-likelihood over weighted target tokens (weights 0 on pads/prompts)."""
-  logp = jax.nn.log_softmax(logits_btv.astype(jnp.float32), axis=-1)
-  nll = -jnp.take_along_axis(logp, targets_bt[..., None], axis=-1)[..., 0]
   w = weights_bt.astype(jnp.float32)
-  return jnp.sum(nll * w) / jnp.maximum(jnp.sum(w), 1.0)
+  return jnp.sum(cross_entropy(logits_btv, targets_bt) * w) / jnp.maximum(jnp.sum(w), 1.0)
 
 
 def finetune(params, tokens, mask, loss_mask, config, *, optim: OptimConfig, steps: int,

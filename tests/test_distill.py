@@ -27,6 +27,37 @@ def test_kl_losses_by_hand():
       pytest.approx(0.0, abs=1e-6)
 
 
+def test_cross_entropy_and_its_written_out_gradient_match_torch():
+  torch = pytest.importorskip("torch")
+  rng = np.random.default_rng(0)
+  logits = (rng.normal(size=(2, 3, 7, 50)) * 8).astype(np.float32)  # [pool, batch, time, vocab]
+  targets = rng.integers(0, 50, (2, 3, 7))
+  weights = rng.integers(0, 2, (2, 3, 7)).astype(np.float32)
+  loss = lambda x: jnp.sum(jax.vmap(train_lib.token_nll)(x, jnp.asarray(targets),
+                                                         jnp.asarray(weights)))
+  value, grad = jax.jit(jax.value_and_grad(loss))(jnp.asarray(logits))
+  x = torch.tensor(logits, requires_grad=True)
+  per = torch.nn.functional.cross_entropy(x.reshape(-1, 50), torch.tensor(targets).reshape(-1),
+                                          reduction="none").reshape(2, 3, 7)
+  w = torch.tensor(weights)
+  ref = ((per * w).sum((1, 2)) / w.sum((1, 2)).clamp(min=1)).sum()
+  ref.backward()
+  np.testing.assert_allclose(float(value), ref.item(), rtol=1e-6)
+  np.testing.assert_allclose(np.asarray(grad), x.grad.numpy(), atol=1e-7)
+  # bf16 logits: the loss is taken in fp32 and the gradient comes back in bf16, so it equals
+  # torch's on the same (bf16-rounded) logits up to bf16's rounding of the result (2^-8 rel).
+  l16 = jnp.asarray(logits[0], jnp.bfloat16)
+  g16 = jax.grad(lambda x: train_lib.token_nll(x, jnp.asarray(targets[0]),
+                                               jnp.asarray(weights[0])))(l16)
+  assert g16.dtype == jnp.bfloat16
+  x16 = torch.tensor(np.asarray(l16, np.float32), requires_grad=True)
+  per = torch.nn.functional.cross_entropy(x16.reshape(-1, 50),
+                                          torch.tensor(targets[0]).reshape(-1), reduction="none")
+  ((per * w[0].reshape(-1)).sum() / w[0].sum().clamp(min=1)).backward()
+  np.testing.assert_allclose(np.asarray(g16, np.float32), x16.grad.numpy(), rtol=2 ** -8,
+                             atol=1e-7)
+
+
 def test_sequences_keep_the_prompt_and_mask_only_the_output():
   prompt = jnp.asarray([[0, 0, 5, 6], [7, 8, 9, 10]])
   pmask = jnp.asarray([[0, 0, 1, 1], [1, 1, 1, 1]])
