@@ -226,18 +226,19 @@ def step_order(num_rows: int, cfg: DistillConfig) -> np.ndarray:
 
 
 def program(params_n, data: dict[str, jax.Array], order, config: ModelConfig,
-            cfg: DistillConfig, tail: int | None = None):
+            cfg: DistillConfig, tail: int | None = None, per_model_batch: bool = False):
   """The whole distillation as traced code (for a caller's jit): every optimizer step of the
   vmapped pool step in one `lax.scan` over `order` [steps, rows per step] (`step_order`), the
-  rows shared by the pool. Returns (merged params, losses [steps, N])."""
+  rows shared by the pool ([R, ...]) or each model's own ([N, R, ...], per_model_batch).
+  Returns (merged params, losses [steps, N])."""
   fresh, optimizer = init_state(params_n, config, cfg, order.shape[0])
   step_fn = make_pool_step(make_loss(config, cfg.method, cfg.lora, tail), optimizer,
-                           cfg.optim.accumulation, per_model_batch=False)
+                           cfg.optim.accumulation, per_model_batch)
   frozen = None if cfg.lora is None else params_n
 
   def body(carry, xs):
     idx, step = xs
-    batch = jax.tree.map(lambda v: v[idx], data)
+    batch = jax.tree.map(lambda v: v[:, idx] if per_model_batch else v[idx], data)
     trainable, opt_state, metrics = step_fn(*carry, frozen, batch,
                                             jax.random.fold_in(jax.random.key(cfg.seed), step))
     return (trainable, opt_state), metrics["loss"]

@@ -18,7 +18,9 @@ collaborate on all dev rows, build the training rows in token space (the output 
 as generated, ending in eos), run every optimizer step of the distillation in a `lax.scan`, and
 decode the test rows with the distilled singles and the collaboration; tokenisation before,
 text scoring after, one checkpoint per round. Strategies fitted on dev refit on the host before
-the test evaluation (two programs per round). Methods: supervised_kd and logit_kd.
+the test evaluation (two programs per round). Methods: supervised_kd, logit_kd and on_policy_kd
+(the students sample their dev answers inside the program); multi_student_kd scores the dev
+answers as text before it trains, so it stays staged.
 
 With several devices the loop runs on `config.mesh` (`runtime_mesh`): in one process the pool's
 params live on it for the whole loop, placed by `sharding.RULES`, and every program follows them.
@@ -94,6 +96,11 @@ def sampler_of(config) -> Any:
   if config.temperature and config.temperature > 0:
     return decoding.Sampling(temperature=config.temperature, top_p=config.top_p)
   return decoding.Greedy()
+
+
+def policy_sampler(config) -> decoding.Sampling:
+  """How each student samples its own answers for on_policy_kd (temperature at least 0.7)."""
+  return decoding.Sampling(temperature=max(config.temperature, 0.7), top_p=config.top_p)
 
 
 def runtime_mesh(config: config_dict.ConfigDict):
@@ -254,9 +261,7 @@ def teacher_rows(loop: Loop, pool, state, on_policy: bool, rng) -> dict[str, np.
       continue
     combine = token_level.combine_for(loop.config.strategy, cfg)
     sample = pool_lib.decode_each(pool.params, batch.prompt, batch.prompt_mask, key,
-                                  sampler=decoding.Sampling(temperature=max(
-                                      loop.config.temperature, 0.7), top_p=loop.config.top_p),
-                                  **env.decode_kw)
+                                  sampler=policy_sampler(loop.config), **env.decode_kw)
     rows = []
     for i in range(pool.size):
       tokens, mask, loss = distill.sequences(batch.prompt, batch.prompt_mask, sample.tokens[i],
@@ -340,7 +345,7 @@ class Checkpoints:
 # -------------------------------------------------------------------------------------------------
 # One round as one program (config.fused_round).
 
-FUSED_METHODS = ("supervised_kd", "logit_kd")
+FUSED_METHODS = ("supervised_kd", "logit_kd", "on_policy_kd")
 
 
 def rows_with_eos(prompt, prompt_mask, tokens, lengths, stop_ids: Sequence[int], eos: int):
@@ -357,13 +362,31 @@ def rows_with_eos(prompt, prompt_mask, tokens, lengths, stop_ids: Sequence[int],
 
 
 def _round_program(params_n, dev, test, order, rng, state, *, strategy, cfg, env, dcfg, eos,
-                   evaluate_test):
+                   evaluate_test, policy_sampler=None):
   """Collaborate on all dev rows -> rows -> every optimizer step of the vmapped pool distillation
-  (`distill.program`) -> [the distilled singles and the collaboration answer all test rows]."""
+  (`distill.program`) -> [the distilled singles and the collaboration answer all test rows].
+  on_policy_kd: every model samples its own answers to the dev rows (`policy_sampler`) and the
+  collaboration scores each sample token by token; each model trains on its own rows."""
+  from single_multi.collab import token_level
+
   run = collab.get(strategy).run
   k_dev, k_single, k_test = jax.random.split(rng, 3)
   out = run(params_n, dev, k_dev, cfg=cfg, env=env, state=state)
-  if dcfg.method == "logit_kd":  # Rows end with the output; the teacher row of each its token.
+  per_model = dcfg.method == "on_policy_kd"
+  if per_model:
+    sample = pool_lib.decode_each(params_n, dev.prompt, dev.prompt_mask, k_dev,
+                                  sampler=policy_sampler, **env.decode_kw)
+    combine = token_level.combine_for(strategy, cfg)
+
+    def own_rows(tokens, lengths):  # One model's samples, scored by the collaboration.
+      t, m, lm = distill.sequences(dev.prompt, dev.prompt_mask, tokens, lengths)
+      teacher = token_level.teacher_forced_rows(params_n, t, m, env.max_new_tokens, combine, env)
+      return {"tokens": t, "mask": m, "loss_mask": lm, "teacher": teacher}
+
+    data = jax.tree.map(lambda *x: jnp.stack(x), *[
+        own_rows(sample.tokens[i], sample.lengths[i]) for i in range(sample.tokens.shape[0])])
+    tail = None
+  elif dcfg.method == "logit_kd":  # Rows end with the output; the teacher row of each its token.
     tokens, mask, loss_mask = distill.sequences(dev.prompt, dev.prompt_mask, out.tokens,
                                                 out.lengths)
     data, tail = {"tokens": tokens, "mask": mask, "loss_mask": loss_mask,
@@ -372,7 +395,7 @@ def _round_program(params_n, dev, test, order, rng, state, *, strategy, cfg, env
     tokens, mask, loss_mask = rows_with_eos(dev.prompt, dev.prompt_mask, out.tokens,
                                             out.lengths, env.stop_ids, eos)
     data, tail = {"tokens": tokens, "mask": mask, "loss_mask": loss_mask}, env.max_new_tokens + 1
-  params_n, losses = distill.program(params_n, data, order, env.config, dcfg, tail)
+  params_n, losses = distill.program(params_n, data, order, env.config, dcfg, tail, per_model)
   result = {"params": params_n, "losses": losses, "data": data,
             "dev": (out.tokens, out.lengths)}
   if evaluate_test:
@@ -385,7 +408,7 @@ def _round_program(params_n, dev, test, order, rng, state, *, strategy, cfg, env
 
 
 round_program = jax.jit(_round_program, static_argnames=(
-    "strategy", "cfg", "env", "dcfg", "eos", "evaluate_test"))
+    "strategy", "cfg", "env", "dcfg", "eos", "evaluate_test", "policy_sampler"))
 
 
 def fused_round(loop: Loop, pool, state, rng, out_dir):
@@ -409,7 +432,9 @@ def fused_round(loop: Loop, pool, state, rng, out_dir):
                       jnp.asarray(order), rng, state, strategy=config.strategy,
                       cfg=strategy_config(config), env=env, dcfg=dcfg,
                       eos=decoding.stop_ids_for(pool.config, pool.tokenizer)[0],
-                      evaluate_test=not refit)
+                      evaluate_test=not refit,
+                      policy_sampler=(policy_sampler(config) if dcfg.method == "on_policy_kd"
+                                      else None))
   losses = np.asarray(res["losses"])
   if not np.isfinite(losses).all():
     raise FloatingPointError(

@@ -255,6 +255,49 @@ def test_fused_round_program_equals_its_parts_run_as_separate_programs(tiny_pool
   assert decoding.stop_ids_for(tiny_pool.config, tiny_pool.tokenizer)[0] == 1
 
 
+def test_fused_on_policy_round_trains_each_model_on_its_own_scored_samples(tiny_pool):
+  """on_policy_kd in one program: every model's dev samples == the pool decode with the same key,
+  their teacher rows == the collaboration's teacher-forced scoring of them (normalised), and the
+  per-model distillation == distill.distill on those rows."""
+  from single_multi import collab, distill
+  from single_multi.collab import token_level
+  from single_multi.data import pipeline
+
+  c = _config(strategy="logit_fusion", **{"distill.method": "on_policy_kd",
+                                          "distill.learning_rate": 1e-3})
+  task = tasks.load_task(c.task)
+  prompter = pipeline.Prompter(tiny_pool.tokenizer)
+  dcfg, cfg = evolve.distill_config(c), evolve.strategy_config(c)
+  env = collab.make_env(tiny_pool, c.strategy, cfg, max_new_tokens=c.max_new_tokens)
+  dev_b, test_b = (collab.batch_from(next(iter(pipeline.generation_batches(
+      split[:8], prompter, batch_size=8)))) for split in (task.dev, task.test))
+  order = distill.step_order(8, dcfg)
+  rng = jax.random.key(3)
+  res = evolve.round_program(tiny_pool.params, dev_b, test_b, order, rng, None,
+                             strategy=c.strategy, cfg=cfg, env=env, dcfg=dcfg, eos=1,
+                             evaluate_test=False, policy_sampler=evolve.policy_sampler(c))
+  data = {k: np.asarray(v) for k, v in res["data"].items()}
+  assert data["tokens"].shape[:2] == (3, 8) and data["teacher"].shape[:2] == (3, 8)
+  sample = pool_lib.decode_each(tiny_pool.params, dev_b.prompt, dev_b.prompt_mask,
+                                jax.random.split(rng, 3)[0], sampler=evolve.policy_sampler(c),
+                                **env.decode_kw)
+  combine = token_level.combine_for(c.strategy, cfg)
+  for i in range(3):
+    tokens, mask, loss_mask = distill.sequences(dev_b.prompt, dev_b.prompt_mask,
+                                                sample.tokens[i], sample.lengths[i])
+    np.testing.assert_array_equal(data["tokens"][i], tokens)
+    np.testing.assert_array_equal(data["loss_mask"][i], loss_mask)
+    teacher = token_level.teacher_forced_rows(tiny_pool.params, tokens, mask, env.max_new_tokens,
+                                              combine, env)
+    np.testing.assert_allclose(data["teacher"][i], teacher, atol=1e-5)
+  live = data["loss_mask"][:, :, -c.max_new_tokens:] > 0
+  sums = np.exp(data["teacher"]).sum(-1)
+  np.testing.assert_allclose(sums[live], 1.0, atol=1e-4)
+  _, _, hist = distill.distill(tiny_pool.params, data, tiny_pool.config, dcfg,
+                               per_model_batch=True, progress=False)
+  np.testing.assert_allclose(np.asarray(res["losses"]), [h["loss"] for h in hist], rtol=2e-5)
+
+
 def test_fused_logit_kd_loop_equals_the_staged_loop_and_resumes(tiny_pool, tmp_path):
   """With every dev/test row in one batch, logit_kd's staged rows are the program's rows: the
   fused loop reproduces the staged loop's metrics and records; killed after round 0, it resumes
