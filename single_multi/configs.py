@@ -74,7 +74,7 @@ FIELDS: dict[str, str] = {
     "keep_checkpoints": "Orbax checkpoints kept (one per finished stage).",
     "fused_round": "Each round as one `jax.jit` program (collaborate on all dev rows, token-space "
                    "rows, every distillation step in a `lax.scan`, test decodes), one checkpoint "
-                   "per round; `supervised_kd`, `logit_kd` and `on_policy_kd` (evolve.py).",
+                   "per round; every distillation method, not the correctness filter (evolve.py).",
     # chat.
     "model": "The model source that answers.",
     "prompts": "User messages, each answered with the chat template.",

@@ -18,9 +18,9 @@ collaborate on all dev rows, build the training rows in token space (the output 
 as generated, ending in eos), run every optimizer step of the distillation in a `lax.scan`, and
 decode the test rows with the distilled singles and the collaboration; tokenisation before,
 text scoring after, one checkpoint per round. Strategies fitted on dev refit on the host before
-the test evaluation (two programs per round). Methods: supervised_kd, logit_kd and on_policy_kd
-(the students sample their dev answers inside the program); multi_student_kd scores the dev
-answers as text before it trains, so it stays staged.
+the test evaluation, and multi_student_kd's best student is picked from the singles' dev answers
+scored as text before the round program (two programs per round). on_policy_kd's students
+sample their dev answers inside the program. The correctness filter is not available there.
 
 With several devices the loop runs on `config.mesh` (`runtime_mesh`): in one process the pool's
 params live on it for the whole loop, placed by `sharding.RULES`, and every program follows them.
@@ -126,10 +126,10 @@ def validate(config: config_dict.ConfigDict) -> None:
   if config.rounds < 0:
     raise ValueError(f"rounds must be >= 0, got {config.rounds}")
   level = collab.get(config.strategy).level
-  if config.get("fused_round", False) and config.distill.method not in FUSED_METHODS:
-    raise ValueError(f"fused_round: one program per round supports distill.method in "
-                     f"{FUSED_METHODS}, not {config.distill.method!r} (it needs host work "
-                     "between collaborating and distilling); set fused_round=False")
+  if config.get("fused_round", False) and config.distill.correctness_filter:
+    raise ValueError("fused_round: the correctness filter scores the collaboration's dev answers "
+                     "as text between collaborating and distilling, which one program cannot; "
+                     "set fused_round=False or distill.correctness_filter=False")
   if config.distill.method in ("logit_kd", "on_policy_kd") and level not in ("logit", "token"):
     raise ValueError(f"{config.distill.method} needs per-token teacher rows, which only logit- "
                      f"and token-level strategies produce; {config.strategy} is {level}-level")
@@ -345,8 +345,6 @@ class Checkpoints:
 # -------------------------------------------------------------------------------------------------
 # One round as one program (config.fused_round).
 
-FUSED_METHODS = ("supervised_kd", "logit_kd", "on_policy_kd")
-
 
 def rows_with_eos(prompt, prompt_mask, tokens, lengths, stop_ids: Sequence[int], eos: int):
   """Training rows in token space: the prompt as generated, then the output tokens exactly as
@@ -361,12 +359,15 @@ def rows_with_eos(prompt, prompt_mask, tokens, lengths, stop_ids: Sequence[int],
   return distill.sequences(prompt, prompt_mask, tokens, at + 1)
 
 
-def _round_program(params_n, dev, test, order, rng, state, *, strategy, cfg, env, dcfg, eos,
-                   evaluate_test, policy_sampler=None):
+def _round_program(params_n, dev, test, order, rng, state, students=None, *, strategy, cfg, env,
+                   dcfg, eos, evaluate_test, policy_sampler=None):
   """Collaborate on all dev rows -> rows -> every optimizer step of the vmapped pool distillation
   (`distill.program`) -> [the distilled singles and the collaboration answer all test rows].
   on_policy_kd: every model samples its own answers to the dev rows (`policy_sampler`) and the
-  collaboration scores each sample token by token; each model trains on its own rows."""
+  collaboration scores each sample token by token; each model trains on its own rows.
+  multi_student_kd: `students` = (the singles' dev tokens [N, R, M], lengths [N, R], the best
+  student's index, own [R]: rows where a model learns its own answer, else the best student's);
+  each model trains on the collaboration's rows and then those [N, 2R, ...]."""
   from single_multi.collab import token_level
 
   run = collab.get(strategy).run
@@ -395,6 +396,16 @@ def _round_program(params_n, dev, test, order, rng, state, *, strategy, cfg, env
     tokens, mask, loss_mask = rows_with_eos(dev.prompt, dev.prompt_mask, out.tokens,
                                             out.lengths, env.stop_ids, eos)
     data, tail = {"tokens": tokens, "mask": mask, "loss_mask": loss_mask}, env.max_new_tokens + 1
+  if students is not None:  # multi_student_kd.
+    s_tokens, s_lengths, best, own = students
+    chosen = (jnp.where(own[None, :, None], s_tokens, s_tokens[best][None]),
+              jnp.where(own[None], s_lengths, s_lengths[best][None]))
+    mine = jax.vmap(lambda t, n: dict(zip(("tokens", "mask", "loss_mask"), rows_with_eos(
+        dev.prompt, dev.prompt_mask, t, n, env.stop_ids, eos))))(*chosen)
+    n = s_tokens.shape[0]
+    data = {k: jnp.concatenate([jnp.broadcast_to(v, (n, *v.shape)), mine[k]], axis=1)
+            for k, v in data.items()}
+    per_model = True
   params_n, losses = distill.program(params_n, data, order, env.config, dcfg, tail, per_model)
   result = {"params": params_n, "losses": losses, "data": data,
             "dev": (out.tokens, out.lengths)}
@@ -411,13 +422,15 @@ round_program = jax.jit(_round_program, static_argnames=(
     "strategy", "cfg", "env", "dcfg", "eos", "evaluate_test", "policy_sampler"))
 
 
-def fused_round(loop: Loop, pool, state, rng, out_dir):
+def fused_round(loop: Loop, pool, rng, out_dir):
   """One round through `round_program`: tokenisation before (all dev rows, all test rows as one
-  batch each), text scoring after. A strategy fitted on dev (routers, best-on-dev summariser)
-  is refitted on the host with the distilled models before the test evaluation, which then runs
-  as its own programs (`Loop.singles` / `Loop.collaboration`): such a round is two programs.
-  Returns (the distilled pool, singles and collaboration test results, distillation losses
-  [steps, N]); the dev collaboration's records go to out_dir/collaboration_dev."""
+  batch each), text scoring after. Where the round needs the singles' dev answers scored (a
+  strategy fitted on dev; multi_student_kd's best student) they are decoded first, in token
+  space, and scored on the host: two programs. A strategy fitted on dev is refitted on the host
+  with the distilled models before the test evaluation, which then runs as its own programs
+  (`Loop.singles` / `Loop.collaboration`). Returns (the distilled pool, singles and
+  collaboration test results, distillation losses [steps, N]); the dev collaboration's records go
+  to out_dir/collaboration_dev, the singles' dev answers (when decoded) to out_dir/singles_dev."""
   config, dcfg = loop.config, distill_config(loop.config)
   env = collab.make_env(pool, config.strategy, strategy_config(config),
                         max_new_tokens=config.max_new_tokens, sampler=sampler_of(config),
@@ -426,22 +439,7 @@ def fused_round(loop: Loop, pool, state, rng, out_dir):
                                                    batch_size=len(loop.dev))))
   test_data = next(iter(pipeline.generation_batches(loop.test, loop.prompter,
                                                     batch_size=len(loop.test))))
-  refit = collab.get(config.strategy).fit is not None
-  order = distill.step_order(len(loop.dev), dcfg)
-  res = round_program(pool.params, collab.batch_from(dev_data), collab.batch_from(test_data),
-                      jnp.asarray(order), rng, state, strategy=config.strategy,
-                      cfg=strategy_config(config), env=env, dcfg=dcfg,
-                      eos=decoding.stop_ids_for(pool.config, pool.tokenizer)[0],
-                      evaluate_test=not refit,
-                      policy_sampler=(policy_sampler(config) if dcfg.method == "on_policy_kd"
-                                      else None))
-  losses = np.asarray(res["losses"])
-  if not np.isfinite(losses).all():
-    raise FloatingPointError(
-        f"distillation loss is not finite ({losses[-1].tolist()} at the last step); stopping "
-        "before anything is saved, so the last good checkpoint stays the latest. Lower "
-        "distill.learning_rate or check the training rows.")
-  pool = dataclasses.replace(pool, params=res["params"])
+  dev_batch = collab.batch_from(dev_data)
   kw = dict(method="generate", metric=loop.task.spec.metric, task_name=loop.task.name,
             seed=config.seed)
 
@@ -454,6 +452,33 @@ def fused_round(loop: Loop, pool, state, rng, out_dir):
                                           pool.tokenizer, loop.task.spec.metric)
     return evaluate.finish(records, examples, names, split=split, output_dir=directory, **kw)
 
+  scores, students = None, None
+  if loop.needs_dev_singles():
+    out = pool_lib.decode_each(pool.params, dev_batch.prompt, dev_batch.prompt_mask,
+                               jax.random.fold_in(rng, 1), sampler=env.sampler, **env.decode_kw)
+    scores = _scores_matrix(scored(dev_data, loop.dev, pool.names, (out.tokens, out.lengths),
+                                   "dev", out_dir / "singles_dev"), pool.names, loop.dev)
+    if dcfg.method == "multi_student_kd":
+      students = (out.tokens, out.lengths, jnp.asarray(np.argmax(scores.mean(axis=1))),
+                  jnp.asarray(own_half(loop)))
+  state = loop.fit(pool, scores)
+  refit = collab.get(config.strategy).fit is not None
+  rows = len(loop.dev) * (2 if students is not None else 1)
+  order = distill.step_order(rows, dcfg)
+  res = round_program(pool.params, dev_batch, collab.batch_from(test_data),
+                      jnp.asarray(order), rng, state, students, strategy=config.strategy,
+                      cfg=strategy_config(config), env=env, dcfg=dcfg,
+                      eos=decoding.stop_ids_for(pool.config, pool.tokenizer)[0],
+                      evaluate_test=not refit,
+                      policy_sampler=(policy_sampler(config) if dcfg.method == "on_policy_kd"
+                                      else None))
+  losses = np.asarray(res["losses"])
+  if not np.isfinite(losses).all():
+    raise FloatingPointError(
+        f"distillation loss is not finite ({losses[-1].tolist()} at the last step); stopping "
+        "before anything is saved, so the last good checkpoint stays the latest. Lower "
+        "distill.learning_rate or check the training rows.")
+  pool = dataclasses.replace(pool, params=res["params"])
   scored(dev_data, loop.dev, (config.strategy,), res["dev"], "dev",
          out_dir / "collaboration_dev")
   if refit:
@@ -582,11 +607,7 @@ def run(config: config_dict.ConfigDict, workdir, pool: pool_lib.Pool, *, progres
           record(m)
           arrays = {}
         elif stage == "round":  # config.fused_round: the round as one program.
-          scores = None
-          if loop.needs_dev_singles():
-            scores = _scores_matrix(loop.singles(pool, dev, "dev"), pool.names, dev)
-          pool, singles, collab_r, losses = fused_round(loop, pool, loop.fit(pool, scores), rng,
-                                                        out_dir)
+          pool, singles, collab_r, losses = fused_round(loop, pool, rng, out_dir)
           distill_stats[str(r)] = {"first_loss": losses[0].tolist(),
                                    "last_loss": losses[-1].tolist(), "steps": len(losses)}
           m = round_metrics(r, singles, collab_r, pool.names, config.strategy)
@@ -630,12 +651,18 @@ def run(config: config_dict.ConfigDict, workdir, pool: pool_lib.Pool, *, progres
   return history
 
 
+def own_half(loop: Loop) -> np.ndarray:
+  """[R] bool: the dev rows on which multi_student_kd trains each model on its own answer (the
+  others on the best student's); a seeded half by example id."""
+  return np.asarray([common.split_fraction(ex.id, loop.config.seed) < 0.5 for ex in loop.dev])
+
+
 def multi_student_rows(loop: Loop, pool, dev_singles, scores, collab_rows, keep):
   """Per model: half the dev rows with its own previous outputs, half with the best student's
   (best by dev score), plus the collaboration's rows: arrays [N, R, T]."""
   best = int(np.argmax(scores.mean(axis=1)))
   by = {(x["model"], x["id"]): x["output"] for x in dev_singles.records}
-  half = np.asarray([common.split_fraction(ex.id, loop.config.seed) < 0.5 for ex in loop.dev])
+  half = own_half(loop)
   per_model = []
   for i, name in enumerate(pool.names):
     texts = {ex.id: by[(name if half[k] else pool.names[best], ex.id)]

@@ -123,8 +123,8 @@ def test_bad_input_fails_clearly(tiny_pool, tmp_path):
     evolve.validate(c)
   with pytest.raises(ValueError, match="per-token teacher rows"):
     evolve.validate(_config(strategy="multiagent_refine", **{"distill.method": "logit_kd"}))
-  with pytest.raises(ValueError, match="fused_round: .* not 'multi_student_kd'"):
-    evolve.validate(_config(fused_round=True, **{"distill.method": "multi_student_kd"}))
+  with pytest.raises(ValueError, match="fused_round: the correctness filter"):
+    evolve.validate(_config(fused_round=True, **{"distill.correctness_filter": True}))
   from single_multi import main
   with pytest.raises(ValueError, match="unknown job 'evolv'"):
     main.run(_config(job="evolv"))
@@ -323,6 +323,47 @@ def test_fused_logit_kd_loop_equals_the_staged_loop_and_resumes(tiny_pool, tmp_p
   for m in resumed:
     m.pop("distill", None)
   assert resumed == fused
+
+
+def test_fused_multi_student_round_trains_on_dev_answers_only(tiny_pool, tmp_path, monkeypatch):
+  """multi_student_kd in one program after the singles' dev answers are scored: each model's rows
+  are the collaboration's, then per dev row its own answer or the best student's (best by the dev
+  scores), every prompt a dev prompt."""
+  c = _config(fused_round=True, **{"distill.method": "multi_student_kd"})
+  seen = {}
+  real = evolve.round_program
+
+  def spy(params, dev, test, order, rng, state, students, **kw):
+    seen.update(dev=dev, test=test, students=students, order=order)
+    seen["res"] = real(params, dev, test, order, rng, state, students, **kw)
+    return seen["res"]
+
+  monkeypatch.setattr(evolve, "round_program", spy)
+  history = evolve.run(c, tmp_path, tiny_pool, progress=False)
+  assert [m["round"] for m in history] == [0, 1]
+  s_tokens, s_lengths, best, own = (np.asarray(x) for x in seen["students"])
+  records = [json.loads(x) for x in
+             (tmp_path / "round_1" / "singles_dev" / "records.jsonl").read_text().splitlines()]
+  mean = {n: np.mean([r["score"] for r in records if r["model"] == n]) for n in tiny_pool.names}
+  assert int(best) == int(np.argmax([mean[n] for n in tiny_pool.names]))
+  data = {k: np.asarray(v) for k, v in seen["res"]["data"].items()}
+  R, P = 8, np.asarray(seen["dev"].prompt).shape[1]
+  assert data["tokens"].shape[:2] == (3, 2 * R) and seen["order"].size >= 2 * R
+  dev_prompts = np.asarray(seen["dev"].prompt)
+  test_prompts = {tuple(p[m > 0]) for p, m in zip(np.asarray(seen["test"].prompt),
+                                                  np.asarray(seen["test"].prompt_mask))}
+  for i in range(3):
+    np.testing.assert_array_equal(data["tokens"][i, :, :P], np.tile(dev_prompts, (2, 1)))
+    for r in range(R):
+      row = data["tokens"][i, R + r]
+      assert tuple(row[:P][data["mask"][i, R + r, :P] > 0]) not in test_prompts
+      src = i if own[r] else int(best)
+      gen = [int(t) for t in s_tokens[src, r, :s_lengths[src, r]]]
+      want = (gen[:-1] if gen and gen[-1] == 1 else gen) + [1]  # The answer, ending in eos.
+      assert row[P:P + len(want)].tolist() == want, (i, r)
+  assert 0 < own.sum() < R  # Both halves are present.
+  d = history[1]["distill"]
+  assert all(np.isfinite(d["last_loss"]))
 
 
 def test_fused_round_with_a_dev_fitted_strategy_refits_then_tests(tiny_pool, tmp_path):
