@@ -29,6 +29,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 from single_multi import sharding
 from single_multi.models import lora as lora_lib
@@ -205,6 +206,9 @@ def hidden_states(
     # small dynamic-update-slice (a per-layer cache in xs/ys would be copied at every layer).
     x, kv = carry
     layer, layer_lora, index, window = xs
+    if layer is None:  # Frozen weights, read by index (see below).
+      layer = jax.tree.map(lambda a: checkpoint_name(
+          jax.lax.dynamic_index_in_dim(a, index, 0, False), "frozen_layer"), params["layers"])
     lo = None if lora is None else lora.for_layer(layer_lora, index)
     h = rms_norm(x, layer["attn_norm"], config)
     q = sharding.constrain(rope(dense("q", h, layer, lo), positions_bt, inv_freq), _ACT_BTNH)
@@ -228,8 +232,17 @@ def hidden_states(
       li = None if layer_lora is None else jax.tree.map(lambda a: a[i], layer_lora)
       (x, kv), _ = layer_fn((x, kv), (layer, li, i, config.sliding_windows[i]))
   else:
-    xs = (params["layers"], layer_lora, jnp.arange(config.num_layers), windows)
-    (x, kv), _ = jax.lax.scan(layer_fn, (x, kv), xs)
+    # With LoRA the base weights are frozen and each layer reads its slice of the stacked weights
+    # by index. Scanning over them instead would, under a vmapped pool ([N, L, ...] weights),
+    # first transpose every weight to [L, N, ...]: a copy of the whole pool at every call. The
+    # slices are not saved for the backward pass (it slices again), or the scan would stack them.
+    body, frozen = layer_fn, lora is not None
+    if frozen:
+      body = jax.checkpoint(layer_fn, prevent_cse=False,
+                            policy=jax.checkpoint_policies.dots_saveable)
+    xs = (None if frozen else params["layers"], layer_lora, jnp.arange(config.num_layers),
+          windows)
+    (x, kv), _ = jax.lax.scan(body, (x, kv), xs)
   x = rms_norm(x, params["final_norm"], config)
   new_cache = None
   if cache is not None:
