@@ -5,8 +5,9 @@ K key/value heads, G = N // K query heads per kv head, H head dim, F MLP width, 
 R LoRA rank.
 
 Params are a plain dict; per-layer weights are stacked along a leading L axis and the layers run
-under `lax.scan` (one compiled layer, whatever the depth; `unstack_layers` gives the per-layer
-list form that CPU decoding runs as a Python loop):
+under `lax.scan` (one compiled layer, whatever the depth; with LoRA the frozen weights are read
+by index and only matmul outputs are kept for the backward pass; `unstack_layers` gives the
+per-layer list form that CPU decoding runs as a Python loop):
 
   embed [V,D]   final_norm [D]   lm_head [D,V] (absent when tied)
   layers: attn_norm [L,D]  q [L,D,N,H]  k,v [L,D,K,H]  o [L,N,H,D]
