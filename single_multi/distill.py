@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from single_multi import multihost, train as train_lib
+from single_multi import multihost, sharding, train as train_lib
 from single_multi.models import lora as lora_lib
 from single_multi.models.config import ModelConfig
 
@@ -122,13 +122,12 @@ def make_loss(config: ModelConfig, method: str, lora_cfg: lora_lib.LoraConfig | 
 
 
 def make_pool_step(loss_fn, optimizer: optax.GradientTransformation, accumulation: int,
-                   per_model_batch: bool, shardings=None):
+                   per_model_batch: bool, place: Placement | None = None):
   """step(trainable_n, opt_state_n, frozen_n, batch, rng) -> same + metrics [N]; every model
   updates from its own gradients (vmap over the pool axis); buffers donated.
 
-  shardings: (trainable, opt_state, frozen, batch) shardings on one mesh (`Placement`): the step
-  is jitted with them as its in/out shardings, the rng and metrics replicated. None: the step
-  follows its inputs' placement."""
+  place: where the arrays live on a mesh (`Placement`): the step is jitted with those in/out
+  shardings, the rng and metrics replicated. None: the step follows its inputs' placement."""
 
   def one(trainable, opt_state, frozen, batch, key):
     loss, aux, grads = train_lib.accumulated_grads(loss_fn, trainable, frozen, batch, key,
@@ -145,13 +144,12 @@ def make_pool_step(loss_fn, optimizer: optax.GradientTransformation, accumulatio
     return jax.vmap(one, in_axes=(0, 0, 0, 0 if per_model_batch else None, 0))(
         trainable_n, opt_state_n, frozen_n, batch, keys)
 
-  if shardings is None:
+  if place is None:
     return jax.jit(step, donate_argnums=(0, 1))
-  trainable, opt_state, frozen, batch = shardings
-  everywhere = jax.sharding.NamedSharding(jax.tree.leaves(trainable)[0].mesh,
-                                          jax.sharding.PartitionSpec())
-  return jax.jit(step, in_shardings=(trainable, opt_state, frozen, batch, everywhere),
-                 out_shardings=(trainable, opt_state, everywhere), donate_argnums=(0, 1))
+  return jax.jit(step, in_shardings=(place.trainable, place.opt_state, place.frozen, place.batch,
+                                     place.replicated),
+                 out_shardings=(place.trainable, place.opt_state, place.replicated),
+                 donate_argnums=(0, 1))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -170,8 +168,6 @@ class Placement:
   @classmethod
   def make(cls, mesh, config: ModelConfig, cfg: DistillConfig, optimizer, state: DistillState,
            batch_shapes: dict[str, tuple[int, ...]], per_model_batch: bool) -> "Placement":
-    from single_multi import sharding
-
     n = jax.tree.leaves(state.trainable)[0].shape[0]
     params = sharding.param_shardings(config, mesh, pool_size=n)
     trainable = params if cfg.lora is None else sharding.lora_shardings(config, cfg.lora, mesh, n)
@@ -179,8 +175,11 @@ class Placement:
                sharding.opt_state_shardings(optimizer, state.opt_state, trainable, mesh),
                {k: sharding.rows(mesh, shape, per_model_batch) for k, shape in batch_shapes.items()})
 
+  @property
+  def replicated(self):
+    return jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
+
   def put(self, tree, shardings):
-    from single_multi import sharding
     return None if tree is None else sharding.put(tree, shardings)
 
 
@@ -248,6 +247,19 @@ def program(params_n, data: dict[str, jax.Array], order, config: ModelConfig,
   return merged(params_n, DistillState(trainable, None), cfg), losses
 
 
+def check_finite(losses: np.ndarray, first_step: int = 0) -> None:
+  """Stops at the first step whose loss [steps, N] is not finite, with a clear error, before the
+  caller saves anything (so the last good checkpoint stays the latest)."""
+  bad = ~np.isfinite(losses)
+  if bad.any():
+    at = int(np.flatnonzero(bad.any(axis=-1))[0])
+    raise FloatingPointError(
+        f"distillation loss is {losses[at].tolist()} at step {first_step + at} (model(s) "
+        f"{np.flatnonzero(bad[at]).tolist()}); stopping before anything is saved, so the last "
+        "good checkpoint stays the latest. Lower distill.learning_rate or check the training "
+        "rows.")
+
+
 def distill(params_n, data: dict[str, np.ndarray], config: ModelConfig, cfg: DistillConfig, *,
             per_model_batch: bool = False, state: DistillState | None = None,
             on_step=None, progress: bool = True, mesh=None):
@@ -276,9 +288,7 @@ def distill(params_n, data: dict[str, np.ndarray], config: ModelConfig, cfg: Dis
                          place.put(state.opt_state, place.opt_state), state.step)
     frozen = place.put(frozen, place.frozen)
   step_fn = make_pool_step(make_loss(config, cfg.method, cfg.lora, tail), optimizer,
-                           cfg.optim.accumulation, per_model_batch,
-                           None if place is None else (place.trainable, place.opt_state,
-                                                       place.frozen, place.batch))
+                           cfg.optim.accumulation, per_model_batch, place)
   order = step_order(rows, cfg)
   history = []
   bar = tqdm.trange(state.step, total, desc=f"distill ({cfg.method})", disable=not progress,
@@ -290,18 +300,12 @@ def distill(params_n, data: dict[str, np.ndarray], config: ModelConfig, cfg: Dis
       rng = jax.random.fold_in(jax.random.key(cfg.seed), step)
       if place is not None:
         batch = place.put(batch, place.batch)
-        rng = place.put(jax.random.key_data(rng),
-                        jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+        rng = place.put(jax.random.key_data(rng), place.replicated)
       trainable, opt_state, metrics = step_fn(state.trainable, state.opt_state, frozen, batch,
                                               rng)
       state = DistillState(trainable, opt_state, step + 1)
       loss = np.asarray(metrics["loss"])
-      if not np.isfinite(loss).all():
-        bad = [i for i, v in enumerate(loss.reshape(-1)) if not np.isfinite(v)]
-        raise FloatingPointError(
-            f"distillation loss is {loss.tolist()} at step {step} (model(s) {bad}); stopping "
-            "before anything is saved, so the last good checkpoint stays the latest. Lower "
-            "distill.learning_rate or check the training rows.")
+      check_finite(loss[None], first_step=step)
       history.append({"step": step, "loss": loss.tolist()})
       bar.set_postfix(loss=f"{loss.mean():.3f}")
       if on_step is not None:

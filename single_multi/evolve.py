@@ -185,6 +185,16 @@ class Loop:
     return (collab.get(self.config.strategy).fit is not None
             or self.config.distill.method == "multi_student_kd")
 
+  def evaluate_test(self, pool, out_dir):
+    """Singles and the collaboration on test, the strategy fitted on dev with these models
+    first. Returns (singles, collaboration) results; records under out_dir."""
+    scores = None
+    if collab.get(self.config.strategy).fit is not None:
+      scores = _scores_matrix(self.singles(pool, self.dev, "dev"), pool.names, self.dev)
+    state = self.fit(pool, scores)
+    return (self.singles(pool, self.test, "test", out_dir / "singles"),
+            self.collaboration(pool, self.test, "test", state, out_dir / "collaboration"))
+
   def collaboration(self, pool, examples, split, state, out_dir=None):
     """The strategy's answers to `examples`, scored (an EvalResult under the strategy's name)."""
     return evaluate.evaluate(pool, examples, split=split, method="generate",
@@ -460,7 +470,7 @@ def fused_round(loop: Loop, pool, rng, out_dir):
                                    "dev", out_dir / "singles_dev"), pool.names, loop.dev)
     if dcfg.method == "multi_student_kd":
       students = (out.tokens, out.lengths, jnp.asarray(np.argmax(scores.mean(axis=1))),
-                  jnp.asarray(own_half(loop)))
+                  jnp.asarray(own_half(loop)[dev_data["index"]]))  # In the batch's row order.
   state = loop.fit(pool, scores)
   refit = collab.get(config.strategy).fit is not None
   rows = len(loop.dev) * (2 if students is not None else 1)
@@ -473,21 +483,12 @@ def fused_round(loop: Loop, pool, rng, out_dir):
                       policy_sampler=(policy_sampler(config) if dcfg.method == "on_policy_kd"
                                       else None))
   losses = np.asarray(res["losses"])
-  if not np.isfinite(losses).all():
-    raise FloatingPointError(
-        f"distillation loss is not finite ({losses[-1].tolist()} at the last step); stopping "
-        "before anything is saved, so the last good checkpoint stays the latest. Lower "
-        "distill.learning_rate or check the training rows.")
+  distill.check_finite(losses)
   pool = dataclasses.replace(pool, params=res["params"])
   scored(dev_data, loop.dev, (config.strategy,), res["dev"], "dev",
          out_dir / "collaboration_dev")
   if refit:
-    scores = None
-    if loop.needs_dev_singles():
-      scores = _scores_matrix(loop.singles(pool, loop.dev, "dev"), pool.names, loop.dev)
-    state = loop.fit(pool, scores)
-    singles = loop.singles(pool, loop.test, "test", out_dir / "singles")
-    collab_r = loop.collaboration(pool, loop.test, "test", state, out_dir / "collaboration")
+    singles, collab_r = loop.evaluate_test(pool, out_dir)
   else:
     singles = scored(test_data, loop.test, pool.names, res["singles"], "test",
                      out_dir / "singles")
@@ -594,13 +595,7 @@ def run(config: config_dict.ConfigDict, workdir, pool: pool_lib.Pool, *, progres
         t0 = time.perf_counter()
         out_dir = workdir / f"round_{r}"
         if stage == "evaluate":
-          dev_scores = None
-          if collab.get(config.strategy).fit is not None:
-            dev_singles = loop.singles(pool, dev, "dev")
-            dev_scores = _scores_matrix(dev_singles, pool.names, dev)
-          state = loop.fit(pool, dev_scores)
-          singles = loop.singles(pool, test, "test", out_dir / "singles")
-          collab_r = loop.collaboration(pool, test, "test", state, out_dir / "collaboration")
+          singles, collab_r = loop.evaluate_test(pool, out_dir)
           m = round_metrics(r, singles, collab_r, pool.names, config.strategy)
           if str(r) in distill_stats:
             m["distill"] = distill_stats[str(r)]

@@ -16,9 +16,10 @@ from typing import Any, Mapping, Sequence
 
 import jax
 import numpy as np
+import optax
 from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
-from single_multi.models.config import ModelConfig, dim_sizes, param_layout
+from single_multi.models.config import PROJECTIONS, ModelConfig, dim_sizes, param_layout
 
 MESH_AXES = ("model", "data", "fsdp", "tensor")
 
@@ -112,8 +113,6 @@ def param_shardings(config: ModelConfig, mesh, pool_size: int | None = None) -> 
 
 def lora_shardings(config: ModelConfig, lora_cfg, mesh, pool_size: int | None = None):
   """Shardings of a LoRA tree (`lora.init`'s structure; a leading pool axis when pool_size)."""
-  from single_multi.models.config import PROJECTIONS
-
   sizes = dim_sizes(config) | {"R": lora_cfg.rank}
   prefix = () if pool_size is None else (pool_size,)
   out = {}
@@ -130,8 +129,6 @@ def lora_shardings(config: ModelConfig, lora_cfg, mesh, pool_size: int | None = 
 def opt_state_shardings(optimizer, opt_state, param_shardings_tree, mesh):
   """Shardings of an optax state (arrays or ShapeDtypeStructs): every moment is placed like the
   param it tracks, everything else (step counts) replicated."""
-  import optax
-
   everywhere = NamedSharding(mesh, PartitionSpec())
   return optax.tree_map_params(optimizer, lambda _, sh: sh, opt_state, param_shardings_tree,
                                transform_non_params=lambda _: everywhere)

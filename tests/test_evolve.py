@@ -362,6 +362,20 @@ def test_fused_multi_student_round_trains_on_dev_answers_only(tiny_pool, tmp_pat
       want = (gen[:-1] if gen and gen[-1] == 1 else gen) + [1]  # The answer, ending in eos.
       assert row[P:P + len(want)].tolist() == want, (i, r)
   assert 0 < own.sum() < R  # Both halves are present.
+  # own[r] belongs to the example in batch row r (the batch is sorted, not in dev order): it is
+  # that example's seeded half, as in the staged rows. Each row's question is in its last turn.
+  from single_multi.data import common
+  inputs = {}
+  for rec in records:
+    inputs.setdefault(rec["input"], set()).add(rec["id"])
+  matched = 0
+  for r in range(R):
+    prompt = tiny_pool.tokenizer.decode(dev_prompts[r]).rsplit("<user>", 1)[-1]
+    ids = set().union(*(v for k, v in inputs.items() if k in prompt))
+    if len(ids) == 1:
+      assert bool(own[r]) == (common.split_fraction(ids.pop(), c.seed) < 0.5), r
+      matched += 1
+  assert matched >= R // 2, matched
   d = history[1]["distill"]
   assert all(np.isfinite(d["last_loss"]))
 
