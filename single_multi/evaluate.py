@@ -127,13 +127,63 @@ def aggregate(records: Sequence[dict[str, Any]], metric_keys: Sequence[str], see
   return out
 
 
+def _baseline_entry(rows: Sequence[common.Example], reference: Sequence[common.Example]
+                    ) -> dict[str, Any]:
+  mc = [e for e in rows if e.is_mc]
+  if not mc:
+    return {}
+  ref = [e for e in reference if e.is_mc and not e.problem] or mc
+  letter = int(np.argmax(np.bincount([e.answer for e in ref])))
+  gold = np.bincount([e.answer for e in mc])
+  return {"mc_rows": len(mc),
+          "chance": float(np.mean([len(e.correct) / len(e.choices) for e in mc])),
+          "majority_class": {"letter": metrics.LETTERS[int(np.argmax(gold))],
+                             "rate": float(gold.max() / len(mc))},
+          "position": {"letter": metrics.LETTERS[letter],
+                       "accuracy": float(np.mean([letter in e.correct for e in mc]))}}
+
+
+def baselines(examples: Sequence[common.Example], reference: Sequence[common.Example],
+              reference_split: str) -> dict[str, Any]:
+  """What answering without reading the question scores on the valid multiple-choice rows:
+  chance (the mean share of correct options), the majority class (the most common gold letter of
+  these rows, and its rate) and the position baseline (always the most common gold letter of
+  `reference`, the dev split, scored on these rows); over all rows and per subject."""
+  valid = [e for e in examples if not e.problem]
+  out = _baseline_entry(valid, reference)
+  if not out:
+    return {}
+  subjects = dict.fromkeys(e.subject for e in valid)
+  by_subject = {s: _baseline_entry([e for e in valid if e.subject == s],
+                                   [e for e in reference if e.subject == s]) for s in subjects}
+  return out | {"position_from": reference_split,
+                "by_subject": {s: v for s, v in by_subject.items() if v}}
+
+
+def answer_positions(records: Sequence[dict[str, Any]]) -> dict[str, float]:
+  """Share of each letter among a model's multiple-choice predictions ("none": no option)."""
+  letters = [r["prediction"] or "none" for r in records if "choices" in r]
+  return {k: letters.count(k) / len(letters) for k in sorted(set(letters))} if letters else {}
+
+
 def format_summary(summary: dict[str, Any]) -> str:
   lines = [f"{summary['task']} [{summary['split']}] method={summary['method']}: "
            f"{summary['n_scored']} scored, {summary['n_excluded']} excluded"]
   for model, entry in summary["models"].items():
     cells = [f"{k} {v['mean']:.3f} [{v['ci95'][0]:.3f}, {v['ci95'][1]:.3f}]"
-             for k, v in entry.items() if k != "by_subject"]
+             for k, v in entry.items() if isinstance(v, dict) and "mean" in v]
     lines.append(f"  {model}: " + "  ".join(cells))
+  base = summary.get("baselines")
+  if base:
+    lines.append(f"  baselines ({base['mc_rows']} MC rows): chance {base['chance']:.3f}, "
+                 f"majority class {base['majority_class']['rate']:.3f} "
+                 f"({base['majority_class']['letter']}), position "
+                 f"{base['position']['accuracy']:.3f} (always {base['position']['letter']}, "
+                 f"the most common on {base['position_from']})")
+    for model, entry in summary["models"].items():
+      if entry.get("answer_positions"):
+        lines.append(f"  {model} answers: " + " ".join(
+            f"{k} {v:.0%}" for k, v in entry["answer_positions"].items()))
   if summary["n_excluded"]:
     lines.append(f"  {summary['excluded_note']}")
     lines += [f"    {e['id']}: {e['problem']}" for e in summary["excluded"][:20]]
@@ -150,6 +200,17 @@ def _as_pool(model: pool_lib.Pool | Model) -> pool_lib.Pool:
   if isinstance(model, pool_lib.Pool):
     return model
   return pool_lib.from_models([model], [model.source])
+
+
+def _asked(ex: common.Example) -> dict[str, Any]:
+  """What a record shows of its example: the question and, for multiple choice, the options in
+  the order they were shown (and their source positions where the loader reordered them)."""
+  fields = {"id": ex.id, "subject": ex.subject, "input": ex.question}
+  if ex.is_mc:
+    fields["choices"] = list(ex.choices)
+    if ex.option_order:
+      fields["option_order"] = list(ex.option_order)
+  return fields
 
 
 def _score_generated(ex: common.Example, text: str, metric: str) -> dict[str, Any]:
@@ -171,12 +232,14 @@ def evaluate(model: pool_lib.Pool | Model, examples: Sequence[common.Example], *
              max_new_tokens: int = 64, output_dir: str | os.PathLike | None = None,
              progress: bool = True, seed: int = 0, share_prefix: bool = True,
              strategy: str | None = None, strategy_cfg: Any = None,
-             strategy_state: Any = None) -> EvalResult:
+             strategy_state: Any = None, reference: Sequence[common.Example] | None = None,
+             reference_split: str = "dev") -> EvalResult:
   """Scores every valid example with every model; see the module docstring.
 
   strategy: score the pool's collaboration instead (a `collab` registry name; method "generate"):
   one record per example under the model name `strategy`, the strategy's config and fitted state
-  as given.
+  as given. reference: the rows (of `reference_split`) whose most common gold letter is the
+  position baseline; None: `examples` themselves.
   """
   if method not in METHODS:
     raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
@@ -213,8 +276,7 @@ def evaluate(model: pool_lib.Pool | Model, examples: Sequence[common.Example], *
           ex = examples[i]
           scores = [lp[n, column[b, c]] for c in range(len(ex.choices))]
           raw, norm = metrics.mc_loglik_predictions(scores, [len(c) for c in ex.choices])
-          records.append({"model": name, "id": ex.id, "subject": ex.subject,
-                          "input": ex.question, "output": [float(s) for s in scores],
+          records.append({"model": name, **_asked(ex), "output": [float(s) for s in scores],
                           "prediction": metrics.LETTERS[raw], "prediction_norm":
                           metrics.LETTERS[norm], "target": metrics.LETTERS[ex.answer],
                           "score": float(raw in ex.correct),
@@ -239,7 +301,8 @@ def evaluate(model: pool_lib.Pool | Model, examples: Sequence[common.Example], *
   return finish(records, examples, model_order, method=method, metric=metric,
                 task_name=task_name, split=split, seed=seed, output_dir=output_dir,
                 timing={"wall_seconds": time.perf_counter() - start,
-                        "input_pipeline_seconds": waited})
+                        "input_pipeline_seconds": waited},
+                reference=reference, reference_split=reference_split)
 
 
 def generation_records(examples, rows: Sequence[int], names: Sequence[str], tokens, lengths,
@@ -251,15 +314,19 @@ def generation_records(examples, rows: Sequence[int], names: Sequence[str], toke
     for b, i in enumerate(rows):
       ex = examples[i]
       text = tokenizer.decode(tokens[n, b, :lengths[n, b]], skip_special_tokens=True)
-      records.append({"model": name, "id": ex.id, "subject": ex.subject, "input": ex.question,
-                      "output": text, **_score_generated(ex, text, metric)})
+      records.append({"model": name, **_asked(ex), "output": text,
+                      **_score_generated(ex, text, metric)})
   return records
 
 
 def finish(records: list[dict[str, Any]], examples, model_order: Sequence[str], *, method: str,
            metric: str, task_name: str, split: str, seed: int, output_dir=None,
-           timing: dict[str, float] | None = None) -> EvalResult:
-  """Sorted records, the summary (bootstrap CIs, excluded rows) and the files."""
+           timing: dict[str, float] | None = None,
+           reference: Sequence[common.Example] | None = None,
+           reference_split: str = "dev") -> EvalResult:
+  """Sorted records, the summary (bootstrap CIs, excluded rows, baselines, each model's answer
+  positions) and the files. reference: the rows whose most common gold letter is the position
+  baseline (the dev split); None: the evaluated rows themselves."""
   excluded = [{"id": ex.id, "problem": ex.problem} for ex in examples if ex.problem]
   order = {ex.id: i for i, ex in enumerate(examples)}
   records.sort(key=lambda r: (model_order.index(r["model"]), order[r["id"]]))
@@ -277,8 +344,17 @@ def finish(records: list[dict[str, Any]], examples, model_order: Sequence[str], 
                         f"(scored {len(examples) - len(excluded)} of {len(examples)})"),
       "models": {m: {names[k]: v for k, v in e.items() if k in names} | {"by_subject":
                  e["by_subject"]} for m, e in models.items()},
+      "baselines": baselines(examples, examples if reference is None else reference,
+                             split if reference is None else reference_split),
       **(timing or {}),
   }
+  for m, entry in summary["models"].items():
+    mine = [r for r in records if r["model"] == m]
+    entry["answer_positions"] = answer_positions(mine)
+    if entry["answer_positions"]:
+      by_subject = {s: answer_positions([r for r in mine if r["subject"] == s])
+                    for s in dict.fromkeys(r["subject"] for r in mine)}
+      entry["answer_positions_by_subject"] = {s: v for s, v in by_subject.items() if v}
   if output_dir is not None and multihost.is_primary():
     out_dir = epath.Path(output_dir)  # Local or a bucket (gs://...).
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -303,4 +379,5 @@ def evaluate_task(model: pool_lib.Pool | Model, task: Task, *, split: str | None
   pool = _as_pool(model)
   prompter = pipeline.Prompter(pool.tokenizer, prompt, shots)
   return evaluate(pool, examples, prompter=prompter, task_name=task.name, split=split,
-                  metric=task.spec.metric, **kwargs)
+                  metric=task.spec.metric, reference=task.examples(task.spec.dev_split),
+                  reference_split=task.spec.dev_split, **kwargs)

@@ -153,7 +153,7 @@ class Loop:
   def kw(self) -> dict[str, Any]:
     return dict(prompter=self.prompter, task_name=self.task.name, metric=self.task.spec.metric,
                 batch_size=self.config.batch_size, max_new_tokens=self.config.max_new_tokens,
-                progress=self.progress, seed=self.config.seed)
+                progress=self.progress, seed=self.config.seed, reference=self.dev)
 
   def singles(self, pool, examples, split, out_dir=None) -> evaluate.EvalResult:
     return evaluate.evaluate(pool, examples, split=split, method="generate", output_dir=out_dir,
@@ -230,7 +230,11 @@ def round_metrics(round_: int, singles: evaluate.EvalResult, collab_r: evaluate.
           "singles_ci95": {n: v["ci95"] for n, v in s.items()},
           "single_mean": float(np.mean([v["mean"] for v in s.values()])),
           "best_single": s[best]["mean"], "best_single_model": best,
-          "collab": c["mean"], "collab_ci95": c["ci95"], "n": c["n"]}
+          "collab": c["mean"], "collab_ci95": c["ci95"], "n": c["n"],
+          "baselines": singles.summary["baselines"],
+          "answer_positions": {n: r.summary["models"][n]["answer_positions"]
+                               for r, ns in ((singles, names), (collab_r, (strategy,)))
+                               for n in ns}}
 
 
 def format_round(m: dict[str, Any]) -> str:
@@ -241,6 +245,13 @@ def format_round(m: dict[str, Any]) -> str:
   for n, v in m["singles"].items():
     a, b = m["singles_ci95"][n]
     lines.append(f"    {n:28s} {v:.3f} [{a:.3f}, {b:.3f}]")
+  base = m.get("baselines")
+  if base:
+    lines.append(f"    multiple choice ({base['mc_rows']} rows): chance {base['chance']:.3f}, "
+                 f"majority class {base['majority_class']['rate']:.3f}, position baseline "
+                 f"{base['position']['accuracy']:.3f} (always {base['position']['letter']})")
+    for n, shares in m["answer_positions"].items():
+      lines.append(f"    {n:28s} answers " + " ".join(f"{k} {v:.0%}" for k, v in shares.items()))
   return "\n".join(lines)
 
 
@@ -451,7 +462,7 @@ def fused_round(loop: Loop, pool, rng, out_dir):
                                                     batch_size=len(loop.test))))
   dev_batch = collab.batch_from(dev_data)
   kw = dict(method="generate", metric=loop.task.spec.metric, task_name=loop.task.name,
-            seed=config.seed)
+            seed=config.seed, reference=loop.dev)
 
   def scored(data, examples, names, out, split, directory):
     rows = [int(i) for i in data["index"] if i >= 0]
@@ -520,6 +531,11 @@ def write_metrics(workdir: epath.Path, history: list[dict[str, Any]]) -> None:
   ax.plot(rounds, [m["collab"] for m in history], "o-", label="collaboration")
   ax.plot(rounds, [m["single_mean"] for m in history], "s-", label="single (mean)")
   ax.plot(rounds, [m["best_single"] for m in history], "^--", label="best single")
+  base = m.get("baselines")
+  if base:  # What answering without reading the question scores (multiple-choice rows).
+    ax.axhline(base["chance"], ls=":", color="gray", label="chance")
+    ax.axhline(base["position"]["accuracy"], ls="-.", color="silver",
+               label=f"always {base['position']['letter']}")
   ax.set_xlabel("round")
   ax.set_ylabel("test score")
   ax.set_xticks(rounds)

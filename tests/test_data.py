@@ -1,5 +1,6 @@
 """Task builders on fixtures written in the real source formats; splits; the prompt pipeline."""
 
+import dataclasses
 import io
 import json
 import socket
@@ -169,10 +170,17 @@ def _load_bigbench(tmp_path, names, **cfg):
 
 def test_bigbench_fields_subtasks_and_bad_rows(tmp_path):
   task = _load_bigbench(tmp_path, ["mc_task", "gen_task", "parent", "latin1"])
-  rows = _by_id(task.dev + task.test)
-  assert rows["mc_task/1"] == common.Example(
+  stored = tasks.Task(task.name, task.spec, task.builder, shuffle=False)  # The file's order.
+  stored_rows = _by_id(stored.dev + stored.test)
+  assert stored_rows["mc_task/1"] == common.Example(
       "mc_task/1", "mc_task", "Pick the fruit.\nItem set 1", ("apple", "rock", "pear"), 0,
       ("apple", "pear"), "")
+  rows = _by_id(task.dev + task.test)  # As shown: BIG-bench options are always reordered.
+  shown = rows["mc_task/1"]
+  assert sorted(shown.option_order) == [0, 1, 2]
+  assert shown.choices == tuple(("apple", "rock", "pear")[i] for i in shown.option_order)
+  assert shown.choices[shown.answer] == "apple" and shown.targets == ("apple", "pear")
+  assert {shown.choices[i] for i in shown.correct} == {"apple", "pear"}
   assert rows["mc_task/0"].targets == ("apple",)
   assert rows["gen_task/0"] == common.Example("gen_task/0", "gen_task", "List: b a",
                                               targets=("a b",))
@@ -199,6 +207,94 @@ def test_bigbench_splits_are_seeded_and_disjoint(tmp_path):
   assert ("mc_task/3" in dev_ids) == ("mc_task/20" in dev_ids)
   a.check_disjoint()
   assert not common.overlapping_questions([e.question for e in a.dev], [e.question for e in a.test])
+
+
+# -------------------------------------------------------------------------------------------------
+# Option order: the seeded shuffle, the gold-position check, the loader's policy.
+
+
+def test_shuffle_options_is_seeded_and_moves_the_gold():
+  ex = common.Example("t/7", "t", "Which?", ("a", "b", "c", "d", "e"), 3, ("d",))
+  once, again = common.shuffle_options(ex, 0), common.shuffle_options(ex, 0)
+  assert once == again
+  assert sorted(once.option_order) == [0, 1, 2, 3, 4]
+  assert once.choices == tuple("abcde"[i] for i in once.option_order)
+  assert once.choices[once.answer] == "d" and once.option_order[once.answer] == 3
+  assert once.correct == frozenset({once.answer})
+  # Another seed or another id gives another order (for these two, checked once by hand).
+  assert common.shuffle_options(ex, 1).option_order != once.option_order
+  assert common.shuffle_options(dataclasses.replace(ex, id="t/8"), 0).option_order != \
+      once.option_order
+  # Idempotent on an already reordered row; generative rows pass through.
+  assert common.shuffle_options(once, 5) == once
+  gen = common.Example("g/0", "g", "Say x", targets=("x",))
+  assert common.shuffle_options(gen, 0) == gen
+  # 1000 rows with the gold always last: no position keeps more than 30% after the shuffle.
+  rows = [common.Example(f"t/{i}", "t", f"q{i}", tuple("abcde"), 4, ("e",)) for i in range(1000)]
+  shown = [common.shuffle_options(r, 0) for r in rows]
+  shares = np.bincount([r.answer for r in shown], minlength=5) / 1000
+  assert shares.max() < 0.3 and all(r.choices[r.answer] == "e" for r in shown)
+
+
+def _mc_rows(golds, n_options=4, subject="s"):
+  return [common.Example(f"{subject}/{i}", subject, f"{subject} question {i}",
+                         tuple(f"o{j}" for j in range(n_options)), g, (f"o{g}",))
+          for i, g in enumerate(golds)]
+
+
+def test_position_check_fires_on_a_skewed_task_and_stays_quiet_on_a_balanced_one():
+  balanced = common.position_check(_mc_rows([i % 4 for i in range(40)]))
+  assert balanced.counts == (10, 10, 10, 10) and balanced.expected == (10.0,) * 4
+  assert balanced.skewed == ()
+  # 30 of 40 gold at A: 0.75 > 2 x 0.25.
+  skewed = common.position_check(_mc_rows([0] * 30 + [1, 2, 3] * 3 + [1]))
+  assert ("*", 0, 0.75) in skewed.skewed and ("s", 0, 0.75) in skewed.skewed
+  assert "A holds 75%" in skewed.describe()
+  # Exactly twice the uniform share is not "more than twice": 20 of 40 at A with 4 options.
+  assert common.position_check(_mc_rows([0] * 20 + [1, 2, 3] * 6 + [1, 2])).skewed == ()
+  # Mixed option counts: expected[p] sums 1/n over rows that have position p (hand count:
+  # 20 rows of 2 options and 20 of 4: A and B expect 20*1/2 + 20*1/4 = 15, C and D 5).
+  mixed = _mc_rows([0, 1] * 10, 2, "two") + _mc_rows([3] * 11 + [0, 1, 2] * 3, 4, "four")
+  check = common.position_check(mixed)
+  assert check.expected == (15.0, 15.0, 5.0, 5.0) and check.counts == (13, 13, 3, 11)
+  assert ("*", 3, 11 / 40) in check.skewed and ("four", 3, 11 / 20) in check.skewed
+  assert not any(s == "two" for s, _, _ in check.skewed)
+  # Too few rows to judge: a subject of 8 rows all at A inside a balanced task of 48.
+  small = _mc_rows([0] * 8, 4, "small") + _mc_rows([i % 4 for i in range(40)], 4, "big")
+  assert [s for s, _, _ in common.position_check(small).skewed] == []
+  # Bad rows and generative rows are not counted.
+  rows = _mc_rows([0, 1]) + [common.Example("g/0", "g", "x", targets=("y",)),
+                             common.Example("b/0", "b", "x", ("a",), 3, (), "bad")]
+  assert common.position_check(rows).rows == 2
+
+
+def test_loader_shuffles_authored_or_skewed_sources_and_keeps_balanced_ones(tmp_path, caplog):
+  # BIG-bench: always shown in a seeded order, the same for the same seed in two loads.
+  a = _load_bigbench(tmp_path / "a", ["mc_task"])
+  b = _load_bigbench(tmp_path / "b", ["mc_task"])
+  orders = lambda t: {e.id: e.option_order for e in t.dev + t.test if e.is_mc and not e.problem}
+  assert a.shuffle and orders(a) == orders(b) and all(orders(a).values())
+  reseeded = tasks.Task(a.name, a.spec, a.builder, seed=3)
+  assert orders(reseeded).keys() == orders(a).keys() and orders(reseeded) != orders(a)
+  # In the file the gold ("apple") is always option A; as shown it is not.
+  assert max(a.positions().shares) < 0.5
+  # MMLU with near-uniform gold letters keeps the published order.
+  balanced = {"data/test/anatomy_test.csv": "".join(
+      f"Balanced question {i}?,w,x,y,z,{'ABCD'[i % 4]}\n" for i in range(24))}
+  task = _load_mmlu(tmp_path / "m1", _write_tree(tmp_path / "m1src", balanced))
+  assert task.shuffle is False and len(task.test) == 24
+  assert all(e.answer == int(e.id.split("/")[-1]) % 4 for e in task.test)
+  assert all(not e.option_order for e in task.test)
+  # MMLU whose gold letters are skewed (all A): reordered, with a warning that says why.
+  skewed = {"data/test/anatomy_test.csv": "".join(
+      f"Skewed question {i}?,w,x,y,z,A\n" for i in range(24))}
+  task = _load_mmlu(tmp_path / "m2", _write_tree(tmp_path / "m2src", skewed))
+  with caplog.at_level("WARNING"):
+    shown = task.test
+  assert task.shuffle and all(e.option_order for e in shown)
+  assert all(e.choices[e.answer] == "w" for e in shown)
+  assert max(task.positions().shares) <= 0.5
+  assert "reordered" in caplog.text and "A holds 100%" in caplog.text
 
 
 def test_check_disjoint_catches_overlap():

@@ -112,3 +112,41 @@ def test_bootstrap_ci():
 def test_unknown_method_is_refused():
   with pytest.raises(ValueError, match="unknown method"):
     evaluate.evaluate(_model(0), _examples(), prompter=pipeline.Prompter(Tok()), method="vote")
+
+
+def test_baselines_and_answer_positions_against_a_hand_count():
+  E = common.Example
+  rows = [E("a/0", "a", "q0", ("x", "y", "z"), 0, ("x",)),
+          E("a/1", "a", "q1", ("x", "y", "z"), 1, ("y",)),
+          E("a/2", "a", "q2", ("x", "y"), 1, ("y",)),
+          E("b/0", "b", "q3", ("x", "y", "z", "w"), 1, ("y", "w")),  # Two correct options.
+          E("b/1", "b", "q4", ("x", "y"), 7, (), "bad row"),
+          E("g/0", "g", "say y", targets=("y",))]
+  dev = [E("d/0", "a", "d0", ("x", "y"), 1, ("y",)), E("d/1", "b", "d1", ("x", "y"), 1, ("y",)),
+         E("d/2", "a", "d2", ("x", "y"), 0, ("x",))]
+  base = evaluate.baselines(rows, dev, "dev")
+  # Valid MC rows: a/0, a/1, a/2, b/0. Chance: (1/3 + 1/3 + 1/2 + 2/4) / 4 = 5/12.
+  assert base["mc_rows"] == 4 and base["chance"] == pytest.approx(5 / 12)
+  # Gold letters A, B, B, B: majority B at 3/4. Dev's most common gold is B (2 of 3):
+  # "always B" is right on a/1, a/2 and b/0 (B is one of its two correct options).
+  assert base["majority_class"] == {"letter": "B", "rate": 0.75}
+  assert base["position"] == {"letter": "B", "accuracy": 0.75} and base["position_from"] == "dev"
+  # Per subject: a's dev rows are B and A (a tie: the first, A, wins); b has one row.
+  assert base["by_subject"]["a"]["position"] == {"letter": "A", "accuracy": pytest.approx(1 / 3)}
+  assert base["by_subject"]["b"]["chance"] == 0.5 and set(base["by_subject"]) == {"a", "b"}
+  records = [{"model": "m", "choices": ["x", "y"], "prediction": p, "subject": "a"}
+             for p in ("A", "A", "B", None)] + [{"model": "m", "prediction": "y", "subject": "g"}]
+  assert evaluate.answer_positions(records) == {"A": 0.5, "B": 0.25, "none": 0.25}
+  assert evaluate.baselines([rows[-1]], dev, "dev") == {}  # No MC row: no MC baseline.
+
+
+def test_records_show_the_options_as_asked():
+  ex = common.shuffle_options(common.Example("s/0", "s", "Pick", ("yes", "no", "maybe"), 2,
+                                             ("maybe",)), 0)
+  result = evaluate.evaluate(_model(0), [ex], prompter=pipeline.Prompter(Tok()),
+                             max_new_tokens=3, progress=False, reference=[ex])
+  rec = result.records[0]
+  assert rec["choices"] == list(ex.choices) and rec["option_order"] == list(ex.option_order)
+  assert rec["target"] == "ABC"[ex.choices.index("maybe")]
+  assert result.summary["baselines"]["position"]["letter"] == rec["target"]
+  assert "position" in result.table() and "answers" in result.table()

@@ -6,8 +6,10 @@ local checkout of https://github.com/google/BIG-bench passed as the manual dir (
 `bigbench/` package dir, or `benchmark_tasks/` itself).
 
 A task with subtasks (`logical_deduction/three_objects`, ...) expands to all of them; a subtask can
-also be named directly. Examples with `target_scores` become multiple-choice rows (options in
-file order; every top-scored option is a target); examples with only `target` (a string or a list
+also be named directly. Examples with `target_scores` become multiple-choice rows (options stored in
+file order, which BIG-bench authors often fixed: the correct option last in the arithmetic tasks,
+first in date_understanding; the loader shows them in a seeded random order, see `tasks`; every
+top-scored option is a target); examples with only `target` (a string or a list
 of aliases) become generative rows. The task prefix and an explicit example input prefix are part
 of the question text.
 

@@ -9,6 +9,8 @@ pipelines and metrics are written once:
   choices   option texts; empty for generative tasks
   answer    index of the (first) correct option; -1 for generative tasks
   targets   every acceptable answer text (MC: the correct options' texts; generative: aliases)
+  option_order  (MC, set at load, never stored by a builder) the source index of each shown option
+            when the loader reordered them (`shuffle_options`); empty: the source's order
   problem   "" for a valid row, else why the row is unusable ("no target", "answer index 7 out of
             range for 4 choices", "file x.csv is not UTF-8 ..."). Bad rows are kept in the data
             so every consumer counts and reports them by id instead of losing them silently.
@@ -55,6 +57,7 @@ class Example:
   answer: int = -1
   targets: tuple[str, ...] = ()
   problem: str = ""
+  option_order: tuple[int, ...] = ()
 
   @property
   def is_mc(self) -> bool:
@@ -68,6 +71,7 @@ class Example:
   def to_dict(self) -> dict[str, Any]:
     d = dataclasses.asdict(self)
     d["choices"], d["targets"] = list(self.choices), list(self.targets)
+    d["option_order"] = list(self.option_order)
     return d
 
   @classmethod
@@ -77,7 +81,8 @@ class Example:
                question=_text(record["question"]),
                choices=tuple(_text(c) for c in record["choices"]),
                answer=int(record["answer"]), targets=tuple(_text(t) for t in record["targets"]),
-               problem=_text(record["problem"]))
+               problem=_text(record["problem"]),
+               option_order=tuple(int(i) for i in record.get("option_order", ())))
 
 
 def validate(ex: Example) -> Example:
@@ -133,6 +138,86 @@ def check_disjoint(dev: Iterable[str], test: Iterable[str], what: str) -> None:
 
 
 # -------------------------------------------------------------------------------------------------
+# Option order: where the gold option sits, and a seeded reordering.
+
+# A gold position is "skewed" when it holds more than this many times its uniform share.
+SKEW_FACTOR = 2.0
+# Fewer multiple-choice rows than this (in a task, or in one of its subjects) are too few to judge
+# by their position counts; a small subject's rows still count in its task's total.
+MIN_ROWS_FOR_SKEW = 20
+
+
+def _option_rng(seed: int, ex_id: str) -> np.random.Generator:
+  digest = hashlib.sha256(f"options\x00{seed}\x00{ex_id}".encode()).digest()
+  return np.random.default_rng(int.from_bytes(digest[:8], "big"))
+
+
+def shuffle_options(ex: Example, seed: int) -> Example:
+  """The example with its options in a random order fixed by (seed, example id): the same in every
+  round, process and run with that seed. The gold index moves with its option; `option_order`
+  records the source index of each shown option. Generative rows come back unchanged."""
+  if not ex.is_mc or ex.option_order:
+    return ex
+  perm = _option_rng(seed, ex.id).permutation(len(ex.choices))
+  answer = int(np.flatnonzero(perm == ex.answer)[0]) if 0 <= ex.answer < len(perm) else ex.answer
+  return dataclasses.replace(ex, choices=tuple(ex.choices[i] for i in perm), answer=answer,
+                             option_order=tuple(int(i) for i in perm))
+
+
+@dataclasses.dataclass(frozen=True)
+class PositionCheck:
+  """Where the gold option sits in a set of multiple-choice rows.
+
+  counts[p]: rows whose gold option is at position p; expected[p]: the count a uniform placement
+  gives (each row adds 1/n_options to each of its positions); skewed: the positions holding more
+  than SKEW_FACTOR times their expected count, over all rows ("*") and per subject, each judged
+  where it has at least MIN_ROWS_FOR_SKEW rows.
+  """
+  rows: int
+  counts: tuple[int, ...]
+  expected: tuple[float, ...]
+  skewed: tuple[tuple[str, int, float], ...]  # (subject or "*", position, share of its rows)
+
+  @property
+  def shares(self) -> tuple[float, ...]:
+    return tuple(c / self.rows for c in self.counts) if self.rows else ()
+
+  def describe(self) -> str:
+    letters = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+    cells = ", ".join(f"{letters[p]} {s:.0%}" for p, s in enumerate(self.shares))
+    where = "; ".join(f"{subj}: {letters[p]} holds {share:.0%}" for subj, p, share in self.skewed)
+    return f"gold positions over {self.rows} rows: {cells}" + (f" (skewed: {where})" if where
+                                                                else "")
+
+
+def _counts(examples: Sequence[Example]) -> tuple[np.ndarray, np.ndarray]:
+  width = max((len(e.choices) for e in examples), default=0)
+  counts, expected = np.zeros(width, np.int64), np.zeros(width)
+  for e in examples:
+    counts[e.answer] += 1
+    expected[:len(e.choices)] += 1.0 / len(e.choices)
+  return counts, expected
+
+
+def position_check(examples: Iterable[Example]) -> PositionCheck:
+  """The gold-position distribution of the valid multiple-choice rows (see PositionCheck)."""
+  mc = [e for e in examples if e.is_mc and not e.problem]
+  groups: dict[str, list[Example]] = {"*": mc}
+  for e in mc:
+    groups.setdefault(e.subject, []).append(e)
+  skewed = []
+  for name, rows in groups.items():
+    if len(rows) < MIN_ROWS_FOR_SKEW:
+      continue
+    counts, expected = _counts(rows)
+    skewed += [(name, int(p), float(counts[p] / len(rows)))
+               for p in np.flatnonzero(counts > SKEW_FACTOR * expected)]
+  counts, expected = _counts(mc)
+  return PositionCheck(len(mc), tuple(int(c) for c in counts),
+                       tuple(float(x) for x in expected), tuple(skewed))
+
+
+# -------------------------------------------------------------------------------------------------
 # TFDS plumbing shared by the builders.
 
 
@@ -150,7 +235,12 @@ class TaskBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
       if ex.id in seen:
         raise DataError(f"{self.name}: duplicate example id {ex.id!r}")
       seen.add(ex.id)
-      yield ex.id, ex.to_dict()
+      if ex.option_order:
+        raise DataError(f"{self.name}: {ex.id!r} was reordered before storage; builders keep the "
+                        "source's option order (the loader shuffles, see shuffle_options)")
+      record = ex.to_dict()
+      del record["option_order"]
+      yield ex.id, record
 
 
 def manual_dir(dl_manager) -> "pathlib.Path | None":

@@ -8,6 +8,15 @@
 
 Preparing writes array_record files under `data_dir` (default: <cache>/tensorflow_datasets) once;
 later loads read them without rebuilding.
+
+Option order. Builders store options in the source's order. Where that order was authored (BIG-bench
+lists the correct option last in its arithmetic tasks and first in date_understanding), a model
+can score by position alone, so the loader shows the options of every multiple-choice row in a
+random order fixed by (seed, example id) (`common.shuffle_options`), the same in every round,
+process and split read. Sources whose order is already random keep it (MMLU's published options;
+the gold letters are near uniform), unless the check at load finds a gold position holding more
+than twice its uniform share in the task or one of its subjects: then the loader shuffles that
+task too and logs why. `Task.positions` is the check on the rows as shown.
 """
 
 from __future__ import annotations
@@ -17,6 +26,7 @@ import hashlib
 from typing import Sequence
 
 import tensorflow_datasets as tfds
+from absl import logging
 
 from single_multi import assets
 from single_multi.data import bigbench, common, gsm8k, mmlu
@@ -41,11 +51,23 @@ TASKS = {
 }
 
 
+# Builders whose sources list the options in an authored order, which is never assumed random.
+AUTHORED_OPTION_ORDER = frozenset({"bigbench"})
+
+
 @dataclasses.dataclass
 class Task:
+  """A prepared task. seed fixes the option order where the loader shuffles (see module doc)."""
   name: str
   spec: TaskSpec
   builder: tfds.core.DatasetBuilder
+  seed: int = 0
+  shuffle: bool | None = None  # None: decided at load (`decide_shuffle`).
+  _raw: dict = dataclasses.field(default_factory=dict, repr=False)
+
+  def __post_init__(self):
+    if self.shuffle is None:
+      self.decide_shuffle()
 
   def source(self, split: str):
     """Random-access data source of raw records (what grain reads)."""
@@ -54,12 +76,40 @@ class Task:
                              f"{sorted(self.builder.info.splits)}")
     return self.builder.as_data_source(split=split)
 
+  def _source_examples(self, split: str) -> list[common.Example]:
+    if split not in self._raw:
+      src = self.source(split)
+      if self.spec.builder == "gsm8k":
+        rows = [common.validate(gsm8k.to_example(i, src[i], split)) for i in range(len(src))]
+      else:
+        rows = [common.Example.from_record(src[i]) for i in range(len(src))]
+      self._raw[split] = rows
+    return self._raw[split]
+
   def examples(self, split: str) -> list[common.Example]:
-    """Every row of a split as `Example`s, bad rows included (their `problem` says why)."""
-    src = self.source(split)
-    if self.spec.builder == "gsm8k":
-      return [common.validate(gsm8k.to_example(i, src[i], split)) for i in range(len(src))]
-    return [common.Example.from_record(src[i]) for i in range(len(src))]
+    """Every row of a split as `Example`s, bad rows included (their `problem` says why), options
+    in the order shown to models."""
+    rows = self._source_examples(split)
+    return [common.shuffle_options(e, self.seed) for e in rows] if self.shuffle else list(rows)
+
+  def splits(self) -> list[str]:
+    return sorted(self.builder.info.splits)
+
+  def decide_shuffle(self) -> None:
+    """Shuffles the options of a source in authored order, or of any task whose gold positions
+    (over all its splits) are skewed; logs the reason."""
+    if self.spec.builder in AUTHORED_OPTION_ORDER:
+      self.shuffle = True
+      return
+    check = common.position_check(e for s in self.splits() for e in self._source_examples(s))
+    self.shuffle = bool(check.skewed)
+    if self.shuffle:
+      logging.warning("%s: options reordered by seed %d, the source's order is skewed (%s)",
+                      self.name, self.seed, check.describe())
+
+  def positions(self) -> common.PositionCheck:
+    """Gold positions of every split's multiple-choice rows as shown to models."""
+    return common.position_check(e for s in self.splits() for e in self.examples(s))
 
   @property
   def dev(self) -> list[common.Example]:
@@ -97,7 +147,8 @@ def _bigbench_config(tasks: Sequence[str], base: bigbench.BigbenchConfig | None,
 def load_task(name: str, *, data_dir: str | None = None, manual_dir: str | None = None,
               seed: int | None = None, dev_fraction: float | None = None,
               max_examples_per_task: int | None = None) -> Task:
-  """Prepares (once) and opens a task. seed/dev_fraction/max_examples_per_task: BIG-bench only."""
+  """Prepares (once) and opens a task. seed: the option order where the loader shuffles (and,
+  BIG-bench, the dev/test split); dev_fraction/max_examples_per_task: BIG-bench only."""
   data_dir = data_dir or default_data_dir()
   overrides = dict(seed=seed, dev_fraction=dev_fraction,
                    max_examples_per_task=max_examples_per_task)
@@ -121,4 +172,4 @@ def load_task(name: str, *, data_dir: str | None = None, manual_dir: str | None 
     raise common.DataError(f"unknown task {name!r}; known: {sorted(TASKS)} or "
                            "'bigbench:<task>[,<task>...]'")
   common.prepare(builder, manual_dir)
-  return Task(name, spec, builder)
+  return Task(name, spec, builder, seed=seed or 0)
