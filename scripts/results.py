@@ -54,6 +54,16 @@ def main():
         f"{last['collab']:.3f} ({'up' if collab_up else 'not up'}). Per-model round 0 -> "
         f"{last['round']}: " + ", ".join(f"{n} {first['singles'][n]:.3f} -> {v:.3f}"
                                         for n, v in last["singles"].items()))
+    base = first["baselines"]
+    sections.append(
+        f"  Baselines on these test rows ({base['mc_rows']} multiple-choice): chance "
+        f"{base['chance']:.3f}, majority class {base['majority_class']['rate']:.3f} "
+        f"({base['majority_class']['letter']}), position baseline {base['position']['accuracy']:.3f}"
+        f" (always {base['position']['letter']}, the dev split's most common gold letter). "
+        "Answer letters per round: " + "; ".join(
+            f"round {m['round']} " + ", ".join(
+                f"{n} " + "/".join(f"{k} {v:.0%}" for k, v in shares.items())
+                for n, shares in m["answer_positions"].items()) for m in history))
     (workdir / "history.json").write_text(json.dumps(history, indent=1))
   n = history[0]["n"]
   page = f"""# Results: the quickstart loop (made by `python scripts/results.py`)
@@ -62,8 +72,10 @@ Pool: three SmolLM2-135M-Instruct specialists (short LoRA fine-tunes on BIG-benc
 2-digit addition, date understanding, sports understanding). Task: BIG-bench
 1-digit addition + navigate + general knowledge; collaboration and distillation on {config.dev_examples} dev
 rows, scores on {n} held-out test rows (generation, answer extraction / exact match), greedy
-decoding, {args.rounds} rounds, LoRA r={config.distill.lora_rank} supervised KD. 95% CIs:
-percentile bootstrap over test rows (1000 resamples). CPU, fp32.
+decoding, {args.rounds} rounds, LoRA r={config.distill.lora_rank} supervised KD. Multiple-choice
+options are shown in a random order fixed by (seed, example id), since BIG-bench's files often
+fix the gold option's position (see docs/option_positions.md). 95% CIs: percentile bootstrap
+over test rows (1000 resamples). CPU, fp32.
 
 | strategy | round | single mean | best single | collaboration [95% CI] | n |
 |---|---|---|---|---|---|

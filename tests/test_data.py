@@ -262,6 +262,9 @@ def test_position_check_fires_on_a_skewed_task_and_stays_quiet_on_a_balanced_one
   # Too few rows to judge: a subject of 8 rows all at A inside a balanced task of 48.
   small = _mc_rows([0] * 8, 4, "small") + _mc_rows([i % 4 for i in range(40)], 4, "big")
   assert [s for s, _, _ in common.position_check(small).skewed] == []
+  # A rare position (a 10th option in 2 of 40 rows, expected 0.2 times) is not judged.
+  rare = _mc_rows([i % 4 for i in range(38)]) + _mc_rows([9, 9], 10, "s10")
+  assert common.position_check(rare).skewed == ()
   # Bad rows and generative rows are not counted.
   rows = _mc_rows([0, 1]) + [common.Example("g/0", "g", "x", targets=("y",)),
                              common.Example("b/0", "b", "x", ("a",), 3, (), "bad")]

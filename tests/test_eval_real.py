@@ -12,11 +12,15 @@ from single_multi import assets, evaluate
 from single_multi.data import common, pipeline, tasks
 
 pytestmark = pytest.mark.slow
+# Tasks whose files list the gold option at a fixed position (last; first for date_understanding).
+AUTHORED = ("arithmetic/3_digit_addition", "arithmetic/2_digit_multiplication",
+            "date_understanding")
 
 
 @pytest.fixture(scope="module")
 def task(tmp_path_factory):
   try:
+    assets.bigbench_tasks_dir(("general_knowledge", "object_counting") + AUTHORED)  # One pass.
     return tasks.load_task("bigbench:general_knowledge,object_counting",
                            data_dir=str(tmp_path_factory.mktemp("tfds")))
   except common.DataError as e:
@@ -40,6 +44,19 @@ def test_real_bigbench_splits(task):
   assert len(gk) == 70 and all(e.is_mc and e.choices[e.answer] in e.targets for e in gk)
   oc = [e for e in task.test if e.subject == "object_counting"]
   assert oc and all(not e.is_mc and e.targets for e in oc)
+
+
+def test_real_authored_option_orders_are_shown_shuffled(task, tmp_path):
+  for name in AUTHORED:
+    shown = tasks.load_task(f"bigbench:{name}", data_dir=str(tmp_path))
+    stored = tasks.Task(shown.name, shown.spec, shown.builder, shuffle=False)
+    before, after = stored.positions(), shown.positions()
+    assert before.rows == after.rows >= 300
+    assert max(before.shares) > 0.9 and before.skewed, name  # As the files list them.
+    assert max(after.shares) < 0.3 and not after.skewed, name  # As the models see them.
+    # The same seed gives the same order in another load.
+    again = tasks.load_task(f"bigbench:{name}", data_dir=str(tmp_path))
+    assert [e.option_order for e in again.test] == [e.option_order for e in shown.test]
 
 
 def test_loglik_scoring_matches_transformers(task, model):

@@ -120,6 +120,12 @@ def _file_examples(path: pathlib.Path, name: str, seed: int, max_examples: int |
   except json.JSONDecodeError as e:
     yield common.bad_file(f"{name}/task.json", name, f"not valid JSON ({e})")
     return
+  yield from spec_examples(spec, name, seed, max_examples)
+
+
+def spec_examples(spec: dict, name: str, seed: int = 0, max_examples: int | None = None
+                  ) -> Iterator[common.Example]:
+  """Examples of one parsed task.json (no subtasks), ids "<name>/<index in the file>"."""
   examples = spec.get("examples") or []
   order = range(len(examples))
   if max_examples is not None and len(examples) > max_examples:

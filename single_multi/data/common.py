@@ -145,6 +145,9 @@ SKEW_FACTOR = 2.0
 # Fewer multiple-choice rows than this (in a task, or in one of its subjects) are too few to judge
 # by their position counts; a small subject's rows still count in its task's total.
 MIN_ROWS_FOR_SKEW = 20
+# A position that a uniform placement fills fewer times than this (a rare 10th option) is not judged:
+# one row there would already count as "more than twice".
+MIN_EXPECTED = 5.0
 
 
 def _option_rng(seed: int, ex_id: str) -> np.random.Generator:
@@ -171,7 +174,7 @@ class PositionCheck:
   counts[p]: rows whose gold option is at position p; expected[p]: the count a uniform placement
   gives (each row adds 1/n_options to each of its positions); skewed: the positions holding more
   than SKEW_FACTOR times their expected count, over all rows ("*") and per subject, each judged
-  where it has at least MIN_ROWS_FOR_SKEW rows.
+  where it has at least MIN_ROWS_FOR_SKEW rows, at positions expected at least MIN_EXPECTED times.
   """
   rows: int
   counts: tuple[int, ...]
@@ -211,7 +214,8 @@ def position_check(examples: Iterable[Example]) -> PositionCheck:
       continue
     counts, expected = _counts(rows)
     skewed += [(name, int(p), float(counts[p] / len(rows)))
-               for p in np.flatnonzero(counts > SKEW_FACTOR * expected)]
+               for p in np.flatnonzero((counts > SKEW_FACTOR * expected)
+                                       & (expected >= MIN_EXPECTED))]
   counts, expected = _counts(mc)
   return PositionCheck(len(mc), tuple(int(c) for c in counts),
                        tuple(float(x) for x in expected), tuple(skewed))
