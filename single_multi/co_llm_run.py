@@ -51,7 +51,7 @@ def run(config: config_dict.ConfigDict, workdir: str | pathlib.Path) -> dict[str
   dtype = jnp.dtype(config.dtype)
   base = loading.load(config.base, dtype)
   tok = base.tokenizer
-  task = tasks.load_task(config.task, seed=config.seed)
+  task = tasks.from_config(config.task, config)
   dev = [e for e in task.dev if not e.problem]
   test = [e for e in task.test if not e.problem][:config.test_examples]
   n_val = max(1, int(round(len(dev) * config.val_fraction)))

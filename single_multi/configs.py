@@ -33,9 +33,13 @@ FIELDS: dict[str, str] = {
     "max_new_tokens": "Tokens generated per answer at most.",
     "temperature": "Sampling temperature; 0 is greedy decoding.",
     "top_p": "Nucleus sampling mass (with temperature > 0).",
-    "task": "Task spec: `bbh`, `mmlu`, `mmlu_redux`, `gsm8k`, `bigbench_knowledge` or "
-            "`bigbench:<task>[/<subtask>],...` (data/tasks.py).",
+    "task": "Task spec: `bbh`, `mmlu`, `mmlu_redux`, `gsm8k`, `bigbench_knowledge`, "
+            "`bigbench:<task>[/<subtask>],...` or `moco:<task>,...` (the paper's 15 tasks; "
+            "data/tasks.py, data/moco.py).",
     "test_examples": "Held-out test rows scored (first n of the test split).",
+    "moco_data_dir": "Directory of the MoCo toolkit's task files (`<task>.json`) that `moco:` "
+                     "tasks read; empty: `$SINGLE_MULTI_MOCO_DATA`, else the cache (downloaded "
+                     "once at the pinned commit, sha256-checked).",
     # evolve.
     "pool": "Model sources (HF dir, `.gguf`, `hf:org/name`, `embedded:<name>`, `tiny:<seed>`). "
             "With `specialists`, the first is the base they are fine-tuned from.",

@@ -31,7 +31,7 @@ import tqdm
 from etils import epath
 
 from single_multi import collab, decoding, multihost, pool as pool_lib
-from single_multi.data import common, metrics, pipeline
+from single_multi.data import common, metrics, moco, pipeline
 from single_multi.data.tasks import Task
 from single_multi.models import transformer
 from single_multi.models.config import ModelConfig
@@ -213,11 +213,26 @@ def _asked(ex: common.Example) -> dict[str, Any]:
   return fields
 
 
+def _score_moco(ex: common.Example, text: str) -> dict[str, Any]:
+  """The MoCo toolkit's scoring of one reply (data/moco.py; the rules in metrics.py)."""
+  if ex.is_mc:
+    pred = metrics.moco_choice(text, ex.choices)
+    return {"prediction": None if pred is None else metrics.LETTERS[pred],
+            "target": metrics.LETTERS[ex.answer], "score": float(pred in ex.correct)}
+  answer = metrics.moco_answer(text)
+  f1 = metrics.token_f1(answer, ex.targets)
+  exact = metrics.exact_match(answer, ex.targets)
+  return {"prediction": answer, "target": list(ex.targets),
+          "score": f1 if ex.subject in moco.F1_TASKS else exact, "f1": f1, "exact": exact}
+
+
 def _score_generated(ex: common.Example, text: str, metric: str) -> dict[str, Any]:
   if ex.is_mc:
     pred = metrics.extract_choice(text, ex.choices)
     return {"prediction": None if pred is None else metrics.LETTERS[pred],
             "target": metrics.LETTERS[ex.answer], "score": float(pred in ex.correct)}
+  if metric == "moco":
+    return _score_moco(ex, text)
   if metric == "numeric":
     number = metrics.extract_number(text)
     return {"prediction": number, "target": ex.targets[0],
@@ -246,6 +261,12 @@ def evaluate(model: pool_lib.Pool | Model, examples: Sequence[common.Example], *
   if strategy is not None and method != "generate":
     raise ValueError(f"a collaboration ({strategy}) is scored by its generated answers: "
                      "method='generate'")
+  if metric == "moco":
+    reward = sorted({ex.subject for ex in examples if ex.subject in moco.REWARD_TASKS})
+    if reward:
+      raise common.DataError(f"{reward} are scored by a reward model (the reference's "
+                             "Skywork-Reward-Llama-3.1-8B-v0.2), which evaluate has no scorer "
+                             "for yet; choose other MoCo tasks")
   pool = _as_pool(model)
   if strategy is not None:
     env = collab.make_env(pool, strategy, strategy_cfg, max_new_tokens=max_new_tokens)
@@ -364,12 +385,14 @@ def finish(records: list[dict[str, Any]], examples, model_order: Sequence[str], 
 
 
 def evaluate_task(model: pool_lib.Pool | Model, task: Task, *, split: str | None = None,
-                  limit: int | None = None, prompt: pipeline.PromptConfig = pipeline.PromptConfig(),
+                  limit: int | None = None, prompt: pipeline.PromptConfig | None = None,
                   **kwargs) -> EvalResult:
   """`evaluate` on a named task's split (default: its test split), exemplars from its shot split.
 
-  limit: only the first `limit` examples of the split (in the data's stored order).
+  limit: only the first `limit` examples of the split (in the data's stored order). prompt: None
+  is the task's own prompt style, zero-shot.
   """
+  prompt = prompt or pipeline.PromptConfig(style=task.spec.prompt)
   split = split or task.spec.test_split
   if split == task.spec.shot_split and prompt.k_shot:
     raise common.DataError(f"{task.name}: k-shot exemplars come from {split!r}, the split being "

@@ -563,11 +563,12 @@ def run(config: config_dict.ConfigDict, workdir, pool: pool_lib.Pool, *, progres
   progress = progress and primary
   if primary and jax.process_count() > 1:
     print(f"{jax.process_count()} processes, {jax.device_count()} devices in all")
-  task = tasks.load_task(config.task, seed=config.seed)
+  task = tasks.from_config(config.task, config)
   dev = [e for e in task.dev if not e.problem][:config.dev_examples]
   test = [e for e in task.examples(task.spec.test_split)][:config.test_examples]
   shots = task.examples(task.spec.shot_split) if config.k_shot else ()
-  prompter = pipeline.Prompter(pool.tokenizer, pipeline.PromptConfig(k_shot=config.k_shot), shots)
+  prompter = pipeline.Prompter(pool.tokenizer, pipeline.PromptConfig(k_shot=config.k_shot,
+                                                                 style=task.spec.prompt), shots)
   loop = Loop(config, pool, task, dev, test, prompter, progress)
   dcfg = distill_config(config)
   fused = bool(config.get("fused_round", False))

@@ -63,9 +63,9 @@ def specialist(base: loading.Model, task_name: str, directory: pathlib.Path, con
   if cached:
     logging.info("reusing specialist %s", directory)
     return loading.load(str(directory), jnp.dtype(config.dtype), tokenizer=False).params
-  task = tasks.load_task(task_name, seed=config.seed)
+  task = tasks.from_config(task_name, config)
   rows = [e for e in task.dev if not e.problem][:config.specialist_examples]
-  prompter = pipeline.Prompter(base.tokenizer, pipeline.PromptConfig(k_shot=0))
+  prompter = pipeline.Prompter(base.tokenizer, pipeline.PromptConfig(k_shot=0, style=task.spec.prompt))
   eos = decoding.stop_ids_for(base.config, base.tokenizer)[0]
   tokens, mask, loss_mask = pipeline.sft_rows(prompter, rows,
                                               [pipeline.gold_answer(e) for e in rows], eos)

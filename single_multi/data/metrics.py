@@ -131,3 +131,107 @@ def numeric_match(prediction: str, target: str | float, rel_tol: float = 1e-6) -
   if pred is None or gold is None:
     return 0.0
   return float(abs(pred - gold) <= rel_tol * max(1.0, abs(gold)))
+
+
+# -------------------------------------------------------------------------------------------------
+# The MoCo toolkit's rules (GitHub BunsenFeng/model_collaboration, model_collaboration/data/eval.py
+# at ecea545: parse_model_response_mcq, extract_answer_text, calculate_exact_match,
+# calculate_f1_score, the popqa branch of get_scores), for the paper's task files (data/moco.py).
+
+MOCO_MC_INSTRUCTION = ("Please select the correct answer by choosing the letter corresponding to "
+                       "your choice.")
+MOCO_GEN_INSTRUCTION = "Please provide the final, direct answer wrapped exactly as \\box{ANSWER}"
+
+
+def moco_choice(text: str, choices: Sequence[str]) -> int | None:
+  """The reference's three-pass multiple-choice parse (case-insensitive), options lettered by
+  position: (1) the reply is a letter, or starts with "a)", "a." or "a "; (2) else the first
+  option (in order) whose text appears in the reply; (3) else the first letter for which "a)",
+  "(a)", "answer is a" or "a." appears anywhere. None: no pick (scored 0).
+
+  Faithful, quirks included: pass 3 tries letters in order, so "(B)" after a word ending in "a."
+  picks A, and pass 2 runs before it, so an option text inside the reasoning wins over a letter.
+  """
+  reply = text.lower().strip()
+  letters = [LETTERS[i].lower() for i in range(len(choices))]
+  for i, a in enumerate(letters):
+    if reply == a or reply.startswith((f"{a})", f"{a}.", f"{a} ")):
+      return i
+  for i, option in enumerate(choices):
+    if option.lower() in reply:
+      return i
+  for i, a in enumerate(letters):
+    if f"{a})" in reply or f"({a})" in reply or f"answer is {a}" in reply or f"{a}." in reply:
+      return i
+  return None
+
+
+_MOCO_FALLBACKS = [
+    r"Final Answer:\s*((?:[^<]|<[^<])*?)\n",
+    r"Final Answer is:\s*((?:[^<]|<[^<])*?)\n",
+    r"The answer is:\s*((?:[^<]|<[^<])*?)\n",
+    r"Answer:\s*((?:[^<]|<[^<])*?)\n",
+    r"Solution:\s*((?:[^<]|<[^<])*?)\n",
+    r"The solution is:\s*((?:[^<]|<[^<])*?)\n",
+    r"\bthe answer\s*(?:is|=)?\s*[:\-]?\s*(.+)",
+    r"\bfinal answer\s*(?:is|=)?\s*[:\-]?\s*(.+)",
+    r"\banswer\s*(?:is|=)?\s*[:\-]?\s*(.+)",
+]
+
+
+def _boxes(text: str) -> list[str]:
+  """Contents of every \\box{...} / \\boxed{...}, braces balanced (an unclosed box runs to the
+  end of the text)."""
+  found = []
+  for match in re.finditer(r"\\box(?:ed)?\s*\{", text, flags=re.IGNORECASE):
+    depth, start = 1, match.end()
+    for j in range(start, len(text)):
+      depth += {"{": 1, "}": -1}.get(text[j], 0)
+      if depth == 0:
+        found.append(text[start:j])
+        break
+  return found
+
+
+def moco_answer(text: str) -> str:
+  """The answer in a free-form reply, by the reference's rules: the last \\box{...} or
+  \\boxed{...}; else the rest of the line after "\\box "; else the first of the reference's
+  phrases ("Final Answer:", ..., "the answer is", "final answer", "answer") that is followed by
+  text, cut at the line's end with trailing ". " stripped; else the whole reply, stripped.
+
+  One deliberate deviation: braces inside a box are balanced, so "\\boxed{\\frac{1}{2}}" gives
+  "\\frac{1}{2}" (the reference's non-greedy pattern stops at the first "}": "\\frac{1").
+  """
+  boxes = _boxes(text)
+  if boxes:
+    return boxes[-1].strip()
+  inline = re.search(r"\\box(?:ed)?\s+([^\n\r]*)", text, flags=re.IGNORECASE)
+  if inline and inline.group(1).strip():
+    return inline.group(1).strip()
+  for pattern in _MOCO_FALLBACKS:
+    match = re.search(pattern, text, flags=re.IGNORECASE)
+    if match and match.group(1).strip():
+      candidate = re.split(r"[\n\r]", match.group(1).strip(), maxsplit=1)[0].strip().rstrip(". ")
+      if candidate:
+        return candidate
+  return text.strip()
+
+
+def alias_list(encoded: str) -> list[str]:
+  """popqa's gold aliases, stored as a list written as a string ('["A B", "C"]'). The reference
+  strips brackets and quotes and splits at commas; a JSON (or Python) list is parsed as such, so
+  an alias containing a comma stays whole (the one deviation); anything else falls back to the
+  reference's split."""
+  import ast
+  import json as json_lib
+  for parse in (json_lib.loads, ast.literal_eval):
+    try:
+      value = parse(encoded)
+    except (ValueError, SyntaxError):
+      continue
+    if isinstance(value, list) and all(isinstance(v, str) for v in value):
+      return [v.strip() for v in value]
+    if isinstance(value, str):
+      return [value.strip()]
+  stripped = re.sub(r"[\[\]\"']", "", encoded)
+  return [a.strip() for a in stripped.split(",")]

@@ -24,6 +24,7 @@ import numpy as np
 
 from single_multi import decoding
 from single_multi.data import common
+from single_multi.data import metrics
 from single_multi.data.metrics import LETTERS
 
 
@@ -35,10 +36,26 @@ class PromptConfig:
   gen_instruction: str = ""  # Appended to generative questions when set.
   chat_template: bool = True  # False: plain "Question: ...\nAnswer:" text.
   seed: int = 0  # Exemplar selection.
+  # "default", or "moco": the MoCo toolkit's user turns exactly (data/eval.py at moco.COMMIT:
+  # format_mcq_question; prepare_inputs' \box instruction); the instruction fields are unused.
+  style: str = "default"
+
+
+def _moco_question(ex: common.Example, with_options: bool) -> str:
+  if ex.is_mc and with_options:
+    options = "".join(f"{LETTERS[i]}) {c}\n" for i, c in enumerate(ex.choices))
+    return f"{ex.question}\n{options}{metrics.MOCO_MC_INSTRUCTION}\n"
+  if ex.is_mc:
+    return ex.question
+  return f"{ex.question.rstrip()}\n\n{metrics.MOCO_GEN_INSTRUCTION}"
 
 
 def question_text(ex: common.Example, config: PromptConfig, with_options: bool = True) -> str:
   """The user turn: the question, then (MC) lettered options and the instruction."""
+  if config.style == "moco":
+    return _moco_question(ex, with_options)
+  if config.style != "default":
+    raise ValueError(f"unknown prompt style {config.style!r}; 'default' or 'moco'")
   parts = [ex.question.strip()]
   if ex.is_mc and with_options:
     parts.append("\n".join(f"{LETTERS[i]}. {c}" for i, c in enumerate(ex.choices)))
@@ -49,8 +66,11 @@ def question_text(ex: common.Example, config: PromptConfig, with_options: bool =
   return "\n".join(parts)
 
 
-def answer_text(ex: common.Example) -> str:
+def answer_text(ex: common.Example, style: str = "default") -> str:
   """The assistant turn of an exemplar: what a correct generated answer looks like."""
+  if style == "moco":
+    return f"{LETTERS[ex.answer]}) {ex.choices[ex.answer]}" if ex.is_mc else \
+        f"\\box{{{ex.targets[0]}}}"
   if ex.is_mc:
     return f"The answer is ({LETTERS[ex.answer]})."
   return ex.targets[0]
@@ -92,7 +112,8 @@ class Prompter:
     msgs = [{"role": "system", "content": self.config.system}] if self.config.system else []
     for s in self.exemplars(ex):
       msgs += [{"role": "user", "content": question_text(s, self.config, with_options)},
-               {"role": "assistant", "content": answer_text(s) if with_options or not s.is_mc
+               {"role": "assistant", "content": answer_text(s, self.config.style)
+                if with_options or not s.is_mc
                 else s.choices[s.answer]}]
     msgs.append({"role": "user", "content": question_text(ex, self.config, with_options)})
     return msgs

@@ -5,6 +5,8 @@
   load_task("bigbench:navigate,snarks")     any BIG-bench JSON tasks or subtasks
   load_task("mmlu") / load_task("mmlu_redux", manual_dir=...)
   load_task("gsm8k")                        TFDS catalog builder (online, or a manual dir)
+  load_task("moco:bbh,gsm8k", moco_dir=...) the paper's task files (data/moco.py), published splits,
+                                            the reference's prompts and scoring
 
 Preparing writes array_record files under `data_dir` (default: <cache>/tensorflow_datasets) once;
 later loads read them without rebuilding.
@@ -29,7 +31,7 @@ import tensorflow_datasets as tfds
 from absl import logging
 
 from single_multi import assets
-from single_multi.data import bigbench, common, gsm8k, mmlu
+from single_multi.data import bigbench, common, gsm8k, mmlu, moco
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,7 +41,8 @@ class TaskSpec:
   dev_split: str  # Where the collaboration runs and distillation data come from.
   test_split: str  # Where models are judged.
   shot_split: str  # The only split k-shot exemplars are drawn from.
-  metric: str  # For generative rows: "exact_match" | "numeric". MC rows use accuracy.
+  metric: str  # Generative rows: "exact_match" | "numeric"; "moco": the MoCo rules per row.
+  prompt: str = "default"  # pipeline.PromptConfig.style.
 
 
 TASKS = {
@@ -144,11 +147,15 @@ def _bigbench_config(tasks: Sequence[str], base: bigbench.BigbenchConfig | None,
   return bigbench.BigbenchConfig(name=f"custom_{key}", description=repr(fields), **fields)
 
 
+MOCO_SPEC = TaskSpec("moco", None, "dev", "test", "dev", "moco", prompt="moco")
+
+
 def load_task(name: str, *, data_dir: str | None = None, manual_dir: str | None = None,
               seed: int | None = None, dev_fraction: float | None = None,
-              max_examples_per_task: int | None = None) -> Task:
+              max_examples_per_task: int | None = None, moco_dir: str | None = None) -> Task:
   """Prepares (once) and opens a task. seed: the option order where the loader shuffles (and,
-  BIG-bench, the dev/test split); dev_fraction/max_examples_per_task: BIG-bench only."""
+  BIG-bench, the dev/test split); dev_fraction/max_examples_per_task: BIG-bench only; moco_dir:
+  the directory of the MoCo task files (else $SINGLE_MULTI_MOCO_DATA, else the cache/download)."""
   data_dir = data_dir or default_data_dir()
   overrides = dict(seed=seed, dev_fraction=dev_fraction,
                    max_examples_per_task=max_examples_per_task)
@@ -158,6 +165,16 @@ def load_task(name: str, *, data_dir: str | None = None, manual_dir: str | None 
       raise common.DataError(f"{name!r} names no BIG-bench task (bigbench:task1,task2,...)")
     spec = TaskSpec("bigbench", None, "dev", "test", "dev", "exact_match")
     builder = bigbench.Bigbench(data_dir=data_dir, config=_bigbench_config(tasks, None, **overrides))
+  elif name.startswith("moco:"):
+    names = [t.strip().removeprefix("moco:") for t in name.split(":", 1)[1].split(",")
+             if t.strip()]  # "moco:bbh,gsm8k" or "moco:bbh,moco:gsm8k".
+    if not names:
+      raise common.DataError(f"{name!r} names no MoCo task (moco:task1,task2,...; "
+                             f"known: {sorted(moco.FILES)})")
+    files = moco.file_names(names)
+    spec = MOCO_SPEC
+    builder = moco.Moco(data_dir=data_dir,
+                        config=moco.builder_config(files, moco.source_dir(files, moco_dir)))
   elif name in TASKS:
     spec = TASKS[name]
     if spec.builder == "bigbench":
@@ -169,7 +186,12 @@ def load_task(name: str, *, data_dir: str | None = None, manual_dir: str | None 
     else:
       builder = gsm8k.Gsm8k(data_dir=data_dir)
   else:
-    raise common.DataError(f"unknown task {name!r}; known: {sorted(TASKS)} or "
-                           "'bigbench:<task>[,<task>...]'")
+    raise common.DataError(f"unknown task {name!r}; known: {sorted(TASKS)}, "
+                           "'bigbench:<task>[,<task>...]' or 'moco:<task>[,<task>...]'")
   common.prepare(builder, manual_dir)
   return Task(name, spec, builder, seed=seed or 0)
+
+
+def from_config(name: str, config) -> Task:
+  """`load_task` with a run config's seed and data locations (`moco_data_dir`)."""
+  return load_task(name, seed=config.seed, moco_dir=config.get("moco_data_dir") or None)
