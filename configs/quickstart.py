@@ -27,6 +27,7 @@ def get_config() -> config_dict.ConfigDict:
   c.specialist_learning_rate = 3e-4
   c.task = "bigbench:arithmetic/1_digit_addition,navigate,general_knowledge"
   c.moco_data_dir = ""  # The MoCo task files for moco:<task> ("": $SINGLE_MULTI_MOCO_DATA or the cache).
+  c.reward_model = ""  # Scores reward-model tasks (moco:human_interest); "": the reference's.
   c.k_shot = 0
   c.dev_examples = 32
   c.test_examples = 32

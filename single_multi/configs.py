@@ -40,6 +40,9 @@ FIELDS: dict[str, str] = {
     "moco_data_dir": "Directory of the MoCo toolkit's task files (`<task>.json`) that `moco:` "
                      "tasks read; empty: `$SINGLE_MULTI_MOCO_DATA`, else the cache (downloaded "
                      "once at the pinned commit, sha256-checked).",
+    "reward_model": "Model source of the reward model that scores reward-model tasks "
+                    "(`moco:human_interest`), loaded only when the task has such rows; empty: "
+                    "the reference's `hf:Skywork/Skywork-Reward-Llama-3.1-8B-v0.2`.",
     # evolve.
     "pool": "Model sources (HF dir, `.gguf`, `hf:org/name`, `embedded:<name>`, `tiny:<seed>`). "
             "With `specialists`, the first is the base they are fine-tuned from.",

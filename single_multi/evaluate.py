@@ -31,6 +31,7 @@ import tqdm
 from etils import epath
 
 from single_multi import collab, decoding, multihost, pool as pool_lib
+from single_multi import reward as reward_lib
 from single_multi.data import common, metrics, moco, pipeline
 from single_multi.data.tasks import Task
 from single_multi.models import transformer
@@ -213,12 +214,37 @@ def _asked(ex: common.Example) -> dict[str, Any]:
   return fields
 
 
+def check_reward_model(examples, metric: str, reward_model) -> None:
+  """Refuses, before any decoding, rows that need a reward model when none is given."""
+  needs = sorted({e.subject for e in examples if e.subject in moco.REWARD_TASKS}
+                 if metric == "moco" else ())
+  if needs and reward_model is None:
+    raise common.DataError(f"{needs} are scored by a reward model (the reference's "
+                           f"{reward_lib.DEFAULT}); pass reward_model= (evaluate) or set "
+                           "config.reward_model (the loop), or choose other tasks")
+
+
+def _reward_scores(records: list[dict[str, Any]], examples, reward_model, batch_size: int
+                   ) -> None:
+  """Fills the score of every reward-model record: the reward of (question, reply)."""
+  pending = [r for r in records if r["score"] is None and r["subject"] in moco.REWARD_TASKS]
+  if not pending:
+    return
+  question = {ex.id: ex.question for ex in examples}
+  values = reward_lib.scores(reward_model, [question[r["id"]] for r in pending],
+                             [r["output"] for r in pending], batch_size=batch_size)
+  for r, v in zip(pending, values):
+    r["score"] = float(v)
+
+
 def _score_moco(ex: common.Example, text: str) -> dict[str, Any]:
   """The MoCo toolkit's scoring of one reply (data/moco.py; the rules in metrics.py)."""
   if ex.is_mc:
     pred = metrics.moco_choice(text, ex.choices)
     return {"prediction": None if pred is None else metrics.LETTERS[pred],
             "target": metrics.LETTERS[ex.answer], "score": float(pred in ex.correct)}
+  if ex.subject in moco.REWARD_TASKS:  # The reply as written; `finish` asks the reward model.
+    return {"prediction": text, "target": None, "score": None}
   answer = metrics.moco_answer(text)
   f1 = metrics.token_f1(answer, ex.targets)
   exact = metrics.exact_match(answer, ex.targets)
@@ -248,25 +274,21 @@ def evaluate(model: pool_lib.Pool | Model, examples: Sequence[common.Example], *
              progress: bool = True, seed: int = 0, share_prefix: bool = True,
              strategy: str | None = None, strategy_cfg: Any = None,
              strategy_state: Any = None, reference: Sequence[common.Example] | None = None,
-             reference_split: str = "dev") -> EvalResult:
+             reference_split: str = "dev", reward_model: Model | None = None) -> EvalResult:
   """Scores every valid example with every model; see the module docstring.
 
   strategy: score the pool's collaboration instead (a `collab` registry name; method "generate"):
   one record per example under the model name `strategy`, the strategy's config and fitted state
   as given. reference: the rows (of `reference_split`) whose most common gold letter is the
-  position baseline; None: `examples` themselves.
+  position baseline; None: `examples` themselves. reward_model: scores rows of reward-model tasks
+  (`reward.load()`), needed only when there are such rows.
   """
   if method not in METHODS:
     raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
   if strategy is not None and method != "generate":
     raise ValueError(f"a collaboration ({strategy}) is scored by its generated answers: "
                      "method='generate'")
-  if metric == "moco":
-    reward = sorted({ex.subject for ex in examples if ex.subject in moco.REWARD_TASKS})
-    if reward:
-      raise common.DataError(f"{reward} are scored by a reward model (the reference's "
-                             "Skywork-Reward-Llama-3.1-8B-v0.2), which evaluate has no scorer "
-                             "for yet; choose other MoCo tasks")
+  check_reward_model(examples, metric, reward_model)
   pool = _as_pool(model)
   if strategy is not None:
     env = collab.make_env(pool, strategy, strategy_cfg, max_new_tokens=max_new_tokens)
@@ -323,7 +345,8 @@ def evaluate(model: pool_lib.Pool | Model, examples: Sequence[common.Example], *
                 task_name=task_name, split=split, seed=seed, output_dir=output_dir,
                 timing={"wall_seconds": time.perf_counter() - start,
                         "input_pipeline_seconds": waited},
-                reference=reference, reference_split=reference_split)
+                reference=reference, reference_split=reference_split,
+                reward_model=reward_model, batch_size=batch_size)
 
 
 def generation_records(examples, rows: Sequence[int], names: Sequence[str], tokens, lengths,
@@ -344,10 +367,14 @@ def finish(records: list[dict[str, Any]], examples, model_order: Sequence[str], 
            metric: str, task_name: str, split: str, seed: int, output_dir=None,
            timing: dict[str, float] | None = None,
            reference: Sequence[common.Example] | None = None,
-           reference_split: str = "dev") -> EvalResult:
+           reference_split: str = "dev", reward_model: Model | None = None,
+           batch_size: int = 8) -> EvalResult:
   """Sorted records, the summary (bootstrap CIs, excluded rows, baselines, each model's answer
   positions) and the files. reference: the rows whose most common gold letter is the position
-  baseline (the dev split); None: the evaluated rows themselves."""
+  baseline (the dev split); None: the evaluated rows themselves. reward_model: scores the
+  reward-model rows."""
+  check_reward_model([e for e in examples if not e.problem], metric, reward_model)
+  _reward_scores(records, examples, reward_model, batch_size)
   excluded = [{"id": ex.id, "problem": ex.problem} for ex in examples if ex.problem]
   order = {ex.id: i for i, ex in enumerate(examples)}
   records.sort(key=lambda r: (model_order.index(r["model"]), order[r["id"]]))

@@ -45,6 +45,7 @@ from etils import epath
 from ml_collections import config_dict
 
 from single_multi import collab, decoding, distill, evaluate, multihost, pool as pool_lib
+from single_multi import reward as reward_lib
 from single_multi import sharding
 from single_multi import train as train_lib
 from single_multi.data import common, pipeline, tasks
@@ -148,12 +149,14 @@ class Loop:
   test: list[common.Example]
   prompter: pipeline.Prompter
   progress: bool = True
+  reward_model: Any = None  # Scores reward-model tasks' rows (loaded only for such tasks).
 
   @property
   def kw(self) -> dict[str, Any]:
     return dict(prompter=self.prompter, task_name=self.task.name, metric=self.task.spec.metric,
                 batch_size=self.config.batch_size, max_new_tokens=self.config.max_new_tokens,
-                progress=self.progress, seed=self.config.seed, reference=self.dev)
+                progress=self.progress, seed=self.config.seed, reference=self.dev,
+                reward_model=self.reward_model)
 
   def singles(self, pool, examples, split, out_dir=None) -> evaluate.EvalResult:
     return evaluate.evaluate(pool, examples, split=split, method="generate", output_dir=out_dir,
@@ -462,7 +465,7 @@ def fused_round(loop: Loop, pool, rng, out_dir):
                                                     batch_size=len(loop.test))))
   dev_batch = collab.batch_from(dev_data)
   kw = dict(method="generate", metric=loop.task.spec.metric, task_name=loop.task.name,
-            seed=config.seed, reference=loop.dev)
+            seed=config.seed, reference=loop.dev, reward_model=loop.reward_model)
 
   def scored(data, examples, names, out, split, directory):
     rows = [int(i) for i in data["index"] if i >= 0]
@@ -569,7 +572,8 @@ def run(config: config_dict.ConfigDict, workdir, pool: pool_lib.Pool, *, progres
   shots = task.examples(task.spec.shot_split) if config.k_shot else ()
   prompter = pipeline.Prompter(pool.tokenizer, pipeline.PromptConfig(k_shot=config.k_shot,
                                                                  style=task.spec.prompt), shots)
-  loop = Loop(config, pool, task, dev, test, prompter, progress)
+  loop = Loop(config, pool, task, dev, test, prompter, progress,
+              reward_lib.for_rows(dev + test, task.spec.metric, config.get("reward_model")))
   dcfg = distill_config(config)
   fused = bool(config.get("fused_round", False))
   stages = stage_list(config.rounds, fused)

@@ -35,6 +35,7 @@ RULES: dict[str, tuple[str, ...]] = {
     "head_dim": (),
     "mlp": ("tensor",),
     "lora_rank": ("fsdp",),  # LoRA B [R, out] has no embed dim: shard its rank instead.
+    "labels": (),  # A sequence classifier's few outputs.
     # Activations and caches.
     "batch": ("data", "fsdp"),
     "seq": (),
@@ -47,7 +48,7 @@ RULES: dict[str, tuple[str, ...]] = {
 
 # Shape letters of the param layout -> logical names.
 LETTERS = {"V": "vocab", "D": "embed", "N": "heads", "K": "kv_heads", "H": "head_dim",
-           "F": "mlp", "L": "layers"}
+           "F": "mlp", "L": "layers", "C": "labels"}
 
 
 def make_mesh(axes: Mapping[str, int], devices: Sequence[jax.Device] | None = None):

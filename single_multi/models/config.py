@@ -29,7 +29,7 @@ def dim_sizes(config: "ModelConfig") -> dict[str, int]:
   """Size of each shape letter (see PROJECTIONS) for this architecture."""
   c = config
   return {"L": c.num_layers, "D": c.hidden_size, "N": c.num_heads, "K": c.num_kv_heads,
-          "H": c.head_dim, "F": c.intermediate_size, "V": c.vocab_size}
+          "H": c.head_dim, "F": c.intermediate_size, "V": c.vocab_size, "C": c.num_labels}
 
 
 def param_layout(config: "ModelConfig") -> dict[str, Any]:
@@ -43,9 +43,18 @@ def param_layout(config: "ModelConfig") -> dict[str, Any]:
   if config.mlp_bias:
     layers.update(gate_bias="LF", up_bias="LF", down_bias="LD")
   layout = {"embed": "VD", "layers": layers, "final_norm": "D"}
-  if not config.tie_word_embeddings:
+  if config.num_labels:  # A sequence classifier (reward model): a score head, no LM head.
+    layout["score"] = "DC"
+  elif not config.tie_word_embeddings:
     layout["lm_head"] = "DV"
   return layout
+
+
+def _hf_num_labels(hf: Mapping[str, Any]) -> int:
+  """Labels of a *ForSequenceClassification checkpoint (id2label, else num_labels); 0 otherwise."""
+  if not any(a.endswith("ForSequenceClassification") for a in hf.get("architectures") or ()):
+    return 0
+  return len(hf.get("id2label") or {}) or int(hf.get("num_labels", 2))
 
 
 class UnsupportedModelError(ValueError):
@@ -85,6 +94,9 @@ class ModelConfig:
   bos_token_id: int | None = None
   eos_token_ids: tuple[int, ...] = ()
   pad_token_id: int | None = None
+  # > 0: a sequence classifier (HF *ForSequenceClassification, e.g. a reward model): `score`
+  # [D, num_labels] on the last real token's hidden state replaces the LM head.
+  num_labels: int = 0
 
   def __post_init__(self):
     if self.model_type not in SUPPORTED_MODEL_TYPES:
@@ -200,12 +212,14 @@ class ModelConfig:
         bos_token_id=hf.get("bos_token_id"),
         eos_token_ids=eos_ids,
         pad_token_id=hf.get("pad_token_id"),
+        num_labels=_hf_num_labels(hf),
     )
 
   def to_hf(self) -> dict[str, Any]:
     """The HF `config.json` dict; transformers builds the same architecture from it."""
-    arch = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
-            "qwen2": "Qwen2ForCausalLM", "gemma": "GemmaForCausalLM"}[self.model_type]
+    arch = {"llama": "LlamaFor", "mistral": "MistralFor", "qwen2": "Qwen2For",
+            "gemma": "GemmaFor"}[self.model_type]
+    arch += "SequenceClassification" if self.num_labels else "CausalLM"
     hf: dict[str, Any] = {
         "architectures": [arch],
         "model_type": self.model_type,
@@ -242,6 +256,8 @@ class ModelConfig:
             high_freq_factor=self.rope_high_freq_factor,
             original_max_position_embeddings=self.rope_original_max_position)
     hf.update(_hf_sliding_fields(self))
+    if self.num_labels:
+      hf["id2label"] = {str(i): f"LABEL_{i}" for i in range(self.num_labels)}
     return hf
 
   # ---------------------------------------------------------------------------------------------

@@ -44,6 +44,7 @@ TOP_KEYS = {
     "embed": ("model.embed_tokens.weight", "token_embd.weight"),
     "final_norm": ("model.norm.weight", "output_norm.weight"),
     "lm_head": ("lm_head.weight", "output.weight"),
+    "score": ("score.weight", "cls.output.weight"),  # Sequence classifiers (reward models).
 }
 LAYER_KEYS = {
     "attn_norm": ("model.layers.{i}.input_layernorm.weight", "blk.{i}.attn_norm.weight"),
@@ -63,7 +64,7 @@ _IGNORED = re.compile(r".*rotary_emb\.inv_freq$")
 
 def _num_in_dims(name: str) -> int | None:
   """Leading input dims of a linear weight in our layout; None for non-linear tensors."""
-  if name == "lm_head":
+  if name in ("lm_head", "score"):
     return 1
   return len(PROJECTIONS[name][0]) if name in PROJECTIONS else None
 
@@ -187,7 +188,8 @@ def _assemble(config: ModelConfig, source: _TensorSource, column: int, dtype) ->
     else:
       params[name] = fetch(name, keys[column], shape)
   unexpected = sorted(k for k in source.keys - used if not _IGNORED.match(k)
-                      and not (config.tie_word_embeddings and k == TOP_KEYS["lm_head"][column]))
+                      and not ((config.tie_word_embeddings or config.num_labels)
+                               and k == TOP_KEYS["lm_head"][column]))
   if unexpected:
     raise LoadError(f"{source.path}: {len(unexpected)} tensors are not used by a "
                     f"{config.model_type} model with this config, e.g. {unexpected[:5]}")

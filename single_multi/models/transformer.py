@@ -9,7 +9,7 @@ under `lax.scan` (one compiled layer, whatever the depth; with LoRA the frozen w
 by index and only matmul outputs are kept for the backward pass; `unstack_layers` gives the
 per-layer list form that CPU decoding runs as a Python loop):
 
-  embed [V,D]   final_norm [D]   lm_head [D,V] (absent when tied)
+  embed [V,D]   final_norm [D]   lm_head [D,V] (absent when tied)   score [D,C] (classifiers only)
   layers: attn_norm [L,D]  q [L,D,N,H]  k,v [L,D,K,H]  o [L,N,H,D]
           mlp_norm [L,D]   gate,up [L,D,F]  down [L,F,D]
           optional biases q_bias [L,N,H], k_bias/v_bias [L,K,H], o_bias [L,D],
@@ -276,3 +276,19 @@ def forward(
   hidden, cache = hidden_states(params, tokens_bt, config, mask_bt=mask_bt,
                                 positions_bt=positions_bt, cache=cache, lora=lora)
   return lm_head(params, hidden, config), cache
+
+
+def sequence_scores(params: Params, tokens_bt: jax.Array, config: ModelConfig, *,
+                    mask_bt: jax.Array | None = None) -> jax.Array:
+  """A sequence classifier's scores [B, C] (float32): the score head on the final-norm hidden
+  state of each row's last real token (HF *ForSequenceClassification; a reward model's C = 1).
+  Left or right padding both work: the last position where mask_bt is 1 is used."""
+  if not config.num_labels:
+    raise ValueError("sequence_scores needs a sequence classifier (config.num_labels > 0)")
+  B, T = tokens_bt.shape
+  if mask_bt is None:
+    mask_bt = jnp.ones((B, T), jnp.int32)
+  hidden, _ = hidden_states(params, tokens_bt, config, mask_bt=mask_bt)
+  last_b = jnp.argmax(jnp.where(mask_bt > 0, jnp.arange(T), -1), axis=-1)
+  h_bd = jnp.take_along_axis(hidden, last_b[:, None, None], axis=1)[:, 0]
+  return jnp.einsum("BD,DC->BC", h_bd, params["score"], preferred_element_type=jnp.float32)
