@@ -179,7 +179,8 @@ def test_multi_student_kd_trains_only_on_dev_prompts(tiny_pool, tmp_path, monkey
 def test_dry_run_plans_the_paper_pool_on_8_devices():
   env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu",
              XLA_FLAGS="--xla_force_host_platform_device_count=8")
-  proc = subprocess.run([sys.executable, "-m", "single_multi.main", "--config=configs/mmlu.py",
+  # configs/paper.py: configs/mmlu.py's pool and mesh on the paper's task files.
+  proc = subprocess.run([sys.executable, "-m", "single_multi.main", "--config=configs/paper.py",
                          "--dry_run"], cwd=ROOT, env=env, capture_output=True, text=True,
                         timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
