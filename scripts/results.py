@@ -1,4 +1,4 @@
-"""Runs the quickstart loop for several strategies and writes docs/results.md from what it measured.
+"""Runs the quickstart loop for several strategies and writes its section of docs/results.md.
 
   python scripts/results.py [--strategies=logit_fusion,trained_router] [--rounds=2]
                             [--workdir=/tmp/single_multi_results]
@@ -66,7 +66,7 @@ def main():
                 for n, shares in m["answer_positions"].items()) for m in history))
     (workdir / "history.json").write_text(json.dumps(history, indent=1))
   n = history[0]["n"]
-  page = f"""# Results: the quickstart loop (made by `python scripts/results.py`)
+  page = f"""## The quickstart loop (made by `python scripts/results.py`)
 
 Pool: three SmolLM2-135M-Instruct specialists (short LoRA fine-tunes on BIG-bench
 2-digit addition, date understanding, sports understanding). Task: BIG-bench
@@ -89,7 +89,8 @@ round-0 system):
 With {n} test rows a CI spans about +-0.15, so differences of a few points are not resolved at
 this scale; the table reports what was measured.
 """.replace("{n}", str(n))
-  pathlib.Path(args.output).write_text(page)
+  from doc_sections import write_section
+  write_section(pathlib.Path(args.output), "quickstart_loop", page)
   print(page)
 
 
