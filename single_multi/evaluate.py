@@ -253,12 +253,12 @@ def _score_moco(ex: common.Example, text: str) -> dict[str, Any]:
 
 
 def _score_generated(ex: common.Example, text: str, metric: str) -> dict[str, Any]:
+  if metric == "moco":  # The reference's rules for every row type, its MC parse included.
+    return _score_moco(ex, text)
   if ex.is_mc:
     pred = metrics.extract_choice(text, ex.choices)
     return {"prediction": None if pred is None else metrics.LETTERS[pred],
             "target": metrics.LETTERS[ex.answer], "score": float(pred in ex.correct)}
-  if metric == "moco":
-    return _score_moco(ex, text)
   if metric == "numeric":
     number = metrics.extract_number(text)
     return {"prediction": number, "target": ex.targets[0],
