@@ -73,7 +73,8 @@ class Task:
       self.decide_shuffle()
 
   def source(self, split: str):
-    """Random-access data source of raw records (what grain reads)."""
+    """Random-access data source of the stored records (options in the source's order; read
+    rows through `examples`, which shows them as models see them)."""
     if split not in self.builder.info.splits:
       raise common.DataError(f"task {self.name!r} has no split {split!r}; it has "
                              f"{sorted(self.builder.info.splits)}")
