@@ -1,0 +1,53 @@
+"""The embedded Co-LLM job's test table, written into its section of docs/results.md.
+
+  python scripts/co_llm_table.py [--workdir=/tmp/co_llm_demo] [--config=configs/co_llm_bigbench.py]
+
+Runs the job (`python -m single_multi.main --config=configs/co_llm_bigbench.py`) in --workdir
+unless that workdir already holds its results.json, then writes the table (per system: score,
+95% CI, deferral rate) with the calibration sweep.
+"""
+
+import argparse
+import json
+import pathlib
+import subprocess
+import sys
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+def main():
+  parser = argparse.ArgumentParser()
+  parser.add_argument("--workdir", default="/tmp/co_llm_demo")
+  parser.add_argument("--config", default=str(ROOT / "configs" / "co_llm_bigbench.py"))
+  parser.add_argument("--output", default=str(ROOT / "docs" / "results.md"))
+  args = parser.parse_args()
+  from doc_sections import write_section
+
+  results = pathlib.Path(args.workdir) / "results.json"
+  if not results.exists():
+    subprocess.run([sys.executable, "-m", "single_multi.main", f"--config={args.config}",
+                    f"--workdir={args.workdir}"], cwd=ROOT, check=True)
+  out = json.loads(results.read_text())
+  rows = [f"| {name} | {s['accuracy']:.3f} [{s['ci95'][0]:.3f}, {s['ci95'][1]:.3f}] | "
+          f"{s['deferral']:.1%} | {s['n']} |" for name, s in out["summary"].items()]
+  sweep = ", ".join(f"{r['rate']:.0%}: {r['score']:.3f}" for r in out["calibration"]["co_llm"])
+  page = f"""## Co-LLM on the embedded models (made by `python scripts/co_llm_table.py`)
+
+`configs/co_llm_bigbench.py`: SmolLM2-135M-Instruct as the base, a SmolLM2 specialist fine-tuned
+on {out['task']} as the assistant; options shown in the loader's seeded order. Test rows, greedy
+decoding; deferral = share of generated tokens written by the assistant. 95% CIs: percentile
+bootstrap over the rows.
+
+| system | score [95% CI] | deferral | n |
+|---|---|---:|---:|
+""" + "\n".join(rows) + f"""
+
+Validation sweep (deferral rate: score) that picked eta {out['eta']['co_llm']:.6g}: {sweep}.
+"""
+  write_section(pathlib.Path(args.output), "co_llm", page)
+  print(page)
+
+
+if __name__ == "__main__":
+  main()
