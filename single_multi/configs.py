@@ -107,7 +107,7 @@ FIELDS: dict[str, str] = {
     "train.init": "Gate init: `a` (assistant right and base wrong), `b` (base wrong) or `none`.",
 }
 
-SECTIONS = (("evolve", ("quickstart.py", "tiny.py", "mmlu.py", "bbh.py")),
+SECTIONS = (("evolve", ("quickstart.py", "tiny.py", "mmlu.py", "paper.py", "bbh.py")),
             ("co_llm", ("co_llm_bigbench.py", "co_llm_gsm8k.py")),
             ("chat", ("chat.py",)))
 
