@@ -167,15 +167,18 @@ def decode(params, prompt_bt: jax.Array, prompt_mask_bt: jax.Array, rng: jax.Arr
   params = unstack_for_loop(params, unstack)
   B, P = prompt_bt.shape
   cache = transformer.init_cache(config, B, P + max_new_tokens, params["embed"].dtype)
-  logits, cache = transformer.forward(params, prompt_bt, config, mask_bt=prompt_mask_bt,
-                                      cache=cache, lora=lora)
+  hidden, cache = transformer.hidden_states(params, prompt_bt, config, mask_bt=prompt_mask_bt,
+                                            cache=cache, lora=lora)
+  # The LM head on the last (left-padded: always real) position only: the next token's logits.
+  # Over every prompt position it would be P times the work and a [B, P, V] buffer.
+  first = transformer.lm_head(params, hidden[:, -1:], config)[:, -1]
 
   def step_fn(token_b, live_b, cache):
     logits, cache = transformer.forward(params, token_b[:, None], config, mask_bt=live_b[:, None],
                                         cache=cache, lora=lora)
     return logits[:, -1], cache
 
-  return decode_loop(step_fn, cache, logits[:, -1], rng, sampler_choice(sampler),
+  return decode_loop(step_fn, cache, first, rng, sampler_choice(sampler),
                      max_new_tokens=max_new_tokens, stop_ids=stop_ids, pad_id=pad_id,
                      return_rows=return_rows, limits=limits_b)
 

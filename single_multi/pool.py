@@ -108,17 +108,21 @@ def init_cache(config: ModelConfig, n: int, batch: int, max_len: int, dtype=jnp.
 
 
 def forward(params_n: Params, tokens_bt: jax.Array, config: ModelConfig, *, mask_bt=None,
-            cache=None, lora=None, per_model_tokens: bool = False, extra_head=None):
+            cache=None, lora=None, per_model_tokens: bool = False, extra_head=None,
+            last_only: bool = False):
   """Logits [N, B, T, V] of every model (tokens [B, T], or [N, B, T] with per_model_tokens).
 
   extra_head [N, E, D]: E extra LM-head rows per model (e.g. Co-LLM's deferral gate), their
-  logits appended after the V vocabulary logits: [N, B, T, V + E].
+  logits appended after the V vocabulary logits: [N, B, T, V + E]. last_only: the heads on the
+  last position only ([N, B, 1, ...]; a prefill needs no more).
   """
   tok_axis = 0 if per_model_tokens else None
 
   def one(params, tokens, mask, cache, lora, extra):
     hidden, cache = transformer.hidden_states(params, tokens, config, mask_bt=mask, cache=cache,
                                               lora=lora)
+    if last_only:
+      hidden = hidden[:, -1:]
     logits = transformer.lm_head(params, hidden, config)
     if extra is not None:
       gate = jnp.einsum("BTD,ED->BTE", hidden, extra.astype(hidden.dtype),
@@ -144,7 +148,8 @@ def _decode(params_n, prompt_bt, prompt_mask_bt, rng, choose, choose_state, *,
   B, P = prompt_bt.shape[-2:]
   cache = init_cache(config, n, B, P + max_new_tokens, params_n["embed"].dtype)
   logits, cache = forward(params_n, prompt_bt, config, mask_bt=prompt_mask_bt, cache=cache,
-                          lora=lora, per_model_tokens=prompt_bt.ndim == 3, extra_head=extra_head)
+                          lora=lora, per_model_tokens=prompt_bt.ndim == 3, extra_head=extra_head,
+                          last_only=True)
 
   def step_fn(token, live, cache):
     logits, cache = forward(params_n, token[..., None], config, mask_bt=live[..., None],
