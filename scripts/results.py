@@ -48,12 +48,18 @@ def main():
                   f"| {m['collab']:.3f} [{lo:.3f}, {hi:.3f}] | {m['n']} |")
     singles_up = last["single_mean"] > first["single_mean"]
     collab_up = last["collab"] > first["collab"]
+    collapsed = [n for n, shares in last["answer_positions"].items()
+                 if shares and max(shares.values()) >= 0.9]
     sections.append(
         f"- **{strategy}**: single mean {first['single_mean']:.3f} -> {last['single_mean']:.3f} "
         f"({'up' if singles_up else 'not up'}); collaboration {first['collab']:.3f} -> "
         f"{last['collab']:.3f} ({'up' if collab_up else 'not up'}). Per-model round 0 -> "
         f"{last['round']}: " + ", ".join(f"{n} {first['singles'][n]:.3f} -> {v:.3f}"
-                                        for n, v in last["singles"].items()))
+                                        for n, v in last["singles"].items())
+        + (f". **Collapse**: at round {last['round']} {', '.join(collapsed)} give one letter "
+           "to at least 90% of the questions, so their scores measure that letter's share of "
+           "the gold answers (compare the position baseline), not what they learned."
+           if collapsed else ""))
     base = first["baselines"]
     sections.append(
         f"  Baselines on these test rows ({base['mc_rows']} multiple-choice): chance "
