@@ -27,6 +27,7 @@ def main():
   sys.path.insert(0, str(ROOT))
   from single_multi import assets
   from single_multi.data import bigbench, common
+  from single_multi.data.metrics import LETTERS
 
   start = time.perf_counter()
   prefix = "bigbench-1.0.0/bigbench/benchmark_tasks/"
@@ -66,8 +67,8 @@ def main():
     top = max(range(len(before.counts)), key=before.counts.__getitem__)
     top_after = max(range(len(after.counts)), key=after.counts.__getitem__)
     lines.append(f"| {name} | {before.rows} | {len(before.counts)} | "
-                 f"{'ABCDEFGHIJKLMNOPQRSTUVWXYZ'[top]} {before.shares[top]:.0%} | "
-                 f"{'ABCDEFGHIJKLMNOPQRSTUVWXYZ'[top_after]} {after.shares[top_after]:.0%} |")
+                 f"{LETTERS[top]} {before.shares[top]:.0%} | "
+                 f"{LETTERS[top_after]} {after.shares[top_after]:.0%} |")
   pathlib.Path(args.output).write_text("\n".join(lines) + "\n")
   summary = {"tasks_with_mc_rows": len(rows), "skewed_as_stored": len(skewed),
              "skewed_as_shown": sum(bool(a.skewed) for _, _, a in rows),

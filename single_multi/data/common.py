@@ -22,6 +22,7 @@ import dataclasses
 import hashlib
 import pathlib
 import socket
+import string
 import urllib.parse
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -186,7 +187,7 @@ class PositionCheck:
     return tuple(c / self.rows for c in self.counts) if self.rows else ()
 
   def describe(self) -> str:
-    letters = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+    letters = string.ascii_uppercase  # As metrics.LETTERS.
     cells = ", ".join(f"{letters[p]} {s:.0%}" for p, s in enumerate(self.shares))
     where = "; ".join(f"{subj}: {letters[p]} holds {share:.0%}" for subj, p, share in self.skewed)
     return f"gold positions over {self.rows} rows: {cells}" + (f" (skewed: {where})" if where
@@ -208,17 +209,16 @@ def position_check(examples: Iterable[Example]) -> PositionCheck:
   groups: dict[str, list[Example]] = {"*": mc}
   for e in mc:
     groups.setdefault(e.subject, []).append(e)
-  skewed = []
+  skewed, total = [], _counts(mc)
   for name, rows in groups.items():
     if len(rows) < MIN_ROWS_FOR_SKEW:
       continue
-    counts, expected = _counts(rows)
+    counts, expected = total if name == "*" else _counts(rows)
     skewed += [(name, int(p), float(counts[p] / len(rows)))
                for p in np.flatnonzero((counts > SKEW_FACTOR * expected)
                                        & (expected >= MIN_EXPECTED))]
-  counts, expected = _counts(mc)
-  return PositionCheck(len(mc), tuple(int(c) for c in counts),
-                       tuple(float(x) for x in expected), tuple(skewed))
+  return PositionCheck(len(mc), tuple(int(c) for c in total[0]),
+                       tuple(float(x) for x in total[1]), tuple(skewed))
 
 
 # -------------------------------------------------------------------------------------------------
