@@ -13,6 +13,8 @@ the mean share of correct options), the majority class (MC: the most common gold
 among the rows; exact-match tasks: the most common gold answer's rate), the position baseline
 (always the dev split's most common gold letter) and the wall time. Writes its section of
 docs/results.md, the records under --workdir, and prints a JSON summary on its last line.
+Resumable: a rerun with the same --workdir, --rows, --seed and --max_new_tokens keeps the tasks
+already in <workdir>/summary.json (written after each task).
 """
 
 import argparse
@@ -49,8 +51,18 @@ def main():
 
   model = sm.load("embedded:smollm2-135m-instruct")
   prompter = pipeline.Prompter(model.tokenizer, pipeline.PromptConfig(style="moco"))
-  start, rows_out, summary = time.perf_counter(), [], {}
+  # Resumable: tasks already in <workdir>/summary.json (same rows, seed and token budget) are kept.
+  summary_path = pathlib.Path(args.workdir) / "summary.json"
+  settings = {"rows": args.rows, "seed": args.seed, "max_new_tokens": args.max_new_tokens}
+  summary = {}
+  if summary_path.exists():
+    saved = json.loads(summary_path.read_text())
+    if saved.get("settings") == settings:
+      summary = saved["tasks"]
   for name in args.tasks.split(","):
+    if name in summary:
+      print(f"{name}: kept from {summary_path}", flush=True)
+      continue
     task = tasks.load_task(f"moco:{name}", moco_dir=args.moco_data_dir)
     valid = [e for e in task.test if not e.problem]
     sample = sorted(valid, key=lambda e: common.split_fraction(e.id, args.seed))[:args.rows]
@@ -78,11 +90,13 @@ def main():
       top, count = gold.most_common(1)[0]
       entry["majority_answer"] = {"answer": top, "rate": count / len(sample)}
     summary[name] = entry
-    rows_out.append(_row(name, entry))
-    print(rows_out[-1], flush=True)
-    total = time.perf_counter() - start  # The page is rewritten after every task.
+    print(_row(name, entry), flush=True)
+    # The page and the summary are rewritten after every task: a killed run loses one task.
+    rows_out = [_row(n, summary[n]) for n in args.tasks.split(",") if n in summary]
+    total = sum(e["generate_seconds"] + e.get("loglik_seconds", 0.0) for e in summary.values())
     write_section(pathlib.Path(args.output), "moco_baselines", _page(rows_out, args, total))
-    (pathlib.Path(args.workdir) / "summary.json").write_text(json.dumps(summary, indent=1))
+    summary_path.write_text(json.dumps({"settings": settings, "tasks": summary}, indent=1))
+  total = sum(e["generate_seconds"] + e.get("loglik_seconds", 0.0) for e in summary.values())
   print(json.dumps({"tasks": len(summary), "total_seconds": round(total, 1),
                     **{k: round(v["generate"]["mean"], 3) for k, v in summary.items()}}))
 
@@ -126,7 +140,8 @@ resamples). Baselines on the same rows: chance (MC: the mean share of correct op
 match: about 0), the majority class (MC: the most common gold letter's rate; otherwise the most
 common gold answer's rate), the position baseline (always the dev split's most common gold
 letter). human_interest is left out: it is scored by a reward model. CPU (2 cores), fp32.
-Total time {total / 60:.1f} min.
+Total time {total / 60:.1f} min
+(the sum of the per-task times).
 
 | task | type | rows | generate [95% CI] | loglik acc / acc_norm [95% CI] | chance | majority class | position baseline | seconds |
 |---|---|---:|---|---|---|---|---|---:|
