@@ -57,4 +57,7 @@ def get_config() -> config_dict.ConfigDict:
   c.keep_checkpoints = 2
   # True: each round is one jax.jit program (supervised_kd / logit_kd; a checkpoint per round).
   c.fused_round = False
+  # --dry_run with a TPU topology ("v5p:2x2x2"): compile every program for it (compile_plan.py).
+  c.compile_topology = ""
+  c.compile_prompt_length = 1024  # The prompt bucket the plan compiles for.
   return c

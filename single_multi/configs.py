@@ -82,6 +82,13 @@ FIELDS: dict[str, str] = {
     "fused_round": "Each round as one `jax.jit` program (collaborate on all dev rows, token-space "
                    "rows, every distillation step in a `lax.scan`, test decodes), one checkpoint "
                    "per round; every distillation method, not the correctness filter (evolve.py).",
+    "compile_topology": "With `--dry_run`: a TPU topology (`v5e:2x2`, `v5p:2x2x2`, ...; "
+                        "compile_plan.TOPOLOGIES) to compile every program of a round for, "
+                        "ahead of time on this host (needs `pip install -e \".[tpu]\"`); prints "
+                        "per-device bytes, FLOPs and a fit verdict, writes "
+                        "`<workdir>/compile_plan.json`. Empty: the CPU sharding plan.",
+    "compile_prompt_length": "The prompt length (bucketed) the compile plan assumes: the "
+                             "longest prompt the run will batch.",
     # chat.
     "model": "The model source that answers.",
     "prompts": "User messages, each answered with the chat template.",

@@ -4,7 +4,9 @@ config.job: "evolve" (the single-multi loop, `evolve.py`), "co_llm" (`co_llm_run
 (answer the config's prompts). Every field is described in docs/config.md.
 Overrides (`--config.rounds=3`) are checked against the config before anything loads: a misspelled
 key fails at once. `--dry_run` builds nothing: it prints the sharding plan of the pool's params and
-optimizer states from the architecture alone (`jax.eval_shape`) and the bytes per device.
+optimizer states from the architecture alone (`jax.eval_shape`) and the bytes per device; with
+`--config.compile_topology=v5p:2x2x2` it compiles every program of a round for that TPU topology
+instead (compile_plan.py: per-device bytes, FLOPs, a fit verdict; needs the `tpu` extra).
 Rerunning the same command resumes an interrupted run from its last finished stage.
 Multi-process: `--distributed` (TPU pods, SLURM: discovered from the environment) or
 `--coordinator_address/--num_processes/--process_id` (see launch/).
@@ -58,6 +60,9 @@ def run(config, workdir: str | None = None, dry_run: bool = False):
   from single_multi import evolve, pools
   evolve.validate(config)
   if dry_run:
+    if config.get("compile_topology"):
+      from single_multi import compile_plan
+      return compile_plan.plan(config, workdir or "/tmp/single_multi")
     return pools.dry_run(config)
   workdir = workdir or "/tmp/single_multi"
   pool = pools.build(config, workdir)

@@ -6,7 +6,9 @@ answers) and caches each under `<workdir>/specialists/` (reused on a rerun).
 
 `dry_run(config)`: the pool's architecture (known hub ids without downloading, or a local
 config.json), params / LoRA / AdamW states as `jax.eval_shape` structures placed by the sharding
-rules on `config.mesh`, printed per leaf with the bytes on every device. Nothing is allocated.
+rules on `config.mesh` (`abstract_pool`, `abstract_training`: also the inputs compile_plan.py
+compiles for a TPU topology), printed per leaf with the bytes on every device. Nothing is
+allocated.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from single_multi import assets, decoding, multihost, pool as pool_lib, sharding
+from single_multi import assets, decoding, distill, multihost, pool as pool_lib, sharding
 from single_multi import train as train_lib
 from single_multi.data import pipeline, tasks
 from single_multi.models import lora as lora_lib, loading, transformer
@@ -106,6 +108,33 @@ def build(config, workdir) -> pool_lib.Pool:
 # The plan.
 
 
+def placed(tree, shardings):
+  return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), tree,
+                      shardings)
+
+
+def abstract_pool(arch, n: int, mesh, dtype):
+  """The stacked pool's params as placed ShapeDtypeStructs."""
+  params = jax.eval_shape(lambda k: jax.vmap(lambda kk: transformer.init_params(arch, kk, dtype))(
+      jax.random.split(k, n)), jax.random.key(0))
+  return placed(params, sharding.param_shardings(arch, mesh, pool_size=n))
+
+
+def abstract_training(arch, n: int, mesh, params, dcfg: distill.DistillConfig, total_steps: int):
+  """(trainable, opt_state, optimizer, trainable shardings) as the distillation places them:
+  LoRA (or full) params and AdamW moments like the params they track, step counters replicated."""
+  if dcfg.lora is not None:
+    t_shard = sharding.lora_shardings(arch, dcfg.lora, mesh, n)
+    trainable = placed(jax.eval_shape(lambda k: jax.vmap(lambda kk: lora_lib.init(
+        arch, dcfg.lora, kk))(jax.random.split(k, n)), jax.random.key(0)), t_shard)
+  else:
+    trainable, t_shard = params, sharding.param_shardings(arch, mesh, pool_size=n)
+  optimizer = train_lib.make_optimizer(dcfg.optim, total_steps)
+  opt = jax.eval_shape(jax.vmap(optimizer.init), trainable)
+  opt = placed(opt, sharding.opt_state_shardings(optimizer, opt, t_shard, mesh))
+  return trainable, opt, optimizer, t_shard
+
+
 def dry_run(config) -> dict[str, Any]:
   """Prints and returns the plan: per leaf shape / spec, totals, bytes per device."""
   from single_multi import evolve
@@ -118,28 +147,13 @@ def dry_run(config) -> dict[str, Any]:
   n = len(configs)
   mesh = sharding.make_mesh(dict(config.mesh))
   dtype = jnp.dtype(config.dtype)
-  p_shard = sharding.param_shardings(arch, mesh, pool_size=n)
-  params = jax.eval_shape(lambda k: jax.vmap(lambda kk: transformer.init_params(arch, kk, dtype))(
-      jax.random.split(k, n)), jax.random.key(0))
-  params = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                        params, p_shard)
+  params = abstract_pool(arch, n, mesh, dtype)
   dcfg = evolve.distill_config(config)
+  trainable, opt_state, _, _ = abstract_training(arch, n, mesh, params, dcfg, 1000)
   trees = {"params": params}
   if dcfg.lora is not None:
-    l_shard = sharding.lora_shardings(arch, dcfg.lora, mesh, n)
-    lora = jax.eval_shape(lambda k: jax.vmap(lambda kk: lora_lib.init(arch, dcfg.lora, kk))(
-        jax.random.split(k, n)), jax.random.key(0))
-    trees["lora"] = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                                 lora, l_shard)
-    trainable, t_shard = trees["lora"], l_shard
-  else:
-    trainable, t_shard = params, p_shard
-  optimizer = train_lib.make_optimizer(dcfg.optim, 1000)
-  # AdamW's moments are placed like the params they track; step counters are replicated.
-  opt_struct = jax.eval_shape(jax.vmap(optimizer.init), trainable)
-  trees["opt_state"] = jax.tree.map(
-      lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), opt_struct,
-      sharding.opt_state_shardings(optimizer, opt_struct, t_shard, mesh))
+    trees["lora"] = trainable
+  trees["opt_state"] = opt_state
   lines, replicated = [], []
   for group, tree in trees.items():
     for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
