@@ -119,20 +119,87 @@ def placed(pool: pool_lib.Pool, mesh) -> pool_lib.Pool:
   return dataclasses.replace(pool, params=sharding.put(pool.params, shardings))
 
 
+class ConfigError(ValueError):
+  """A config field's value is not allowed: names the field, the value and what is allowed."""
+
+
+def _finite(v) -> bool:
+  return isinstance(v, (int, float)) and np.isfinite(v)
+
+
+# Field -> (allowed?, what is allowed): checked before anything loads.
+RANGES: dict[str, tuple[Any, str]] = {
+    "batch_size": (lambda v: v >= 1, "an integer >= 1"),
+    "max_new_tokens": (lambda v: v >= 1, "an integer >= 1"),
+    "k_shot": (lambda v: 0 <= v <= 64, "an integer in [0, 64]"),
+    "dev_examples": (lambda v: v >= 1, "an integer >= 1"),
+    "test_examples": (lambda v: v >= 1, "an integer >= 1"),
+    "rounds": (lambda v: v >= 0, "an integer >= 0"),
+    "keep_checkpoints": (lambda v: v >= 1, "an integer >= 1 (0 would keep nothing to resume "
+                                           "from)"),
+    "temperature": (lambda v: _finite(v) and v >= 0, "a finite number >= 0 (0: greedy)"),
+    "top_p": (lambda v: _finite(v) and 0 < v <= 1, "a number in (0, 1]"),
+    "specialist_steps": (lambda v: v >= 1, "an integer >= 1"),
+    "specialist_examples": (lambda v: v >= 1, "an integer >= 1"),
+    "specialist_learning_rate": (lambda v: _finite(v) and v > 0, "a finite number > 0"),
+    "distill.batch_size": (lambda v: v >= 1, "an integer >= 1"),
+    "distill.accumulation": (lambda v: v >= 1, "an integer >= 1"),
+    "distill.epochs": (lambda v: _finite(v) and v > 0, "a finite number > 0"),
+    "distill.learning_rate": (lambda v: _finite(v) and v > 0, "a finite number > 0"),
+    "distill.lora_rank": (lambda v: v >= 0, "an integer >= 0 (0: full fine-tuning)"),
+    "distill.lora_alpha": (lambda v: _finite(v) and v > 0, "a finite number > 0"),
+    "distill.lora_dropout": (lambda v: 0 <= v < 1, "a number in [0, 1)"),
+    "distill.warmup_fraction": (lambda v: 0 <= v < 1, "a number in [0, 1)"),
+    "distill.clip_norm": (lambda v: _finite(v) and v >= 0, "a finite number >= 0 (0: no clip)"),
+    "distill.weight_decay": (lambda v: _finite(v) and v >= 0, "a finite number >= 0"),
+    "compile_prompt_length": (lambda v: v >= 1, "an integer >= 1"),
+}
+
+
+def _field(config, name: str):
+  node = config
+  for part in name.split("."):
+    if part not in node:
+      return None
+    node = node[part]
+  return node
+
+
 def validate(config: config_dict.ConfigDict) -> None:
-  """Every check that needs no compute, so a bad config fails before any model loads."""
-  collab.get(config.strategy)
+  """Every check that needs no compute, so a bad config fails before any model loads; each
+  failure is a ConfigError (a ValueError) naming the field, the value and what is allowed."""
+  try:
+    _validate(config)
+  except ConfigError:
+    raise
+  except ValueError as e:  # The dataclasses' own checks (strategy, distillation, optimizer).
+    raise ConfigError(str(e)) from e
+
+
+def _validate(config: config_dict.ConfigDict) -> None:
+  for name, (ok, allowed) in RANGES.items():
+    value = _field(config, name)
+    if value is not None and not ok(value):
+      raise ConfigError(f"{name}={value!r} is not allowed: give {allowed}")
+  if not config.pool:
+    raise ConfigError("pool is empty: give at least one model source")
+  for name in [config.task, *config.specialists]:
+    tasks.check_name(name)
+  spec = collab.get(config.strategy)
+  size = len(config.specialists) if config.specialists else len(config.pool)
+  if size < spec.min_models:
+    raise ConfigError(f"strategy={config.strategy!r} needs at least {spec.min_models} models; "
+                      f"the pool will have {size}" + (" (one per specialist)"
+                                                      if config.specialists else ""))
   strategy_config(config)
   distill_config(config)
-  if config.rounds < 0:
-    raise ValueError(f"rounds must be >= 0, got {config.rounds}")
-  level = collab.get(config.strategy).level
+  level = spec.level
   if config.get("fused_round", False) and config.distill.correctness_filter:
-    raise ValueError("fused_round: the correctness filter scores the collaboration's dev answers "
+    raise ConfigError("fused_round: the correctness filter scores the collaboration's dev answers "
                      "as text between collaborating and distilling, which one program cannot; "
                      "set fused_round=False or distill.correctness_filter=False")
   if config.distill.method in ("logit_kd", "on_policy_kd") and level not in ("logit", "token"):
-    raise ValueError(f"{config.distill.method} needs per-token teacher rows, which only logit- "
+    raise ConfigError(f"{config.distill.method} needs per-token teacher rows, which only logit- "
                      f"and token-level strategies produce; {config.strategy} is {level}-level")
 
 

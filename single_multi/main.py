@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging as std_logging
 import pathlib
+import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -26,6 +27,8 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory (metrics, chec
                                "or a bucket path (gs://...).")
 _DRY_RUN = flags.DEFINE_bool("dry_run", False, "Print the sharding plan and per-device bytes "
                              "without loading or computing anything.")
+_DEBUG = flags.DEFINE_bool("debug", False, "Show the Python traceback of an expected error (a "
+                           "bad config, missing data, an offline download) instead of one line.")
 _DISTRIBUTED = flags.DEFINE_bool(
     "distributed", False, "Call jax.distributed.initialize() first: the cluster is discovered "
     "from the environment (TPU pod slices, SLURM, ...). Implied by --coordinator_address.")
@@ -51,7 +54,8 @@ def run_chat(config, workdir: str | None = None) -> list[dict]:
 def run(config, workdir: str | None = None, dry_run: bool = False):
   job = config.get("job", "chat")
   if job not in JOBS:
-    raise ValueError(f"unknown job {job!r}; choose one of {JOBS}")
+    from single_multi.evolve import ConfigError
+    raise ConfigError(f"unknown job {job!r}; choose one of {JOBS}")
   if job == "chat":
     return run_chat(config, workdir)
   if job == "co_llm":
@@ -78,7 +82,25 @@ def main(argv):
   if _DISTRIBUTED.value or _COORDINATOR.value:
     from single_multi import sharding
     sharding.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-  run(_CONFIG.value, _WORKDIR.value, _DRY_RUN.value)
+  try:
+    run(_CONFIG.value, _WORKDIR.value, _DRY_RUN.value)
+  except expected_errors() as e:
+    if _DEBUG.value:
+      raise
+    print(f"error: {type(e).__name__}: {e}\n(--debug shows the traceback)", file=sys.stderr)
+    sys.exit(2)
+
+
+def expected_errors() -> tuple[type[BaseException], ...]:
+  """Errors a user can cause and fix (bad config or input, missing data or assets): the CLI
+  reports them in one line and exits 2. Anything else is a bug: its traceback is shown."""
+  from single_multi import assets, compile_plan, evolve, pool
+  from single_multi.collab import core
+  from single_multi.data import common
+  from single_multi.models import config, gguf_file, loading
+  return (evolve.ConfigError, evolve.CheckpointError, common.DataError, core.StrategyError,
+          pool.PoolMismatchError, loading.LoadError, config.UnsupportedModelError,
+          gguf_file.GGUFError, assets.AssetError, compile_plan.TopologyError, FileNotFoundError)
 
 
 if __name__ == "__main__":

@@ -71,3 +71,21 @@ def test_misspelled_override_fails_before_any_compute(tmp_path):
   assert proc.returncode != 0
   assert "max_new_tokns" in proc.stderr and 'Did you mean "max_new_tokens"' in proc.stderr
   assert not (tmp_path / "generations.jsonl").exists()
+
+
+@pytest.mark.parametrize("override,message", [
+    ("--config.batch_size=0", "batch_size=0 is not allowed: give an integer >= 1"),
+    ("--config.k_shot=-1", "k_shot=-1 is not allowed: give an integer in [0, 64]"),
+    ("--config.keep_checkpoints=0", "keep_checkpoints=0 is not allowed: give an integer >= 1"),
+    ("--config.task=bigbench_knowlege", "unknown task 'bigbench_knowlege'"),
+])
+def test_bad_config_is_one_line_and_exit_2_before_anything_runs(tmp_path, override, message):
+  workdir = tmp_path / "run"
+  proc = _run("single_multi.main", "--config=configs/tiny.py", override, f"--workdir={workdir}")
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  assert message in proc.stderr and "Traceback" not in proc.stderr
+  assert "--debug shows the traceback" in proc.stderr
+  assert not workdir.exists()  # Nothing written, nothing loaded.
+  debug = _run("single_multi.main", "--config=configs/tiny.py", override, "--debug",
+               f"--workdir={workdir}")
+  assert debug.returncode != 0 and "Traceback" in debug.stderr and message in debug.stderr

@@ -4,6 +4,7 @@ kill/resume at every stage, bad input, multi-student data never from test, the d
 import json
 import os
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -128,6 +129,27 @@ def test_bad_input_fails_clearly(tiny_pool, tmp_path):
   from single_multi import main
   with pytest.raises(ValueError, match="unknown job 'evolv'"):
     main.run(_config(job="evolv"))
+  # Ranges, task names and pool sizes, all before anything loads; each names field and value.
+  for overrides, message in [
+      ({"batch_size": -4}, "batch_size=-4 is not allowed: give an integer >= 1"),
+      ({"max_new_tokens": 0}, "max_new_tokens=0 is not allowed"),
+      ({"test_examples": 0}, "test_examples=0 is not allowed"),
+      ({"dev_examples": 0}, "dev_examples=0 is not allowed"),
+      ({"temperature": -1.0}, "temperature=-1.0 is not allowed: give a finite number >= 0"),
+      ({"temperature": float("nan")}, "temperature=nan is not allowed"),
+      ({"top_p": 0.0}, "top_p=0.0 is not allowed: give a number in (0, 1]"),
+      ({"distill.batch_size": 0}, "distill.batch_size=0 is not allowed"),
+      ({"distill.epochs": 0.0}, "distill.epochs=0.0 is not allowed"),
+      ({"distill.learning_rate": -1e-4}, "distill.learning_rate=-0.0001 is not allowed"),
+      ({"task": "moco:gsm9k"}, "unknown MoCo task 'gsm9k'"),
+      ({"specialists": ("bigbench:",)}, "names no BIG-bench task"),
+      ({"pool": ("tiny:0",), "strategy": "logit_fusion"},
+       "strategy='logit_fusion' needs at least 2 models; the pool will have 1"),
+      ({"pool": ("tiny:0",), "specialists": ("gsm8k",), "strategy": "logit_fusion"},
+       "the pool will have 1 (one per specialist)"),
+  ]:
+    with pytest.raises(evolve.ConfigError, match=re.escape(message)):
+      evolve.validate(_config(**overrides))
   # A damaged checkpoint: a clear error naming the directory.
   c = _config()
   with pytest.raises(evolve.Interrupted):

@@ -151,6 +151,31 @@ def _bigbench_config(tasks: Sequence[str], base: bigbench.BigbenchConfig | None,
 MOCO_SPEC = TaskSpec("moco", None, "dev", "test", "dev", "moco", prompt="moco")
 
 
+def parse_name(name: str) -> tuple[str, tuple[str, ...]]:
+  """A task spec, checked without loading anything: ("bigbench", its tasks), ("moco", its file
+  names) or ("named", (name,)) for a TASKS entry. Raises DataError naming what is known."""
+  if name.startswith("bigbench:"):
+    parts = tuple(t.strip() for t in name.split(":", 1)[1].split(",") if t.strip())
+    if not parts:
+      raise common.DataError(f"{name!r} names no BIG-bench task (bigbench:task1,task2,...)")
+    return "bigbench", parts
+  if name.startswith("moco:"):
+    names = [t.strip().removeprefix("moco:") for t in name.split(":", 1)[1].split(",")
+             if t.strip()]  # "moco:bbh,gsm8k" or "moco:bbh,moco:gsm8k".
+    if not names:
+      raise common.DataError(f"{name!r} names no MoCo task (moco:task1,task2,...; "
+                             f"known: {sorted(moco.FILES)})")
+    return "moco", moco.file_names(names)
+  if name in TASKS:
+    return "named", (name,)
+  raise common.DataError(f"unknown task {name!r}; known: {sorted(TASKS)}, "
+                         "'bigbench:<task>[,<task>...]' or 'moco:<task>[,<task>...]'")
+
+
+def check_name(name: str) -> None:
+  parse_name(name)
+
+
 def load_task(name: str, *, data_dir: str | None = None, manual_dir: str | None = None,
               seed: int | None = None, dev_fraction: float | None = None,
               max_examples_per_task: int | None = None, moco_dir: str | None = None) -> Task:
@@ -160,23 +185,15 @@ def load_task(name: str, *, data_dir: str | None = None, manual_dir: str | None 
   data_dir = data_dir or default_data_dir()
   overrides = dict(seed=seed, dev_fraction=dev_fraction,
                    max_examples_per_task=max_examples_per_task)
-  if name.startswith("bigbench:"):
-    tasks = tuple(t.strip() for t in name.split(":", 1)[1].split(",") if t.strip())
-    if not tasks:
-      raise common.DataError(f"{name!r} names no BIG-bench task (bigbench:task1,task2,...)")
+  kind, parts = parse_name(name)
+  if kind == "bigbench":
     spec = TaskSpec("bigbench", None, "dev", "test", "dev", "exact_match")
-    builder = bigbench.Bigbench(data_dir=data_dir, config=_bigbench_config(tasks, None, **overrides))
-  elif name.startswith("moco:"):
-    names = [t.strip().removeprefix("moco:") for t in name.split(":", 1)[1].split(",")
-             if t.strip()]  # "moco:bbh,gsm8k" or "moco:bbh,moco:gsm8k".
-    if not names:
-      raise common.DataError(f"{name!r} names no MoCo task (moco:task1,task2,...; "
-                             f"known: {sorted(moco.FILES)})")
-    files = moco.file_names(names)
+    builder = bigbench.Bigbench(data_dir=data_dir, config=_bigbench_config(parts, None, **overrides))
+  elif kind == "moco":
     spec = MOCO_SPEC
     builder = moco.Moco(data_dir=data_dir,
-                        config=moco.builder_config(files, moco.source_dir(files, moco_dir)))
-  elif name in TASKS:
+                        config=moco.builder_config(parts, moco.source_dir(parts, moco_dir)))
+  else:
     spec = TASKS[name]
     if spec.builder == "bigbench":
       base = next(c for c in bigbench.Bigbench.BUILDER_CONFIGS if c.name == spec.config)
@@ -186,9 +203,6 @@ def load_task(name: str, *, data_dir: str | None = None, manual_dir: str | None 
       builder = mmlu.Mmlu(data_dir=data_dir, config=spec.config)
     else:
       builder = gsm8k.Gsm8k(data_dir=data_dir)
-  else:
-    raise common.DataError(f"unknown task {name!r}; known: {sorted(TASKS)}, "
-                           "'bigbench:<task>[,<task>...]' or 'moco:<task>[,<task>...]'")
   common.prepare(builder, manual_dir)
   return Task(name, spec, builder, seed=seed or 0)
 
