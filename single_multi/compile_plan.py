@@ -202,10 +202,14 @@ def programs(config, arch, n: int, mesh, tokenizer=None) -> list[Program]:
   step = distill.make_pool_step(distill.make_loss(arch, dcfg.method, dcfg.lora, tail), optimizer,
                                 dcfg.optim.accumulation, per_model, place)
   key_data = jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=place.replicated)
+  t_note = (f"{dcfg.batch_size} x {dcfg.optim.accumulation} rows x {T} tokens, {dcfg.method}, "
+            + (f"LoRA r={dcfg.lora.rank}" if dcfg.lora else "full"))
+  spread = math.prod(mesh.shape[a] for a in sharding.RULES["batch"])
+  if spread > 1 and dcfg.batch_size % spread:
+    t_note += (f"; a micro-batch of {dcfg.batch_size} row(s) does not split over the {spread} "
+               "devices of the batch axes: they hold its activations whole")
   out.append(Program("train_step", step, (trainable, opt, None if dcfg.lora is None else params,
-                                          data, key_data), {},
-                     f"{per_step} rows x {T} tokens, {dcfg.method}, "
-                     + (f"LoRA r={dcfg.lora.rank}" if dcfg.lora else "full")))
+                                          data, key_data), {}, t_note))
   if config.get("fused_round"):
     R, Q = config.dev_examples, config.test_examples
     dev = collab.Batch(*(rows_struct(mesh, (R, P)) for _ in range(4)))

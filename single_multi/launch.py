@@ -122,6 +122,9 @@ def local_commands(*, num_processes: int, config: str, workdir: str, extra: Sequ
                    port: int | None = None, devices_per_process: int = 1
                    ) -> list[tuple[dict[str, str], list[str]]]:
   """(environment additions, argv) per process."""
+  if num_processes < 1 or devices_per_process < 1:
+    raise ValueError(f"num_processes={num_processes} and devices_per_process="
+                     f"{devices_per_process} must both be >= 1")
   port = port or free_port()
   env = {"JAX_PLATFORMS": "cpu",
          "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices_per_process}"}

@@ -13,6 +13,7 @@ allocated.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import pathlib
@@ -75,10 +76,30 @@ def specialist(base: loading.Model, task_name: str, directory: pathlib.Path, con
       base.params, tokens, mask, loss_mask, base.config,
       optim=train_lib.OptimConfig(learning_rate=config.specialist_learning_rate),
       steps=config.specialist_steps, batch_size=min(8, len(rows)), seed=config.seed,
-      lora=lora_lib.LoraConfig(rank=8, alpha=16.0, dropout=0.0), desc=f"specialist {task_name}")
+      lora=SPECIALIST_LORA, desc=f"specialist {task_name}")
   if multihost.is_primary():
     loading.save_hf(directory, base.config, params)
   return params
+
+
+SPECIALIST_LORA = lora_lib.LoraConfig(rank=8, alpha=16.0, dropout=0.0)
+
+
+def _source_identity(source: str) -> list:
+  """A model source, plus the size and mtime of its local files (a changed file is a new base)."""
+  path = pathlib.Path(source)
+  files = sorted(path.rglob("*")) if path.is_dir() else [path] if path.is_file() else []
+  return [source] + [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in files
+                     if f.is_file()]
+
+
+def specialist_key(config, task_name: str) -> str:
+  """16 hex digits of everything that determines a specialist: base, task, data and recipe."""
+  key = json.dumps([_source_identity(config.pool[0]), task_name, config.dtype, config.seed,
+                    config.specialist_steps, config.specialist_examples,
+                    config.specialist_learning_rate, dataclasses.astuple(SPECIALIST_LORA),
+                    config.get("moco_data_dir", "")])
+  return hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
 def build(config, workdir) -> pool_lib.Pool:
@@ -87,18 +108,13 @@ def build(config, workdir) -> pool_lib.Pool:
   if not config.specialists:
     return pool_lib.load_pool(sources, dtype)
   base = loading.load(sources[0], dtype)
-  # Cached next to the run; a bucket workdir caches them on the local disk instead, keyed by
-  # what they are made from.
-  if "://" in str(workdir):
-    key = json.dumps([sources[0], config.dtype, config.seed, config.specialist_steps,
-                      config.specialist_examples, config.specialist_learning_rate])
-    root = assets.cache_root() / "specialists" / hashlib.sha256(key.encode()).hexdigest()[:16]
-  else:
-    root = pathlib.Path(workdir) / "specialists"
+  # Cached next to the run (a bucket workdir: on the local disk), each keyed by everything it is
+  # made from, so a changed base, task or recipe never reuses a stale specialist.
+  root = (assets.cache_root() if "://" in str(workdir) else pathlib.Path(workdir)) / "specialists"
   models, names = [], []
   for name in config.specialists:
     slug = name.split(":")[-1].replace("/", "_").replace(",", "+")
-    params = specialist(base, name, root / slug, config)
+    params = specialist(base, name, root / f"{slug}-{specialist_key(config, name)}", config)
     models.append(loading.Model(base.config, params, base.tokenizer, f"{slug}"))
     names.append(slug)
   return pool_lib.from_models(models, names)

@@ -408,3 +408,21 @@ def test_fused_round_with_a_dev_fitted_strategy_refits_then_tests(tiny_pool, tmp
   refit with the distilled models, then the test decodes (two programs)."""
   history = _check_one_round(tiny_pool, tmp_path, "trained_router", fused_round=True)
   assert history[1]["distill"]["steps"] == 6
+
+
+def test_specialist_cache_key_covers_base_task_and_recipe(tmp_path):
+  from single_multi import pools
+  c = _config(pool=("tiny:0",))
+  key = pools.specialist_key(c, "gsm8k")
+  assert key == pools.specialist_key(_config(pool=("tiny:0",)), "gsm8k")  # Deterministic.
+  changed = [pools.specialist_key(c, "bbh"), pools.specialist_key(_config(pool=("tiny:1",)), "gsm8k")]
+  for field, value in [("specialist_steps", 7), ("specialist_examples", 9), ("seed", 3),
+                       ("specialist_learning_rate", 1e-3), ("dtype", "bfloat16")]:
+    changed.append(pools.specialist_key(_config(pool=("tiny:0",), **{field: value}), "gsm8k"))
+  base = tmp_path / "base"  # A local base whose file changes is a new base.
+  base.mkdir()
+  (base / "model.safetensors").write_bytes(b"1234")
+  first = pools.specialist_key(_config(pool=(str(base),)), "gsm8k")
+  (base / "model.safetensors").write_bytes(b"12345")
+  changed += [first, pools.specialist_key(_config(pool=(str(base),)), "gsm8k")]
+  assert len(set(changed + [key])) == len(changed) + 1

@@ -133,3 +133,8 @@ def test_two_local_processes_give_the_single_process_metrics(tmp_path):
   again = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
   assert again.returncode == 0, again.stderr[-3000:]
   assert "Resuming from" in again.stdout and _metrics(two)[-1]["round"] == 1
+
+
+def test_local_launcher_refuses_zero_processes():
+  with pytest.raises(ValueError, match="num_processes=0 and devices_per_process=1 must both be >= 1"):
+    launch.local_commands(num_processes=0, config="configs/tiny.py", workdir="/tmp/x")
