@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from typing import Any, Sequence
 
 import flax.struct
@@ -39,7 +40,7 @@ class Sampling:
   top_p: float = 1.0  # 1.0: no nucleus restriction.
 
   def __post_init__(self):
-    if self.temperature <= 0:
+    if not math.isfinite(self.temperature) or self.temperature <= 0:
       raise ValueError(f"temperature must be > 0 (use Greedy() for argmax), got {self.temperature}")
     if not 0 < self.top_p <= 1:
       raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
@@ -101,6 +102,12 @@ def _split(rng):
   return pairs[:, 0], pairs[:, 1]
 
 
+def check_max_new_tokens(max_new_tokens: int) -> None:
+  """At trace time (a static argument): before any cache is sized from it."""
+  if max_new_tokens < 1:
+    raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+
+
 def decode_loop(step_fn, cache, logits, rng, choose, choose_state=None, *, max_new_tokens: int,
                 stop_ids: tuple[int, ...] = (), pad_id: int = 0, return_rows: bool = False,
                 limits=None) -> DecodeOutput:
@@ -110,6 +117,7 @@ def decode_loop(step_fn, cache, logits, rng, choose, choose_state=None, *, max_n
   choose(logits, state, key) -> (token, logprob row [..., V], state) picks them. A sequence stops
   at a stop token or after `limits` (per-sequence caps, default max_new_tokens) tokens.
   """
+  check_max_new_tokens(max_new_tokens)
   choice_shape = jax.eval_shape(choose, logits, choose_state, rng)
   shape, vocab = choice_shape[0].shape, choice_shape[1].shape[-1]
   stop = jnp.asarray(stop_ids if stop_ids else (-1,), jnp.int32)
@@ -164,6 +172,7 @@ def decode(params, prompt_bt: jax.Array, prompt_mask_bt: jax.Array, rng: jax.Arr
 
   unstack: run layers from per-layer arrays (default: on CPU), see `transformer.unstack_layers`.
   """
+  check_max_new_tokens(max_new_tokens)
   params = unstack_for_loop(params, unstack)
   B, P = prompt_bt.shape
   cache = transformer.init_cache(config, B, P + max_new_tokens, params["embed"].dtype)
@@ -234,8 +243,17 @@ def generate(model, prompts: Sequence[Sequence[dict[str, str]] | str], *, max_ne
   tok = model.tokenizer
   if tok is None:
     raise ValueError("this model was loaded without a tokenizer (tokenizer=False)")
+  check_max_new_tokens(max_new_tokens)
+  if not prompts:
+    return []
   ids = [tok(p, add_special_tokens=False)["input_ids"] if isinstance(p, str) else encode_chat(tok, p)
          for p in prompts]
+  longest = max(len(i) for i in ids)
+  context = model.config.max_position_embeddings
+  if context and longest + max_new_tokens > context:
+    raise ValueError(f"a prompt of {longest} tokens plus max_new_tokens={max_new_tokens} exceeds "
+                     f"the model's context of {context} tokens; shorten the prompt or lower "
+                     "max_new_tokens")
   pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
   prompt, mask = left_pad(ids, pad_id)
   out = decode(model.params, jnp.asarray(prompt), jnp.asarray(mask), jax.random.key(seed),

@@ -143,6 +143,7 @@ def _decode(params_n, prompt_bt, prompt_mask_bt, rng, choose, choose_state, *,
 
   prompt_bt: [B, P] shared by every model, or [N, B, P] (a prompt per model and row).
   """
+  decoding.check_max_new_tokens(max_new_tokens)
   params_n = decoding.unstack_for_loop(params_n, unstack, layer_axis=1)
   n = params_n["embed"].shape[0]
   B, P = prompt_bt.shape[-2:]

@@ -156,3 +156,25 @@ def test_left_pad_and_buckets():
   np.testing.assert_array_equal(mask.sum(1), [3, 1])
   with pytest.raises(ValueError, match="more than the padded length"):
     sm.left_pad([[1, 2, 3]], pad_id=0, length=2)
+
+
+def test_api_edge_cases_fail_clearly_before_any_compute(tmp_path):
+  import single_multi as sm
+  from single_multi.models import loading
+  with pytest.raises(ValueError, match="temperature must be > 0"):
+    decoding.Sampling(temperature=float("nan"))
+  with pytest.raises(loading.LoadError, match=r"give tiny:<seed>"):
+    sm.load("tiny:abc")
+  model = sm.load("tiny:0")
+  assert decoding.generate(model, [], max_new_tokens=4) == []
+  with pytest.raises(ValueError, match="max_new_tokens must be >= 1, got 0"):
+    decoding.generate(model, ["hi"], max_new_tokens=0)
+  with pytest.raises(ValueError, match="max_new_tokens must be >= 1, got -2"):
+    decoding.decode(model.params, jnp.ones((1, 4), jnp.int32), jnp.ones((1, 4), jnp.int32),
+                    jax.random.key(0), config=model.config, max_new_tokens=-2)
+  context = model.config.max_position_embeddings
+  with pytest.raises(ValueError, match=f"exceeds the model's context of {context} tokens"):
+    decoding.generate(model, ["x" * context], max_new_tokens=4)
+  with pytest.raises(TypeError, match="cannot be saved"):
+    sm.save_hf(tmp_path / "out", model.config, model.params, tokenizer=model.tokenizer)
+  assert not (tmp_path / "out").exists()  # Refused before anything was written.

@@ -332,7 +332,11 @@ def load(source: str, dtype=jnp.float32, tokenizer: bool = True) -> Model:
     model = load_hf_dir(resolve_hub(source.removeprefix("hf:")), dtype, tokenizer)
   elif source.startswith("tiny:"):
     from single_multi.models import tiny
-    model = tiny.model(int(source.removeprefix("tiny:")))
+    seed = source.removeprefix("tiny:")
+    if not seed.isdigit():
+      raise LoadError(f"model source {source!r}: give tiny:<seed>, the seed a non-negative "
+                      "integer (tiny:0)")
+    model = tiny.model(int(seed))
   elif source.endswith(".gguf"):
     if not os.path.isfile(source):
       raise LoadError(f"GGUF file {source} does not exist")
@@ -375,6 +379,9 @@ def save_hf(directory, config: ModelConfig, params: Params, tokenizer=None,
   """Writes config.json + safetensors (sharded with an index past `max_shard_bytes`)."""
   from safetensors.numpy import save_file
 
+  if tokenizer is not None and not hasattr(tokenizer, "save_pretrained"):
+    raise TypeError(f"a {type(tokenizer).__name__} cannot be saved (it has no save_pretrained); "
+                    "call save_hf without tokenizer=")  # Before anything is written.
   directory = pathlib.Path(directory)
   directory.mkdir(parents=True, exist_ok=True)
   tensors = to_hf_tensors(config, params)
