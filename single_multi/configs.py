@@ -79,6 +79,10 @@ FIELDS: dict[str, str] = {
             "sharding.RULES (one process: the whole loop; several: distillation); `--dry_run` "
             "prints its plan. Empty: one device.",
     "keep_checkpoints": "Orbax checkpoints kept (one per finished stage).",
+    "resume_allow": "Fields that may differ from the config recorded in `<workdir>/config.json` "
+                    "when a run resumes (e.g. `(\"rounds\",)` to extend a finished run); any "
+                    "other difference is refused with the changed fields. `fused_round` never "
+                    "changes under a run.",
     "fused_round": "Each round as one `jax.jit` program (collaborate on all dev rows, token-space "
                    "rows, every distillation step in a `lax.scan`, test decodes), one checkpoint "
                    "per round; every distillation method, not the correctness filter (evolve.py).",

@@ -204,6 +204,166 @@ def _validate(config: config_dict.ConfigDict) -> None:
 
 
 # -------------------------------------------------------------------------------------------------
+# A workdir belongs to one run and one config.
+
+# Fields that do not change what a run computes: they may differ when a run resumes.
+NOT_RESULTS = frozenset({"keep_checkpoints", "compile_topology", "compile_prompt_length",
+                         "resume_allow"})
+# Fields that cannot change on resume even when allowed: the checkpoints' stage layout.
+FIXED_ON_RESUME = frozenset({"fused_round"})
+
+
+def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+  out = {}
+  for k, v in tree.items():
+    if isinstance(v, dict) and k not in ("mesh", "strategy_config"):
+      out.update(_flat(v, f"{prefix}{k}."))
+    else:
+      out[prefix + k] = v
+  return out
+
+
+def check_workdir_config(config: config_dict.ConfigDict, workdir) -> list[str]:
+  """Records the run's config in `<workdir>/config.json`, or, when the workdir already has one,
+  refuses a config that differs from it (ConfigError with the changed fields) unless each changed
+  field is listed in `config.resume_allow` (e.g. ("rounds",) to extend a finished run); the
+  record is then updated. `fused_round` never changes under a run. Returns the accepted changes."""
+  path = epath.Path(workdir) / "config.json"
+  current = json.loads(config.to_json())
+  if not path.exists():
+    if multihost.is_primary():
+      path.parent.mkdir(parents=True, exist_ok=True)
+      path.write_text(json.dumps(current, indent=1))
+    return []
+  saved, now = _flat(json.loads(path.read_text())), _flat(current)
+  changed = sorted(k for k in set(saved) | set(now)
+                   if k not in NOT_RESULTS and saved.get(k) != now.get(k))
+  allowed = set(config.get("resume_allow", ())) - FIXED_ON_RESUME
+  refused = [k for k in changed if k not in allowed]
+  if refused:
+    diff = "; ".join(f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in refused)
+    fixed = [k for k in refused if k in FIXED_ON_RESUME]
+    hint = (f" ({', '.join(fixed)} cannot change under a run: its checkpoints are laid out by "
+            "it)" if fixed else f"; or allow them: --config.resume_allow='{tuple(refused)}'")
+    raise ConfigError(f"{path} records another config; changed: {diff}. Resume with the saved "
+                      f"config or use a new --workdir{hint}")
+  if changed and multihost.is_primary():
+    path.write_text(json.dumps(current, indent=1))
+  return changed
+
+
+class WorkdirLockedError(RuntimeError):
+  pass
+
+
+_HELD: dict[str, int] = {}
+
+
+def _alive(pid: int) -> bool:
+  import os
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:
+    return True
+  return True
+
+
+class WorkdirLock:
+  """`<workdir>/LOCK`: {pid, host, started, heartbeat}. A second run is refused while the holder
+  lives (same host: its pid exists; another host, as on a bucket: its heartbeat, renewed after
+  every stage, is younger than `stale_seconds`); a lock whose holder is gone is taken over.
+  Re-entrant within the holding process. Local disks create it atomically (O_EXCL); buckets have
+  no atomic create, so the writer re-reads it to confirm it won."""
+
+  def __init__(self, workdir, stale_seconds: float = 3600.0):
+    import os
+    import socket
+    self.path = epath.Path(workdir) / "LOCK"
+    self.stale_seconds = stale_seconds
+    self.me = {"pid": os.getpid(), "host": socket.gethostname()}
+
+  @property
+  def depth(self) -> int:  # Acquisitions of this workdir's lock held in this process.
+    return _HELD.get(str(self.path), 0)
+
+  @depth.setter
+  def depth(self, value: int) -> None:
+    _HELD[str(self.path)] = value
+
+  def _holder(self) -> dict[str, Any] | None:
+    try:
+      return json.loads(self.path.read_text())
+    except FileNotFoundError:
+      return None
+    except (ValueError, OSError):
+      return {}  # Unreadable: a torn write of a dead run; taken over.
+
+  def _live(self, holder: dict[str, Any]) -> bool:
+    if not holder:
+      return False
+    if holder.get("host") == self.me["host"]:
+      return _alive(int(holder.get("pid", -1)))
+    return time.time() - float(holder.get("heartbeat", 0)) < self.stale_seconds
+
+  def _write(self, started: float, exclusive: bool) -> None:
+    import os
+    data = json.dumps({**self.me, "started": started, "heartbeat": time.time()})
+    if exclusive and "://" not in str(self.path):
+      fd = os.open(str(self.path), os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+      with os.fdopen(fd, "w") as f:
+        f.write(data)
+    else:
+      self.path.write_text(data)
+
+  def __enter__(self):
+    if self.depth:
+      self.depth += 1
+      return self
+    self.path.parent.mkdir(parents=True, exist_ok=True)
+    holder = self._holder()
+    if holder and {k: holder.get(k) for k in self.me} == self.me:
+      pass  # Ours already (an earlier acquisition in this process that was not released).
+    elif holder is not None and self._live(holder):
+      started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(holder.get("started", 0)))
+      raise WorkdirLockedError(
+          f"{self.path.parent} is in use by pid {holder.get('pid')} on {holder.get('host')} "
+          f"(started {started}); wait for it to finish or use another --workdir. A lock whose "
+          f"run is gone is taken over by the next run ({self.path})")
+    else:
+      if holder is not None:
+        logging.warning("taking over the stale lock %s (%s)", self.path, holder)
+        self.path.unlink()
+      try:
+        self._write(time.time(), exclusive=True)
+      except FileExistsError:  # Another run created it between our look and our write.
+        return self.__enter__()
+      if {k: (self._holder() or {}).get(k) for k in self.me} != self.me:
+        return self.__enter__()  # A bucket writer lost the race: look again.
+    self.depth = 1
+    return self
+
+  def heartbeat(self) -> None:
+    if self.depth:
+      started = (self._holder() or {}).get("started", time.time())
+      self._write(started, exclusive=False)
+
+  def __exit__(self, *exc):
+    self.depth -= 1
+    if self.depth == 0:
+      holder = self._holder()
+      if holder and {k: holder.get(k) for k in self.me} == self.me:
+        self.path.unlink()
+    return False
+
+
+def workdir_lock(workdir):
+  """The workdir's lock, taken by process 0 only (the others run under its hold)."""
+  return WorkdirLock(workdir) if multihost.is_primary() else contextlib.nullcontext()
+
+
+# -------------------------------------------------------------------------------------------------
 # Stages.
 
 
@@ -629,6 +789,12 @@ def run(config: config_dict.ConfigDict, workdir, pool: pool_lib.Pool, *, progres
   validate(config)
   workdir = epath.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
+  with workdir_lock(workdir) as lock:
+    check_workdir_config(config, workdir)
+    return _run(config, workdir, pool, lock, progress=progress, stop_after=stop_after)
+
+
+def _run(config, workdir, pool, lock, *, progress: bool, stop_after: int | None):
   primary = multihost.is_primary()
   progress = progress and primary
   if primary and jax.process_count() > 1:
@@ -725,6 +891,8 @@ def run(config: config_dict.ConfigDict, workdir, pool: pool_lib.Pool, *, progres
         ckpt.save(index, pool.params, arrays, {"round": r, "stage": stage, "history": history,
                                                "distill_stats": distill_stats, "seed": config.seed,
                                                "config": json.loads(config.to_json())})
+        if lock is not None:
+          lock.heartbeat()
         if stop_after is not None and index == stop_after:
           raise Interrupted(f"stopped after stage {index} (round {r} {stage})")
     finally:

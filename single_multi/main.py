@@ -69,8 +69,12 @@ def run(config, workdir: str | None = None, dry_run: bool = False):
       return compile_plan.plan(config, workdir or "/tmp/single_multi")
     return pools.dry_run(config)
   workdir = workdir or "/tmp/single_multi"
-  pool = pools.build(config, workdir)
-  return evolve.run(config, workdir, pool)
+  # Before the pool is built (specialists are fine-tuned into the workdir): this run owns it, and
+  # a resumed run has the workdir's config.
+  with evolve.workdir_lock(workdir):
+    evolve.check_workdir_config(config, workdir)
+    pool = pools.build(config, workdir)
+    return evolve.run(config, workdir, pool)
 
 
 def main(argv):
@@ -98,7 +102,7 @@ def expected_errors() -> tuple[type[BaseException], ...]:
   from single_multi.collab import core
   from single_multi.data import common
   from single_multi.models import config, gguf_file, loading
-  return (evolve.ConfigError, evolve.CheckpointError, common.DataError, core.StrategyError,
+  return (evolve.ConfigError, evolve.CheckpointError, evolve.WorkdirLockedError, common.DataError, core.StrategyError,
           pool.PoolMismatchError, loading.LoadError, config.UnsupportedModelError,
           gguf_file.GGUFError, assets.AssetError, compile_plan.TopologyError, FileNotFoundError)
 

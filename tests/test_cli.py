@@ -89,3 +89,20 @@ def test_bad_config_is_one_line_and_exit_2_before_anything_runs(tmp_path, overri
   debug = _run("single_multi.main", "--config=configs/tiny.py", override, "--debug",
                f"--workdir={workdir}")
   assert debug.returncode != 0 and "Traceback" in debug.stderr and message in debug.stderr
+
+
+def test_second_run_on_a_locked_workdir_is_refused_in_one_line(tmp_path):
+  import socket
+  import time
+  workdir = tmp_path / "run"
+  workdir.mkdir()
+  lock = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": time.time(),
+                     "heartbeat": time.time()})  # This (live) test process holds it.
+  (workdir / "LOCK").write_text(lock)
+  t0 = time.perf_counter()
+  proc = _run("single_multi.main", "--config=configs/tiny.py", f"--workdir={workdir}")
+  assert time.perf_counter() - t0 < 60  # Refused at once (the limit is start-up time on CI).
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  assert f"is in use by pid {os.getpid()}" in proc.stderr and "Traceback" not in proc.stderr
+  assert sorted(p.name for p in workdir.iterdir()) == ["LOCK"]
+  assert (workdir / "LOCK").read_text() == lock

@@ -168,7 +168,9 @@ def test_bad_input_fails_clearly(tiny_pool, tmp_path):
 
 def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_good_checkpoint(tiny_pool,
                                                                              tmp_path):
-  c = _config(**{"distill.learning_rate": float("nan")})
+  # A finite learning rate (validation refuses NaN) so large that the first update overflows the
+  # weights: the second step's loss is not finite.
+  c = _config(**{"distill.learning_rate": 1e38, "distill.warmup_fraction": 0.0})
   with pytest.raises(FloatingPointError, match="distillation loss"):
     evolve.run(c, tmp_path, tiny_pool, progress=False)
   ckpt = evolve.Checkpoints(tmp_path / "checkpoints", 2)
@@ -426,3 +428,56 @@ def test_specialist_cache_key_covers_base_task_and_recipe(tmp_path):
   (base / "model.safetensors").write_bytes(b"12345")
   changed += [first, pools.specialist_key(_config(pool=(str(base),)), "gsm8k")]
   assert len(set(changed + [key])) == len(changed) + 1
+
+
+def test_workdir_records_its_config_and_refuses_another(tmp_path):
+  c = _config()
+  assert evolve.check_workdir_config(c, tmp_path) == []
+  assert json.loads((tmp_path / "config.json").read_text())["pool"] == list(c.pool)
+  assert evolve.check_workdir_config(_config(keep_checkpoints=5), tmp_path) == []  # Not results.
+  with pytest.raises(evolve.ConfigError, match=re.escape(
+      "changed: pool: ['tiny:0', 'tiny:1', 'tiny:2'] -> ['tiny:5', 'tiny:6', 'tiny:7']")):
+    evolve.check_workdir_config(_config(pool=("tiny:5", "tiny:6", "tiny:7")), tmp_path)
+  with pytest.raises(evolve.ConfigError, match=re.escape(
+      "distill.learning_rate: 0.01 -> 0.001; rounds: 1 -> 3. Resume with the saved config or use "
+      "a new --workdir; or allow them: --config.resume_allow=")):
+    evolve.check_workdir_config(_config(rounds=3, **{"distill.learning_rate": 1e-3}), tmp_path)
+  with pytest.raises(evolve.ConfigError, match="fused_round cannot change under a run"):
+    evolve.check_workdir_config(_config(fused_round=True, resume_allow=("fused_round",)),
+                                tmp_path)
+  # An allowed change (extending the run) is accepted and becomes the record.
+  assert evolve.check_workdir_config(_config(rounds=3, resume_allow=("rounds",)),
+                                     tmp_path) == ["rounds"]
+  assert json.loads((tmp_path / "config.json").read_text())["rounds"] == 3
+
+
+def test_workdir_lock_refuses_a_live_holder_and_takes_over_a_gone_one(tiny_pool, tmp_path):
+  import socket
+  import time
+  lock_file = tmp_path / "LOCK"
+  holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+  try:
+    lock_file.write_text(json.dumps({"pid": holder.pid, "host": socket.gethostname(),
+                                     "started": time.time(), "heartbeat": time.time()}))
+    with pytest.raises(evolve.WorkdirLockedError, match=f"in use by pid {holder.pid} on "):
+      evolve.run(_config(), tmp_path, tiny_pool, progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["LOCK"]  # Nothing else written.
+  finally:
+    holder.kill()
+    holder.wait()
+  with evolve.WorkdirLock(tmp_path):  # Its holder is gone: taken over.
+    assert json.loads(lock_file.read_text())["pid"] == os.getpid()
+    with evolve.WorkdirLock(tmp_path):  # Re-entrant in the holding process.
+      pass
+    assert lock_file.exists()
+  assert not lock_file.exists()  # Released.
+  # Another host: its heartbeat decides (a bucket workdir shared by machines).
+  lock_file.write_text(json.dumps({"pid": 1, "host": "elsewhere", "started": time.time(),
+                                   "heartbeat": time.time()}))
+  with pytest.raises(evolve.WorkdirLockedError, match="in use by pid 1 on elsewhere"):
+    with evolve.WorkdirLock(tmp_path):
+      pass
+  lock_file.write_text(json.dumps({"pid": 1, "host": "elsewhere", "started": 0.0,
+                                   "heartbeat": time.time() - 7200}))
+  with evolve.WorkdirLock(tmp_path):
+    assert json.loads(lock_file.read_text())["pid"] == os.getpid()
