@@ -132,13 +132,17 @@ class _LengthTokenizer:
 
 
 def _tokenizer(source: str):
-  from single_multi.models import loading
-  if source.startswith("hf:"):
-    return None  # The plan downloads nothing.
-  try:
-    return loading.load(source, tokenizer=True).tokenizer
-  except Exception:  # noqa: BLE001 (no tokenizer: fall back to the length model)
-    return None
+  """The pool's tokenizer where it comes without the weights (an HF directory, tiny:<seed>), for
+  the text strategies' templates; None otherwise (a hub id: the plan downloads nothing)."""
+  from single_multi.models import loading, tiny
+  if source.startswith("tiny:"):
+    return tiny.ByteTokenizer()
+  if pathlib.Path(source).is_dir():
+    try:
+      return loading._auto_tokenizer(source)
+    except loading.LoadError:
+      return None
+  return None
 
 
 # -------------------------------------------------------------------------------------------------
@@ -220,7 +224,9 @@ def programs(config, arch, n: int, mesh, tokenizer=None) -> list[Program]:
     out.append(Program("round", evolve.round_program, (params, dev, test, order, rng, None),
                        dict(strategy=config.strategy, cfg=scfg, env=env, dcfg=dcfg, eos=eos,
                             evaluate_test=True, policy_sampler=evolve.policy_sampler(config)),
-                       f"{R} dev rows, {Q} test rows, {steps} optimizer steps"))
+                       f"{R} dev rows, {Q} test rows, {steps} optimizer steps"
+                       + ("; without multi_student_kd's own-answer rows"
+                          if dcfg.method == "multi_student_kd" else "")))
   return out
 
 
