@@ -94,7 +94,9 @@ def main():
     # The page and the summary are rewritten after every task: a killed run loses one task.
     rows_out = [_row(n, summary[n]) for n in args.tasks.split(",") if n in summary]
     total = sum(e["generate_seconds"] + e.get("loglik_seconds", 0.0) for e in summary.values())
-    write_section(pathlib.Path(args.output), "moco_baselines", _page(rows_out, args, total))
+    missing = [n for n in TASKS if n not in summary]
+    write_section(pathlib.Path(args.output), "moco_baselines",
+                  _page(rows_out, args, total, missing))
     summary_path.write_text(json.dumps({"settings": settings, "tasks": summary}, indent=1))
   total = sum(e["generate_seconds"] + e.get("loglik_seconds", 0.0) for e in summary.values())
   print(json.dumps({"tasks": len(summary), "total_seconds": round(total, 1),
@@ -125,7 +127,7 @@ def _row(name, e):
           f"{majority} | {position} | {seconds:.0f} |")
 
 
-def _page(rows, args, total):
+def _page(rows, args, total, missing=()):
   return f"""## SmolLM2-135M-Instruct on the paper's tasks (made by `python scripts/moco_baselines.py`)
 
 The paper's task files (the MoCo toolkit's `model_collaboration/data/`, commit ecea545, published
@@ -145,7 +147,8 @@ Total time {total / 60:.1f} min
 
 | task | type | rows | generate [95% CI] | loglik acc / acc_norm [95% CI] | chance | majority class | position baseline | seconds |
 |---|---|---:|---|---|---|---|---|---:|
-""" + "\n".join(rows) + "\n"
+""" + "\n".join(rows) + "\n" + (f"\nNot run yet: {', '.join(missing)} (the script resumes "
+                                 "where it stopped).\n" if missing else "")
 
 
 if __name__ == "__main__":
