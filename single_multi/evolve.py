@@ -184,7 +184,7 @@ def _validate(config: config_dict.ConfigDict) -> None:
   if not config.pool:
     raise ConfigError("pool is empty: give at least one model source")
   for name in [config.task, *config.specialists]:
-    tasks.check_name(name)
+    tasks.parse_name(name)  # Raises for an unknown task.
   spec = collab.get(config.strategy)
   size = len(config.specialists) if config.specialists else len(config.pool)
   if size < spec.min_models:

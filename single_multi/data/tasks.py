@@ -172,10 +172,6 @@ def parse_name(name: str) -> tuple[str, tuple[str, ...]]:
                          "'bigbench:<task>[,<task>...]' or 'moco:<task>[,<task>...]'")
 
 
-def check_name(name: str) -> None:
-  parse_name(name)
-
-
 def load_task(name: str, *, data_dir: str | None = None, manual_dir: str | None = None,
               seed: int | None = None, dev_fraction: float | None = None,
               max_examples_per_task: int | None = None, moco_dir: str | None = None) -> Task:
