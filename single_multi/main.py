@@ -102,8 +102,8 @@ def expected_errors() -> tuple[type[BaseException], ...]:
   from single_multi.collab import core
   from single_multi.data import common
   from single_multi.models import config, gguf_file, loading
-  return (evolve.ConfigError, evolve.CheckpointError, evolve.WorkdirLockedError, common.DataError, core.StrategyError,
-          pool.PoolMismatchError, loading.LoadError, config.UnsupportedModelError,
+  return (evolve.ConfigError, evolve.CheckpointError, evolve.WorkdirLockedError,
+          common.DataError, core.StrategyError, pool.PoolMismatchError, loading.LoadError, config.UnsupportedModelError,
           gguf_file.GGUFError, assets.AssetError, compile_plan.TopologyError, FileNotFoundError)
 
 
