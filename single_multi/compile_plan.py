@@ -115,8 +115,8 @@ def rows_struct(mesh, shape, dtype=jnp.int32, pool: bool = False):
 
 def key_struct(mesh):
   key = jax.eval_shape(lambda: jax.random.key(0))
-  return jax.ShapeDtypeStruct(key.shape, key.dtype,
-                              sharding=jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+  everywhere = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  return jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=everywhere)
 
 
 class _LengthTokenizer:

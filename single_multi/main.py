@@ -103,8 +103,8 @@ def expected_errors() -> tuple[type[BaseException], ...]:
   from single_multi.data import common
   from single_multi.models import config, gguf_file, loading
   return (evolve.ConfigError, evolve.CheckpointError, evolve.WorkdirLockedError,
-          common.DataError, core.StrategyError, pool.PoolMismatchError, loading.LoadError, config.UnsupportedModelError,
-          gguf_file.GGUFError, assets.AssetError, compile_plan.TopologyError, FileNotFoundError)
+          common.DataError, core.StrategyError, pool.PoolMismatchError, loading.LoadError,
+          config.UnsupportedModelError, gguf_file.GGUFError, assets.AssetError, compile_plan.TopologyError, FileNotFoundError)
 
 
 if __name__ == "__main__":
