@@ -42,6 +42,8 @@ def main():
   parser.add_argument("--batch_size", type=int, default=32)
   parser.add_argument("--workdir", default="/tmp/single_multi_moco_baselines")
   parser.add_argument("--output", default=str(ROOT / "docs" / "results.md"))
+  parser.add_argument("--page_only", action="store_true",
+                      help="rewrite the docs section from <workdir>/summary.json; run nothing")
   args = parser.parse_args()
   sys.path.insert(0, str(ROOT))
   import single_multi as sm
@@ -59,7 +61,7 @@ def main():
     saved = json.loads(summary_path.read_text())
     if saved.get("settings") == settings:
       summary = saved["tasks"]
-  for name in args.tasks.split(","):
+  for name in [] if args.page_only else args.tasks.split(","):
     if name in summary:
       print(f"{name}: kept from {summary_path}", flush=True)
       continue
@@ -99,6 +101,10 @@ def main():
                   _page(rows_out, args, total, missing))
     summary_path.write_text(json.dumps({"settings": settings, "tasks": summary}, indent=1))
   total = sum(e["generate_seconds"] + e.get("loglik_seconds", 0.0) for e in summary.values())
+  if args.page_only:
+    rows_out = [_row(n, summary[n]) for n in args.tasks.split(",") if n in summary]
+    write_section(pathlib.Path(args.output), "moco_baselines",
+                  _page(rows_out, args, total, [n for n in TASKS if n not in summary]))
   print(json.dumps({"tasks": len(summary), "total_seconds": round(total, 1),
                     **{k: round(v["generate"]["mean"], 3) for k, v in summary.items()}}))
 
@@ -123,8 +129,10 @@ def _row(name, e):
                                         f"({e['majority_answer']['answer'][:16]!r})"), "-"
   ll = f"{_ci(e['loglik'])} / {_ci(e['loglik_norm'])}" if "loglik" in e else "-"
   seconds = e["generate_seconds"] + e.get("loglik_seconds", 0.0)
-  return (f"| {name} | {e['type']} | {e['rows']} | {_ci(e['generate'])} | {ll} | {chance} | "
-          f"{majority} | {position} | {seconds:.0f} |")
+  top = max(e["answers"].items(), key=lambda kv: kv[1]) if e.get("answers") else None
+  answered = f"{top[0]} {top[1]:.0%}" if top else "-"
+  return (f"| {name} | {e['type']} | {e['rows']} | {_ci(e['generate'])} | {answered} | {ll} | "
+          f"{chance} | {majority} | {position} | {seconds:.0f} |")
 
 
 def _page(rows, args, total, missing=()):
@@ -141,12 +149,14 @@ the reply; raw / length-normalised accuracy. 95% CIs: percentile bootstrap over 
 resamples). Baselines on the same rows: chance (MC: the mean share of correct options; exact
 match: about 0), the majority class (MC: the most common gold letter's rate; otherwise the most
 common gold answer's rate), the position baseline (always the dev split's most common gold
-letter). human_interest is left out: it is scored by a reward model. CPU (2 cores), fp32.
+letter). Most given letter (multiple choice): the option letter the generated answers name most
+often, with its share of the rows; far above the gold letters' rates it is a position bias, not
+a reading of the questions. human_interest is left out: it is scored by a reward model. CPU (2 cores), fp32.
 Total time {total / 60:.1f} min
 (the sum of the per-task times).
 
-| task | type | rows | generate [95% CI] | loglik acc / acc_norm [95% CI] | chance | majority class | position baseline | seconds |
-|---|---|---:|---|---|---|---|---|---:|
+| task | type | rows | generate [95% CI] | most given letter | loglik acc / acc_norm [95% CI] | chance | majority class | position baseline | seconds |
+|---|---|---:|---|---|---|---|---|---|---:|
 """ + "\n".join(rows) + "\n" + (f"\nNot run yet: {', '.join(missing)} (the script resumes "
                                  "where it stopped).\n" if missing else "")
 
