@@ -34,6 +34,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import os
+import socket
 import time
 from typing import Any, Sequence
 
@@ -44,7 +46,7 @@ from absl import logging
 from etils import epath
 from ml_collections import config_dict
 
-from single_multi import collab, decoding, distill, evaluate, multihost, pool as pool_lib
+from single_multi import collab, configs, decoding, distill, evaluate, multihost, pool as pool_lib
 from single_multi import reward as reward_lib
 from single_multi import sharding
 from single_multi import train as train_lib
@@ -156,15 +158,6 @@ RANGES: dict[str, tuple[Any, str]] = {
 }
 
 
-def _field(config, name: str):
-  node = config
-  for part in name.split("."):
-    if part not in node:
-      return None
-    node = node[part]
-  return node
-
-
 def validate(config: config_dict.ConfigDict) -> None:
   """Every check that needs no compute, so a bad config fails before any model loads; each
   failure is a ConfigError (a ValueError) naming the field, the value and what is allowed."""
@@ -177,8 +170,9 @@ def validate(config: config_dict.ConfigDict) -> None:
 
 
 def _validate(config: config_dict.ConfigDict) -> None:
+  fields = configs.leaves(config)
   for name, (ok, allowed) in RANGES.items():
-    value = _field(config, name)
+    value = fields.get(name)
     if value is not None and not ok(value):
       raise ConfigError(f"{name}={value!r} is not allowed: give {allowed}")
   if not config.pool:
@@ -213,16 +207,6 @@ NOT_RESULTS = frozenset({"keep_checkpoints", "compile_topology", "compile_prompt
 FIXED_ON_RESUME = frozenset({"fused_round"})
 
 
-def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-  out = {}
-  for k, v in tree.items():
-    if isinstance(v, dict) and k not in ("mesh", "strategy_config"):
-      out.update(_flat(v, f"{prefix}{k}."))
-    else:
-      out[prefix + k] = v
-  return out
-
-
 def check_workdir_config(config: config_dict.ConfigDict, workdir) -> list[str]:
   """Records the run's config in `<workdir>/config.json`, or, when the workdir already has one,
   refuses a config that differs from it (ConfigError with the changed fields) unless each changed
@@ -235,7 +219,7 @@ def check_workdir_config(config: config_dict.ConfigDict, workdir) -> list[str]:
       path.parent.mkdir(parents=True, exist_ok=True)
       path.write_text(json.dumps(current, indent=1))
     return []
-  saved, now = _flat(json.loads(path.read_text())), _flat(current)
+  saved, now = configs.leaves(json.loads(path.read_text())), configs.leaves(current)
   changed = sorted(k for k in set(saved) | set(now)
                    if k not in NOT_RESULTS and saved.get(k) != now.get(k))
   allowed = set(config.get("resume_allow", ())) - FIXED_ON_RESUME
@@ -260,7 +244,6 @@ _HELD: dict[str, int] = {}
 
 
 def _alive(pid: int) -> bool:
-  import os
   try:
     os.kill(pid, 0)
   except ProcessLookupError:
@@ -278,8 +261,6 @@ class WorkdirLock:
   no atomic create, so the writer re-reads it to confirm it won."""
 
   def __init__(self, workdir, stale_seconds: float = 3600.0):
-    import os
-    import socket
     self.path = epath.Path(workdir) / "LOCK"
     self.stale_seconds = stale_seconds
     self.me = {"pid": os.getpid(), "host": socket.gethostname()}
@@ -291,6 +272,9 @@ class WorkdirLock:
   @depth.setter
   def depth(self, value: int) -> None:
     _HELD[str(self.path)] = value
+
+  def _mine(self, holder: dict[str, Any] | None) -> bool:
+    return bool(holder) and all(holder.get(k) == v for k, v in self.me.items())
 
   def _holder(self) -> dict[str, Any] | None:
     try:
@@ -308,7 +292,6 @@ class WorkdirLock:
     return time.time() - float(holder.get("heartbeat", 0)) < self.stale_seconds
 
   def _write(self, started: float, exclusive: bool) -> None:
-    import os
     data = json.dumps({**self.me, "started": started, "heartbeat": time.time()})
     if exclusive and "://" not in str(self.path):
       fd = os.open(str(self.path), os.O_CREAT | os.O_EXCL | os.O_WRONLY)
@@ -323,7 +306,7 @@ class WorkdirLock:
       return self
     self.path.parent.mkdir(parents=True, exist_ok=True)
     holder = self._holder()
-    if holder and {k: holder.get(k) for k in self.me} == self.me:
+    if self._mine(holder):
       pass  # Ours already (an earlier acquisition in this process that was not released).
     elif holder is not None and self._live(holder):
       started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(holder.get("started", 0)))
@@ -339,7 +322,7 @@ class WorkdirLock:
         self._write(time.time(), exclusive=True)
       except FileExistsError:  # Another run created it between our look and our write.
         return self.__enter__()
-      if {k: (self._holder() or {}).get(k) for k in self.me} != self.me:
+      if not self._mine(self._holder()):
         return self.__enter__()  # A bucket writer lost the race: look again.
     self.depth = 1
     return self
@@ -352,8 +335,7 @@ class WorkdirLock:
   def __exit__(self, *exc):
     self.depth -= 1
     if self.depth == 0:
-      holder = self._holder()
-      if holder and {k: holder.get(k) for k in self.me} == self.me:
+      if self._mine(self._holder()):
         self.path.unlink()
     return False
 
