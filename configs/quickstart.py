@@ -38,6 +38,9 @@ def get_config() -> config_dict.ConfigDict:
   c.rounds = 2
   c.strategy = "logit_fusion"
   c.strategy_config = config_dict.ConfigDict()  # Overrides of the strategy's config dataclass.
+  # Task-vector merges (dare_ties, ties, task_arithmetic): the model the members were fine-tuned
+  # from. "": the specialists' base (pool[0]) when the pool is built from specialists.
+  c.merge_base = ""
   c.distill = config_dict.ConfigDict()
   c.distill.method = "supervised_kd"
   c.distill.lora_rank = 8  # 0: full fine-tuning.

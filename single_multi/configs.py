@@ -59,6 +59,10 @@ FIELDS: dict[str, str] = {
     "strategy_config": "Overrides of the strategy's config dataclass fields, set in a config "
                        "file (`c.strategy_config.rounds = 2`; the command line can override "
                        "the keys a file sets); unknown keys fail before anything runs.",
+    "merge_base": "Model source of the base that task-vector merges (`dare_ties`, `ties`, "
+                  "`task_arithmetic`) are taken against, loaded once and fixed across rounds; "
+                  "empty: the specialists' base (pool[0]) when `specialists` is set, otherwise "
+                  "those strategies are refused before anything loads.",
     "distill.method": "`supervised_kd`, `multi_student_kd`, `logit_kd` or `on_policy_kd` "
                       "(distill.py).",
     "distill.lora_rank": "LoRA rank of the distillation updates; 0 trains all params.",

@@ -267,6 +267,30 @@ def _score_generated(ex: common.Example, text: str, metric: str) -> dict[str, An
           "score": metrics.exact_match(text, ex.targets), "f1": metrics.token_f1(text, ex.targets)}
 
 
+def answer_key(ex: common.Example, text: str, metric: str):
+  """The answer a vote counts for one reply, as the task's scoring extracts it: the option
+  letter, the number, the extracted (MoCo) answer, else the normalised text; None: nothing."""
+  if metric == "moco" and not ex.is_mc and ex.subject in moco.REWARD_TASKS:
+    return text.strip()  # Scored by a reward model: nothing to extract.
+  pred = _score_generated(ex, text, metric)["prediction"]
+  if isinstance(pred, str) and not ex.is_mc and metric != "moco":
+    return metrics.normalize_answer(pred)
+  return pred
+
+
+def selected(spec, out, examples, rows: Sequence[int], tokenizer, metric: str, cfg, state):
+  """A strategy's host step (`Strategy.select`, e.g. the vote on extracted answers): each
+  row's chosen agent among out.extras["final"]. Returns tokens, lengths [1, B, M], [1, B]."""
+  tokens, lengths = (np.asarray(x) for x in out.extras["final"])  # [N, B, M], [N, B]
+  keys = [[answer_key(examples[i], tokenizer.decode(tokens[n, b, :lengths[n, b]],
+                                                    skip_special_tokens=True), metric)
+           for n in range(tokens.shape[0])] for b, i in enumerate(rows)]
+  chosen = np.zeros(tokens.shape[1], np.int64)  # Padding rows of the batch: agent 0's.
+  chosen[:len(rows)] = spec.select(keys, cfg, state)
+  b = np.arange(tokens.shape[1])
+  return tokens[chosen, b][None], lengths[chosen, b][None]
+
+
 def evaluate(model: pool_lib.Pool | Model, examples: Sequence[common.Example], *,
              prompter: pipeline.Prompter, task_name: str = "task", split: str = "test",
              method: str = "generate", metric: str = "exact_match", batch_size: int = 8,
@@ -292,6 +316,7 @@ def evaluate(model: pool_lib.Pool | Model, examples: Sequence[common.Example], *
   pool = _as_pool(model)
   if strategy is not None:
     env = collab.make_env(pool, strategy, strategy_cfg, max_new_tokens=max_new_tokens)
+    env_cfg = strategy_cfg if strategy_cfg is not None else collab.get(strategy).Config()
   make = pipeline.loglik_batches if method == "loglik" else pipeline.generation_batches
   batches = make(examples, prompter, batch_size=batch_size,
                  shard=(jax.process_index(), jax.process_count()))
@@ -330,6 +355,10 @@ def evaluate(model: pool_lib.Pool | Model, examples: Sequence[common.Example], *
                          state=strategy_state, rng=jax.random.key(seed))
         names = (strategy,)
         tokens, lengths = np.asarray(out.tokens)[None], np.asarray(out.lengths)[None]
+        spec = collab.get(strategy)
+        if spec.select is not None:
+          tokens, lengths = selected(spec, out, examples, rows, pool.tokenizer, metric,
+                                     env_cfg, strategy_state)
       else:
         out = pool_lib.decode_each(pool.params, batch["tokens"], batch["mask"],
                                    jax.random.key(seed), config=pool.config,

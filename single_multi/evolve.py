@@ -51,7 +51,8 @@ from single_multi import reward as reward_lib
 from single_multi import sharding
 from single_multi import train as train_lib
 from single_multi.data import common, pipeline, tasks
-from single_multi.models import lora as lora_lib
+from single_multi.collab import merge as merge_lib
+from single_multi.models import lora as lora_lib, loading
 
 STAGES = ("collaborate", "distill", "evaluate")
 
@@ -185,13 +186,23 @@ def _validate(config: config_dict.ConfigDict) -> None:
     raise ConfigError(f"strategy={config.strategy!r} needs at least {spec.min_models} models; "
                       f"the pool will have {size}" + (" (one per specialist)"
                                                       if config.specialists else ""))
-  strategy_config(config)
+  scfg = strategy_config(config)
   distill_config(config)
   level = spec.level
+  if (level == "weight" and scfg.method in merge_lib.NEEDS_BASE and not config.get("merge_base")
+      and not config.specialists):
+    raise ConfigError(f"strategy={config.strategy!r} merges task vectors (member - base) and the "
+                      "base is unknown: set --config.merge_base=<model source> (the model the "
+                      "members were fine-tuned from), build the pool with `specialists` (their "
+                      "base is pool[0]), or use strategy='linear'")
   if config.get("fused_round", False) and config.distill.correctness_filter:
     raise ConfigError("fused_round: the correctness filter scores the collaboration's dev answers "
                      "as text between collaborating and distilling, which one program cannot; "
                      "set fused_round=False or distill.correctness_filter=False")
+  if config.get("fused_round", False) and spec.select is not None:
+    raise ConfigError(f"fused_round: {config.strategy} votes on answers extracted from text on "
+                      "the host (the reference's rule), which one program cannot; set "
+                      "fused_round=False")
   if config.distill.method in ("logit_kd", "on_policy_kd") and level not in ("logit", "token"):
     raise ConfigError(f"{config.distill.method} needs per-token teacher rows, which only logit- "
                      f"and token-level strategies produce; {config.strategy} is {level}-level")
@@ -359,6 +370,7 @@ class Loop:
   prompter: pipeline.Prompter
   progress: bool = True
   reward_model: Any = None  # Scores reward-model tasks' rows (loaded only for such tasks).
+  merge_base: Any = None  # Task-vector merges: the base params, fixed across rounds.
 
   @property
   def kw(self) -> dict[str, Any]:
@@ -383,7 +395,9 @@ class Loop:
     order = data["index"][data["index"] >= 0]  # The batch's row order (longest first).
     scores = None if dev_scores is None else dev_scores[:, order]
     dev = collab.DevData(collab.batch_from(data), scores, self._dev_evaluator(pool))
-    return collab.fit(pool, self.config.strategy, dev, env=env, cfg=strategy_config(self.config))
+    kw = {"base": self.merge_base} if spec.level == "weight" else {}
+    return collab.fit(pool, self.config.strategy, dev, env=env, cfg=strategy_config(self.config),
+                      **kw)
 
   def _dev_evaluator(self, pool):
     def score(params):
@@ -413,6 +427,22 @@ class Loop:
                              strategy=self.config.strategy,
                              strategy_cfg=strategy_config(self.config), strategy_state=state,
                              output_dir=out_dir, **self.kw)
+
+
+def merge_base_params(config, pool: pool_lib.Pool):
+  """The base a task-vector merge is taken against (`config.merge_base`, else the specialists'
+  base pool[0]), loaded once so it stays fixed across rounds; None for other strategies."""
+  spec = collab.get(config.strategy)
+  if spec.level != "weight" or strategy_config(config).method not in merge_lib.NEEDS_BASE:
+    return None
+  source = config.get("merge_base") or config.pool[0]
+  base = loading.load(source, jnp.dtype(config.dtype), tokenizer=False)
+  pool_lib.check_stackable([loading.Model(pool.config, None, None, "pool"), base],
+                           ("the pool", f"merge_base {source}"))
+  mesh = runtime_mesh(config)
+  if mesh is None:
+    return base.params
+  return sharding.put(base.params, sharding.param_shardings(base.config, mesh))
 
 
 def _scores_matrix(result: evaluate.EvalResult, names: Sequence[str], examples) -> np.ndarray:
@@ -788,7 +818,8 @@ def _run(config, workdir, pool, lock, *, progress: bool, stop_after: int | None)
   prompter = pipeline.Prompter(pool.tokenizer, pipeline.PromptConfig(k_shot=config.k_shot,
                                                                  style=task.spec.prompt), shots)
   loop = Loop(config, pool, task, dev, test, prompter, progress,
-              reward_lib.for_rows(dev + test, task.spec.metric, config.get("reward_model")))
+              reward_lib.for_rows(dev + test, task.spec.metric, config.get("reward_model")),
+              merge_base_params(config, pool))
   dcfg = distill_config(config)
   fused = bool(config.get("fused_round", False))
   stages = stage_list(config.rounds, fused)

@@ -159,11 +159,6 @@ def test_pack_concatenates_segments_left_padded():
   assert tokens.tolist() == [[6, 3, 8], [3, 1, 2]] and mask.tolist() == [[1, 1, 1]] * 2
 
 
-def _contains(haystack, needle):
-  h, n = list(haystack), list(needle)
-  return any(h[i:i + len(n)] == n for i in range(len(h) - len(n) + 1))
-
-
 def _answer(out_tokens, lengths, stop_ids, i, b):
   n = int(core.answer_lengths(out_tokens[i], lengths[i], stop_ids)[b])
   return np.asarray(out_tokens[i, b, :n]).tolist()
@@ -191,22 +186,51 @@ def test_multiagent_refine_zero_rounds_is_independent_answers_then_summary(pool,
     assert out.tokens[b].tolist() == want.tokens[0].tolist()
 
 
-def test_refine_prompts_contain_the_other_answers(pool, batch):
+def test_refine_prompt_and_critic_prompt_are_the_references_for_a_3_model_round():
+  """The user messages, for model 1 of 3, as the reference's code writes them
+  (text_multiagent_refine.py; text_multiagent_finetuning.py, _build_critic_prompt_with_summary
+  and _summarize_other_answers), copied here by hand."""
+  answers = ["a0", "a1", "a2"]
+
+  def built(name):
+    return hetero.fill_text(templates._BUILDERS[name](3, None),
+                            ["Q", *templates.order_answers(name, answers, 1)])
+
+  team = ("You are part of a team of AI assistants collaborating to answer the user's question. "
+          "Each assistant provides their own answer: use their answers to ")
+  assert built("refine") == (
+      team + "refine and improve your own answer.\n\nQuestion: Q\n\nYour previous answer: a1"
+      "\n\nOther assistants' answers:\n- a0\n- a2\n\nPlease provide a refined answer to the "
+      "question.")
+  assert built("summarize") == (
+      team + "create a final, comprehensive answer.\n\nQuestion: Q\n\nAssistants' answers:\n"
+      "- a0\n- a1\n- a2\n\nPlease provide a final, comprehensive answer to the question.")
+  assert built("critic") == (
+      "Question: Q\nSummary of other assistants' answers:\na0\n\na2\nYour previous answer: a1"
+      "\nPlease provide a refined and correct answer to the question.")
+  # The reference's round counts: refine 3 generations (2 refinements), debate 2 (1 critic).
+  assert collab.get("multiagent_refine").Config().rounds == 2
+  assert collab.get("multiagent_finetuning").Config().rounds == 1
+
+
+def test_refine_prompts_in_the_program_hold_own_answer_then_the_others(pool, batch):
   env = _env(pool, "multiagent_refine")
   out = collab.run(pool, "multiagent_refine", batch, env=env,
                    cfg=collab.get("multiagent_refine").Config(rounds=1))
   first = out.extras["answers"][0]
   each = pool_lib.decode_each(pool.params, batch.prompt, batch.prompt_mask,
                               jax.random.split(jax.random.key(0))[1], **env.decode_kw)
-  text = pool.tokenizer.decode
+  np.testing.assert_array_equal(first, each.tokens)
+  pieces = env.template("refine")
+  q_tokens, q_len = core.right_align(batch.question, batch.question_mask)
   for i in range(3):
     for b in range(batch.prompt.shape[0]):
       prompt = np.asarray(out.extras["refine_prompts"][i, b]).tolist()
-      others = [_answer(first, each.lengths, env.stop_ids, j, b) for j in range(3) if j != i]
-      assert all(_contains(prompt, a) for a in others)
-      assert "These are the answers from other agents" in text(prompt)
-      q = np.asarray(batch.question[b])[np.asarray(batch.question_mask[b]) > 0].tolist()
-      assert _contains(prompt, q)
+      ids = list(pieces[0]) + np.asarray(q_tokens[b, :q_len[b]]).tolist()
+      for piece, j in zip(pieces[1:], [i] + [j for j in range(3) if j != i]):
+        ids += list(piece) + _answer(each.tokens, each.lengths, env.stop_ids, j, b)
+      ids += list(pieces[-1])
+      assert prompt[-len(ids):] == ids and all(t == env.pad_id for t in prompt[:-len(ids)])
 
 
 def test_blender_ranking_and_pairwise_preferences(pool, batch):
@@ -245,8 +269,43 @@ def test_majority_vote_and_debate_output(pool, batch):
   out = collab.run(pool, "multiagent_finetuning", batch, env=env,
                    cfg=collab.get("multiagent_finetuning").Config(rounds=1))
   final = out.extras["answers"][-1]
+  np.testing.assert_array_equal(out.extras["final"][0], final)
   for b, w in enumerate(out.extras["winner"].tolist()):
     assert out.tokens[b].tolist() == final[w, b].tolist()
+
+
+def test_vote_on_extracted_answers_as_the_reference():
+  vote = text_level.vote
+  assert vote(["B", "B", "A"]) == 0
+  assert vote(["C", "A", "C"]) == 0 and vote(["A", "C", "C"]) == 1
+  assert vote(["B", "A"]) == 1  # A tie: the smallest answer (the reference sorts them).
+  assert vote([None, None, "C"]) == 2  # No extracted answer: no vote.
+  assert vote([None, None]) == 0
+  assert vote([12.0, 13.0, 12.0]) == 0 and vote([13.0, 12.0, 12.0]) == 1
+
+
+def test_vote_picks_two_answers_that_agree_in_substance_not_in_tokens(pool):
+  """Three free-form replies to a numeric question, all different token sequences: the in-program
+  token-exact vote keeps agent 0's "13"; the vote on extracted numbers picks "12", given by two."""
+  ex = common.Example("s/0", "s", "How many?", (), 0, ("12",))
+  texts = ["13", "The answer is 12.", "12 apples in total"]
+  ids = [pool.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+  width = max(map(len, ids))
+  tokens = np.asarray([[row + [0] * (width - len(row))] for row in ids], np.int32)  # [3, 1, M]
+  lengths = np.asarray([[len(row)] for row in ids], np.int32)
+  winner, _ = text_level.majority_vote(jnp.asarray(tokens), jnp.asarray(lengths))
+  assert winner.tolist() == [0]
+  spec = collab.get("multiagent_finetuning")
+  out = core.Output(jnp.asarray(tokens[0]), jnp.asarray(lengths[0]), None,
+                    {"final": (tokens, lengths)})
+  from single_multi import evaluate
+  got, got_len = evaluate.selected(spec, out, [ex], [0], pool.tokenizer, "numeric",
+                                   spec.Config(), None)
+  assert pool.tokenizer.decode(got[0, 0, :got_len[0, 0]]) == "The answer is 12."
+  # Multiple choice: the letters extracted, whatever the wording.
+  mc = common.Example("s/1", "s", "Capital of France?", ("Rome", "Paris", "Oslo"), 1, ())
+  keys = [evaluate.answer_key(mc, t, "exact_match") for t in ("C", "(B) Paris", "I pick B.")]
+  assert keys == ["C", "B", "B"] and text_level.vote(keys) == 1
 
 
 def test_mixture_of_agents_runs_as_one_program(pool, batch):
@@ -307,19 +366,181 @@ def test_dare_without_drop_is_task_arithmetic_and_ties_by_hand():
   params = {"w": d + 0.0}
   w = jnp.asarray([0.2, 0.3, 0.5])
   ta = merge.merge_params(params, w, base, method="task_arithmetic", lam=0.7)
-  dare = merge.merge_params(params, w, base, method="dare", density=1.0, lam=0.7)
+  dare = merge.merge_params(params, w, base, method="dare_linear", density=1.0, lam=0.7)
   np.testing.assert_allclose(dare["w"], ta["w"], rtol=1e-6)
   np.testing.assert_allclose(ta["w"], 0.7 * (w @ d), rtol=1e-6)
   # TIES, density 0.5, uniform weights: trimmed [0,-2,3,0], [0,-1.5,2,0], [2,0,-4,0];
-  # elected signs +,-,+,0; disjoint means 2, -1.75, 2.5, 0.
+  # elected signs +,-,+,(+: a zero sum counts as +, no entry agrees); disjoint means 2, -1.75,
+  # 2.5, 0.
   ties = merge.merge_params(params, jnp.ones(3) / 3, base, method="ties", density=0.5, lam=1.0)
   np.testing.assert_allclose(ties["w"], [2.0, -1.75, 2.5, 0.0], rtol=1e-6)
-  # DARE drops about 1 - density of the entries and rescales the rest.
+  # DARE drops about 1 - density of the entries and rescales the rest to the tensor's L1 norm
+  # (mergekit's rescale), here 10000 / (entries kept).
   big = {"w": jnp.ones((2, 10000))}
   dropped = merge.merge_params(big, jnp.asarray([1.0, 0.0]), {"w": jnp.zeros(10000)},
-                               method="dare", density=0.3, key=jax.random.key(1))["w"]
+                               method="dare_linear", density=0.3, key=jax.random.key(1))["w"]
   kept = np.asarray(dropped) != 0
-  assert abs(kept.mean() - 0.3) < 0.02 and np.allclose(np.asarray(dropped)[kept], 1 / 0.3)
+  assert abs(kept.mean() - 0.3) < 0.02
+  np.testing.assert_allclose(np.asarray(dropped)[kept], 10000 / kept.sum(), rtol=1e-5)
+  with pytest.raises(collab.StrategyError, match="merge_base"):
+    merge.merge_params(params, w, None, method="dare_ties")
+
+
+def _mergekit_replica(base, xs, weights, method, density, masks=None):
+  """mergekit's GTATask.execute / LinearMergeTask.execute for one tensor, in float64 numpy
+  (arcee-ai/mergekit a6e4028: generalized_task_arithmetic.py, sparsify.py, registry.py)."""
+  sparsify, consensus, normalize, rescale = {
+      "linear": (None, None, True, False), "task_arithmetic": (None, None, False, False),
+      "ties": ("magnitude", "sum", True, False), "dare_ties": ("random", "sum", False, True)
+  }[method]
+  w = np.asarray(weights, np.float64)
+  if method == "linear":
+    return sum(wi * x for wi, x in zip(w, xs)) / w.sum()
+  deltas = []
+  for i, x in enumerate(xs):
+    delta = (x.astype(np.float32) - base.astype(np.float32)).astype(np.float64)
+    if sparsify and density < 1:
+      if sparsify == "magnitude":  # sparsify.magnitude: argsort descending, the top k.
+        k = int(density * delta.size)
+        mask = np.zeros(delta.size)
+        mask[np.argsort(-np.abs(delta).reshape(-1), kind="stable")[:k]] = 1
+        mask = mask.reshape(delta.shape)
+      else:  # sparsify.bernoulli with the masks given.
+        mask = masks[i]
+      masked = delta * mask
+      if rescale:  # rescaled_masked_tensor, L1.
+        before, after = np.abs(delta).sum(), np.abs(masked).sum()
+        if not (before < 1e-7 or after < 1e-7):
+          masked = masked * (before / after)
+      delta = masked
+    deltas.append(delta)
+  deltas = np.stack(deltas)
+  wb = w.reshape((-1,) + (1,) * (deltas.ndim - 1))
+  weighted = deltas * wb
+  if consensus:  # get_mask(method="sum").
+    majority = (weighted.sum(0) >= 0).astype(np.float64) * 2 - 1
+    mask = (np.sign(weighted) == majority).astype(np.float64)
+    mixed = (weighted * mask).sum(0)
+    divisor = (wb * mask).sum(0)
+    divisor[divisor == 0] = 1
+  else:
+    mixed = weighted.sum(0)
+    divisor = wb.sum(0)
+    divisor[np.abs(divisor) < 1e-8] = 1
+  if normalize:
+    mixed = mixed / divisor
+  return base.astype(np.float64) + mixed
+
+
+def _task_vector_pool(scale_shared=1.0, scale_own=1.0):
+  """A base and 3 members = base + shared task vector + each its own, of tiny random models."""
+  base = transformer.init_params(CONFIG, jax.random.key(0))
+  shared = transformer.init_params(CONFIG, jax.random.key(1))
+  members = [jax.tree.map(lambda b, s, o: b + scale_shared * s + scale_own * o, base, shared,
+                          transformer.init_params(CONFIG, jax.random.key(10 + i)))
+             for i in range(3)]
+  return base, shared, pool_lib.stack(members)
+
+
+@pytest.mark.parametrize("method,density", [("ties", 0.5), ("dare_ties", 0.5), ("dare_ties", 1.0),
+                                            ("task_arithmetic", 1.0), ("linear", 1.0)])
+def test_merge_equals_mergekit_replica(method, density):
+  base, _, params_n = _task_vector_pool()
+  weights = np.asarray([0.5, 0.3, 0.2])
+  key = jax.random.key(3)
+  masks = None
+  if method == "dare_ties" and density < 1:  # The masks drawn, fed to the replica as well.
+    deltas = jax.tree.map(lambda x, b: x - b[None], params_n, base)
+    masks = merge.sparsity_masks(deltas, method=method, density=density, key=key)
+  got = merge.merge_params(params_n, jnp.asarray(weights, jnp.float32), base, method=method,
+                           density=density, key=key, masks=masks)
+  paths = jax.tree_util.tree_flatten_with_path(params_n)[0]
+  for (path, x), b, g in zip(paths, jax.tree.leaves(base), jax.tree.leaves(got)):
+    x, b, g = np.asarray(x), np.asarray(b), np.asarray(g)
+    layered = jax.tree_util.keystr(path).startswith("['layers']")
+    m = None if masks is None else np.asarray(
+        jax.tree.leaves(masks)[[p for p, _ in paths].index(path)])
+    # A HF checkpoint's tensor is one layer's weight: the replica merges layer by layer.
+    slices = range(x.shape[1]) if layered else [None]
+    for layer in slices:
+      sel = (lambda a: a[:, layer]) if layered else (lambda a: a)
+      want = _mergekit_replica(b[layer] if layered else b, list(sel(x)), weights, method,
+                               density, None if m is None else list(sel(m)))
+      np.testing.assert_allclose(g[layer] if layered else g, want, atol=1e-6, rtol=0,
+                                 err_msg=f"{method} {jax.tree_util.keystr(path)} {layer}")
+
+
+def test_mergekit_dare_ties_moves_along_a_shared_task_vector():
+  """Members sharing a task vector: merged against the true base, the merge's update (merged -
+  base) follows it; against the members' mean (what a missing base used to mean) the task vectors
+  sum to zero and the update is uncorrelated noise."""
+  base, shared, params_n = _task_vector_pool(scale_shared=1.0, scale_own=1.0)
+  w = jnp.ones(3) / 3
+  flat = lambda t: np.concatenate([np.asarray(x).ravel() for x in jax.tree.leaves(t)])
+  direction = flat(shared)
+
+  def corr(b):
+    merged = merge.merge_params(params_n, w, b, method="dare_ties", density=0.5,
+                                key=jax.random.key(0))
+    update = flat(merged) - flat(b)
+    return float(update @ direction / np.linalg.norm(update) / np.linalg.norm(direction))
+
+  assert corr(base) > 0.6
+  assert abs(corr(jax.tree.map(lambda x: jnp.mean(x, 0), params_n))) < 0.05
+
+
+def test_pso_hand_computed_steps():
+  """The reference's NumericSwarm update, by hand: 1-D, 2 particles, no randomness in the
+  coefficients (weight_randomness=False): weights (0.2, 0.3, 0.4, 0.05) / 0.95."""
+  swarm = merge.NumericSwarm(1, 2, rng=np.random.default_rng(0), weight_randomness=False,
+                             particles=[[0.0], [1.0]], velocities=[[0.5], [-0.5]])
+  assert swarm.update([1.0, 2.0]) is False
+  # Global best: particle 1 at 1.0; global worst: particle 0 at 0.0; personal bests: themselves.
+  v0 = (0.5 * 0.2 + 0.0 * 0.3 + (1.0 - 0.0) * 0.4 + (0.0 - 0.0) * 0.05) / 0.95
+  v1 = (-0.5 * 0.2 + 0.0 * 0.3 + (1.0 - 1.0) * 0.4 + (1.0 - 0.0) * 0.05) / 0.95
+  np.testing.assert_allclose(swarm.velocities[0], [v0], rtol=1e-12)
+  np.testing.assert_allclose(swarm.velocities[1], [v1], rtol=1e-12)
+  x0, x1 = 0.0 + 0.5 * v0, 1.0 + 0.5 * v1
+  np.testing.assert_allclose([swarm.particles[0][0], swarm.particles[1][0]], [x0, x1], rtol=1e-12)
+  assert swarm.step_length == pytest.approx(0.475)
+  # Second step: particle 0 scores 0.5 (its best stays at 0.0, score 1), particle 1 scores 3
+  # (the global best moves to x1); the global worst is now particle 0's x0.
+  swarm.update([0.5, 3.0])
+  v0b = (v0 * 0.2 + (0.0 - x0) * 0.3 + (x1 - x0) * 0.4 + (x0 - x0) * 0.05) / 0.95
+  v1b = (v1 * 0.2 + (x1 - x1) * 0.3 + (x1 - x1) * 0.4 + (x1 - x0) * 0.05) / 0.95
+  np.testing.assert_allclose([swarm.particles[0][0], swarm.particles[1][0]],
+                             [x0 + 0.475 * v0b, x1 + 0.475 * v1b], rtol=1e-12)
+  assert swarm.step_length == pytest.approx(0.475 * 0.95)
+  # A particle whose score does not beat its previous restart_patience - 1 = 2 scores restarts
+  # from its personal best (particle 0's best: 0.0, scored 1.0); particle 1 keeps improving.
+  swarm.update([0.7, 4.0])
+  swarm.update([0.6, 5.0])
+  assert swarm.particles[0][0] == 0.0
+  # Termination: the global best did not improve over the last patience - 1 updates.
+  stall = merge.NumericSwarm(1, 2, rng=np.random.default_rng(0), patience=2)
+  assert [stall.update([1.0, 0.0]), stall.update([1.0, 0.0]), stall.update([1.0, 0.0])] == [
+      False, False, True]
+
+
+def test_pso_finds_the_optimum_of_a_convex_function():
+  """The reference's swarm (its defaults, 25 iterations) on -(x - 0.3)^2: in 1-D it finds the
+  optimum; in 3-D (5 particles) it improves on its start every time but collapses early (the
+  reference's algorithm: measured median distance 0.17, in the module docstring)."""
+  for dim, check in ((1, "optimum"), (3, "improves")):
+    finals, starts = [], []
+    for seed in range(20):
+      swarm = merge.NumericSwarm(dim, 5, rng=np.random.default_rng(seed), patience=10**6)
+      f = lambda x: -float(np.sum((x - 0.3) ** 2))
+      starts.append(max(f(x) for x in swarm.particles))
+      for _ in range(25):
+        swarm.update([f(x) for x in swarm.particles])
+      finals.append(swarm.global_best_score)
+      assert swarm.global_best_score == pytest.approx(f(swarm.global_best))
+    if check == "optimum":
+      dist = np.sqrt(-np.asarray(finals))
+      assert np.median(dist) < 0.01 and dist.max() < 0.1, dist
+    else:
+      assert all(b > a for a, b in zip(starts, finals))
 
 
 def test_linear_merge_of_real_architecture_matches_transformers(tmp_path):
@@ -345,8 +566,11 @@ def test_merge_strategy_decodes_the_merged_model_and_searches_weights(pool, batc
   # density 1 (no trim): a continuous function of the params, so the in-program merge and this
   # one agree to rounding (a magnitude threshold could flip an entry on a 1-ulp difference).
   cfg = collab.get("ties").Config(density=1.0, weights=(0.5, 0.3, 0.2))
-  out = collab.run(pool, "ties", batch, env=env, cfg=cfg)
-  merged = merge.merge_params(pool.params, jnp.asarray([0.5, 0.3, 0.2]), method="ties",
+  base = jax.tree.map(lambda x: 0.9 * x, pool.member(0))
+  with pytest.raises(collab.StrategyError, match="merge_base"):
+    collab.run(pool, "ties", batch, env=env, cfg=cfg)
+  out = collab.run(pool, "ties", batch, env=env, cfg=cfg, state={"base": base})
+  merged = merge.merge_params(pool.params, jnp.asarray([0.5, 0.3, 0.2]), base, method="ties",
                               density=1.0)
   np.testing.assert_array_equal(out.tokens, _decode(merged, batch, env).tokens)
   # PSO: a dev score that prefers weight on model 1 moves the weights there.
@@ -384,7 +608,7 @@ def test_heterogeneous_pool_exchanges_text_and_refuses_logit_strategies(pool):
     q = pipeline.question_text(ex, pipeline.PromptConfig())
     refine = templates._BUILDERS["refine"](2, cfg)
     want_a = decoding.generate(a, [[{"role": "user", "content": hetero.fill_text(
-        refine, [q, first[1][k]])}]], max_new_tokens=M)[0].strip()
+        refine, [q, first[0][k], first[1][k]])}]], max_new_tokens=M)[0].strip()
     assert out[k]["answers"][1][0] == want_a
     last = out[k]["answers"][1]
     summary = hetero.fill_text(templates._BUILDERS["summarize"](2, cfg), [q, *last])

@@ -63,6 +63,31 @@ def _check_one_round(tiny_pool, tmp_path, strategy, **overrides):
   return history
 
 
+def test_task_vector_merge_in_the_loop_uses_the_fixed_merge_base(tiny_pool, tmp_path,
+                                                                 monkeypatch):
+  """dare_ties in the loop: every fit merges against config.merge_base, the same params each
+  time, although the members change."""
+  from single_multi.models import loading
+  base = _model(5)
+  loading.save_hf(tmp_path / "base", base.config, base.params)
+  seen = []
+  real = evolve.collab.fit
+
+  def spy(pool, name, dev, **kw):
+    seen.append((kw.get("base"), pool.params))
+    return real(pool, name, dev, **kw)
+
+  monkeypatch.setattr(evolve.collab, "fit", spy)
+  c = _config(strategy="dare_ties", merge_base=str(tmp_path / "base"))
+  history = evolve.run(c, tmp_path / "run", tiny_pool, progress=False)
+  # Fits: round 0's test, round 1's dev collaboration, round 1's test (distilled members).
+  assert [m["round"] for m in history] == [0, 1] and len(seen) == 3
+  for got, _ in seen:
+    jax.tree.map(np.testing.assert_array_equal, got, base.params)
+  assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(seen[0][1]),
+                                                      jax.tree.leaves(seen[-1][1])))
+
+
 @pytest.mark.parametrize("method", ["logit_kd", "on_policy_kd"])
 def test_logit_and_on_policy_kd_rounds_train_on_normalised_teacher_rows(tiny_pool, tmp_path,
                                                                         monkeypatch, method):
@@ -147,6 +172,9 @@ def test_bad_input_fails_clearly(tiny_pool, tmp_path):
        "strategy='logit_fusion' needs at least 2 models; the pool will have 1"),
       ({"pool": ("tiny:0",), "specialists": ("gsm8k",), "strategy": "logit_fusion"},
        "the pool will have 1 (one per specialist)"),
+      ({"strategy": "dare_ties"}, "merges task vectors (member - base) and the base is unknown"),
+      ({"strategy": "multiagent_finetuning", "fused_round": True},
+       "fused_round: multiagent_finetuning votes on answers extracted from text on the host"),
   ]:
     with pytest.raises(evolve.ConfigError, match=re.escape(message)):
       evolve.validate(_config(**overrides))

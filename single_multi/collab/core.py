@@ -98,13 +98,17 @@ class Strategy:
   doc: str = ""
   min_models: int = 1
   templates: tuple[str, ...] = ()  # Names of the token-space templates `run` needs.
+  # Host step after `run` (a vote on extracted answers): select(keys, cfg, state) -> the agent
+  # whose answer each row keeps, where keys[b][i] is agent i's extracted answer to row b (None:
+  # none) and `run` left every agent's final answers in extras["final"] ([N, B, M], [N, B]).
+  select: Callable[..., list[int]] | None = None
 
 
 REGISTRY: dict[str, Strategy] = {}
 
 
 def register(name: str, level: str, Config: type, *, fit=None, min_models: int = 1,
-             templates: Sequence[str] = ()):
+             templates: Sequence[str] = (), select=None):
   """Decorator: `@register("logit_fusion", "logit", LogitFusionConfig)` on the run function."""
   if level not in LEVELS:
     raise ValueError(f"level must be one of {LEVELS}, got {level!r}")
@@ -113,7 +117,7 @@ def register(name: str, level: str, Config: type, *, fit=None, min_models: int =
     if name in REGISTRY:
       raise ValueError(f"strategy {name!r} registered twice")
     REGISTRY[name] = Strategy(name, level, Config, run, fit, (run.__doc__ or "").strip(),
-                              min_models, tuple(templates))
+                              min_models, tuple(templates), select)
     return run
 
   return wrap

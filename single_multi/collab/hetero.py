@@ -9,7 +9,6 @@ one vocabulary and one architecture: `run_heterogeneous` refuses them with the r
 
 from __future__ import annotations
 
-import collections
 from typing import Any, Sequence
 
 import jax
@@ -46,8 +45,11 @@ def run_heterogeneous(models: Sequence[Model], name: str, examples: Sequence[com
                       cfg: Any = None, state: Any = None,
                       prompt: pipeline.PromptConfig = pipeline.PromptConfig(),
                       shots: Sequence[common.Example] = (), max_new_tokens: int = 64,
-                      sampler: Any = decoding.Greedy(), seed: int = 0) -> list[dict[str, Any]]:
-  """Per example {"output": final text, "answers": [[text per model] per round], ...}."""
+                      sampler: Any = decoding.Greedy(), seed: int = 0,
+                      answer_key=None) -> list[dict[str, Any]]:
+  """Per example {"output": final text, "answers": [[text per model] per round], ...}.
+  answer_key(example, text): the answer a vote counts (`evaluate.answer_key` for a task's
+  metric); None: the normalised text."""
   spec = core.get(name)
   if name not in HOST_STRATEGIES:
     raise core.StrategyError(
@@ -78,27 +80,25 @@ def run_heterogeneous(models: Sequence[Model], name: str, examples: Sequence[com
     rounds = {"multiagent_refine": getattr(cfg, "rounds", 0),
               "multiagent_finetuning": getattr(cfg, "rounds", 0),
               "mixture_of_agents": getattr(cfg, "layers", 1) - 1}[name]
-    template = "aggregate" if name == "mixture_of_agents" else "refine"
+    template = {"mixture_of_agents": "aggregate", "multiagent_refine": "refine",
+                "multiagent_finetuning": "critic"}[name]
     text = templates._BUILDERS[template](n, cfg)
     for _ in range(rounds):
       answers = {i: _generate(models[i], [
-          _user(fill_text(text, [q] + [answers[j][b] for j in range(n)
-                                       if template == "aggregate" or j != i]))
+          _user(fill_text(text, [q] + templates.order_answers(
+              template, [answers[j][b] for j in range(n)], i)))
           for b, q in enumerate(questions)], **kw) for i in range(n)}
       history.append(answers)
 
   def per_example(b):
     return [[h[i][b] for i in range(n)] for h in history]
 
-  if name == "multiagent_finetuning":
-    out = []
-    for b in range(len(examples)):
-      final = [answers[i][b] for i in range(n)]
-      votes = collections.Counter(metrics.normalize_answer(a) for a in final)
-      top = max(votes.values())
-      winner = next(i for i, a in enumerate(final) if votes[metrics.normalize_answer(a)] == top)
-      out.append({"output": final[winner], "answers": per_example(b), "winner": winner})
-    return out
+  if name == "multiagent_finetuning":  # The vote on extracted answers, as `evaluate` votes.
+    key = answer_key or (lambda ex, text: metrics.normalize_answer(text))
+    keys = [[key(ex, answers[i][b]) for i in range(n)] for b, ex in enumerate(examples)]
+    winners = spec.select(keys, cfg, state)
+    return [{"output": answers[w][b], "answers": per_example(b), "winner": w}
+            for b, w in enumerate(winners)]
 
   if name in ("multiagent_refine", "mixture_of_agents"):
     chosen = getattr(cfg, "summarizer", None) if name == "multiagent_refine" else cfg.aggregator

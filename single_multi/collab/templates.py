@@ -20,17 +20,35 @@ def _answers(labels: list[str]) -> str:
   return "\n\n".join(f"{label}: {_SLOT}" for label in labels)
 
 
-# name -> builder(n_models, cfg) -> user message with slots (first slot: the question).
+_TEAM = ("You are part of a team of AI assistants collaborating to answer the user's question. "
+         "Each assistant provides their own answer: use their answers to ")
+
+
+def _bullets(k: int) -> str:
+  return "".join(f"- {_SLOT}\n" for _ in range(k))
+
+
+# name -> builder(n_models, cfg) -> user message with slots: the question first, then the answers
+# in the order the strategy passes them (`ANSWER_ORDER`).
 _BUILDERS: dict[str, Callable[[int, Any], str]] = {
+    # GitHub BunsenFeng/model_collaboration, model_collaboration/method/text_multiagent_refine.py:
+    # the refine prompt (own previous answer, then the others' in index order) and the summary.
     "refine": lambda n, cfg: (
-        f"{_SLOT}\n\nThese are the answers from other agents:\n\n"
-        + _answers([f"Agent {k + 1}" for k in range(n - 1)])
-        + "\n\nUsing the other agents' answers as additional information, give an updated answer "
-          "to the question."),
+        _TEAM + "refine and improve your own answer.\n\n"
+        f"Question: {_SLOT}\n\nYour previous answer: {_SLOT}\n\n"
+        "Other assistants' answers:\n" + _bullets(n - 1)
+        + "\nPlease provide a refined answer to the question."),
     "summarize": lambda n, cfg: (
-        f"{_SLOT}\n\nHere are the answers of several agents:\n\n"
-        + _answers([f"Answer {k + 1}" for k in range(n)])
-        + "\n\nWrite the single best final answer to the question."),
+        _TEAM + "create a final, comprehensive answer.\n\n"
+        f"Question: {_SLOT}\n\nAssistants' answers:\n" + _bullets(n)
+        + "\nPlease provide a final, comprehensive answer to the question."),
+    # .../method/text_multiagent_finetuning.py, _build_critic_prompt_with_summary: the others'
+    # answers joined by blank lines (_summarize_other_answers), then the critic's own.
+    "critic": lambda n, cfg: (
+        f"Question: {_SLOT}\nSummary of other assistants' answers:\n"
+        + "\n\n".join([_SLOT] * (n - 1))
+        + f"\nYour previous answer: {_SLOT}\nPlease provide a refined and correct answer to the "
+          "question."),
     "fuse": lambda n, cfg: (
         f"{_SLOT}\n\nHere are the best candidate answers, best first:\n\n"
         + _answers([f"Candidate {k + 1}" for k in range(min(cfg.top_k, n))])
@@ -43,6 +61,23 @@ _BUILDERS: dict[str, Callable[[int, Any], str]] = {
         "into a single, accurate, high-quality response; critically evaluate them, as some may be "
         f"wrong.\n\nQuery: {_SLOT}\n\n" + _answers([f"Response {k + 1}" for k in range(n)])),
 }
+
+
+# How each template orders the answers after the question, for model i of n: "own_first" (its own
+# previous answer, then the others' in index order), "own_last" (the others', then its own),
+# "all" (every model's, in index order). Templates not listed take "all".
+ANSWER_ORDER = {"refine": "own_first", "critic": "own_last"}
+
+
+def order_answers(template: str, answers, i: int) -> list:
+  """The answers of the n models as `template`'s slots take them, for model i."""
+  others = [a for j, a in enumerate(answers) if j != i]
+  order = ANSWER_ORDER.get(template, "all")
+  if order == "own_first":
+    return [answers[i], *others]
+  if order == "own_last":
+    return [*others, answers[i]]
+  return list(answers)
 
 
 def render(tokenizer, user: str) -> tuple[tuple[int, ...], ...]:

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from single_multi import decoding, pool as pool_lib
-from single_multi.collab import core
+from single_multi.collab import core, templates
 from single_multi.models import transformer
 
 
@@ -52,9 +52,10 @@ def _answer_all(params_n, tokens, mask, rng, env: core.Env) -> decoding.DecodeOu
   return pool_lib.decode_each(params_n, tokens, mask, rng, sampler=env.sampler, **env.decode_kw)
 
 
-def _exchange_rounds(params_n, batch, rng, env, rounds: int, template: str, include_own: bool):
-  """All models answer; then `rounds` times each model answers again from the previous answers
-  (the others' only, or everyone's). Returns the last answers, every round's, the last prompts."""
+def _exchange_rounds(params_n, batch, rng, env, rounds: int, template: str):
+  """All models answer; then `rounds` times each model answers again from `template` filled with
+  the previous answers in its order (`templates.order_answers`). Returns the last answers, every
+  round's, the last prompts."""
   n = core.num_models(params_n)
   question = _question(batch)
   rng, key = jax.random.split(rng)
@@ -62,8 +63,8 @@ def _exchange_rounds(params_n, batch, rng, env, rounds: int, template: str, incl
   history, prompts = [out.tokens], None
   for _ in range(rounds):
     answers = _answers(out, env)
-    filled = [fill(env, template, question, [a for j, a in enumerate(answers)
-                                             if include_own or j != i]) for i in range(n)]
+    filled = [fill(env, template, question, templates.order_answers(template, answers, i))
+              for i in range(n)]
     prompts = (jnp.stack([f[0] for f in filled]), jnp.stack([f[1] for f in filled]))
     rng, key = jax.random.split(rng)
     out = _answer_all(params_n, *prompts, key, env)
@@ -73,10 +74,13 @@ def _exchange_rounds(params_n, batch, rng, env, rounds: int, template: str, incl
 
 @dataclasses.dataclass(frozen=True)
 class RefineConfig:
-  """Multi-agent refinement. summarizer: the pool member that writes the final answer; None =
-  the best single model on dev (`fit`), member 0 before fitting."""
+  """Multi-agent refinement (GitHub BunsenFeng/model_collaboration,
+  model_collaboration/method/text_multiagent_refine.py): `rounds` refinement rounds after the
+  first answers (the reference's `round` = 3 generations: 2 refinements). summarizer: the pool
+  member that writes the final answer; None = the best single model on dev (`fit`), member 0
+  before fitting."""
 
-  rounds: int = 1
+  rounds: int = 2
   summarizer: int | None = None
 
 
@@ -96,10 +100,10 @@ def _chosen(cfg_index, state, key="best"):
                templates=("refine", "summarize"))
 def multiagent_refine(params_n, batch: core.Batch, rng, *, cfg: RefineConfig, env: core.Env,
                       state=None):
-  """All answer; for k rounds each model reads the others' answers and refines its own; the
-  summarizer (best on dev) writes the final answer from everyone's last answers."""
-  out, history, prompts = _exchange_rounds(params_n, batch, rng, env, cfg.rounds, "refine",
-                                           include_own=False)
+  """All answer; for k rounds each model reads its own previous answer and the others' and
+  refines it; the summarizer (best on dev) writes the final answer from everyone's last
+  answers. Prompts: the reference's text, word for word (templates.py)."""
+  out, history, prompts = _exchange_rounds(params_n, batch, rng, env, cfg.rounds, "refine")
   tokens, mask = fill(env, "summarize", _question(batch), _answers(out, env))
   final = _decode_one(params_n, _chosen(cfg.summarizer, state), tokens, mask,
                       jax.random.fold_in(rng, 1), env)
@@ -123,8 +127,7 @@ class MixtureOfAgentsConfig:
 def mixture_of_agents(params_n, batch: core.Batch, rng, *, cfg: MixtureOfAgentsConfig,
                       env: core.Env, state=None):
   """Layers of proposers that synthesise all previous answers; an aggregator answers last."""
-  out, history, _ = _exchange_rounds(params_n, batch, rng, env, cfg.layers - 1, "aggregate",
-                                     include_own=True)
+  out, history, _ = _exchange_rounds(params_n, batch, rng, env, cfg.layers - 1, "aggregate")
   tokens, mask = fill(env, "aggregate", _question(batch), _answers(out, env))
   final = _decode_one(params_n, _chosen(cfg.aggregator, state), tokens, mask,
                       jax.random.fold_in(rng, 1), env)
@@ -207,16 +210,22 @@ def llm_blender(params_n, batch: core.Batch, rng, *, cfg: BlenderConfig, env: co
 
 @dataclasses.dataclass(frozen=True)
 class DebateConfig:
-  """Multi-agent fine-tuning (Subramaniam et al. 2025) at test time: `rounds` of debate (each
-  agent reads the others' answers) and a majority vote over the final answers. The fine-tuning
-  half (per-agent generator/critic data from dev debates) belongs to the distillation stage."""
+  """Multi-agent fine-tuning (Subramaniam et al. 2025) at test time, as the reference runs it
+  (GitHub BunsenFeng/model_collaboration, model_collaboration/method/text_multiagent_finetuning.py):
+  `rounds` critic rounds after the first answers (the reference's `rounds` = 2 generations: one
+  critic round), each agent reading the others' answers and its own (`_build_critic_prompt_with_
+  summary`), then a majority vote over the agents' extracted final answers (`vote`). The
+  fine-tuning half (per-agent generator/critic data from dev debates) belongs to distillation.
+  Deviations: in token space an empty answer keeps its place in the summary (the reference drops
+  empty answers) and answers are not whitespace-stripped."""
 
-  rounds: int = 2
+  rounds: int = 1
 
 
 def majority_vote(tokens_nbm: jax.Array, lengths_nb: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """The answer most agents gave token for token (ties: the lowest agent index).
-  Returns (winner [B], votes [N, B])."""
+  """The answer most agents gave token for token (ties: the lowest agent index): the in-program
+  choice, which the host's vote on extracted answers (`vote`) replaces wherever answers are
+  read as text (`evaluate`, heterogeneous pools). Returns (winner [B], votes [N, B])."""
   n, _, m = tokens_nbm.shape
   live = jnp.arange(m)[None, None] < lengths_nb[..., None]
   t = jnp.where(live, tokens_nbm, -1)
@@ -225,14 +234,36 @@ def majority_vote(tokens_nbm: jax.Array, lengths_nb: jax.Array) -> tuple[jax.Arr
   return jnp.argmax(votes, axis=0), votes
 
 
-@core.register("multiagent_finetuning", "text", DebateConfig, min_models=2, templates=("refine",))
+def vote(keys) -> int:
+  """The reference's `_majority_vote` over one row's extracted answers (keys[i]: agent i's; None:
+  nothing extracted, no vote): the most frequent answer, ties broken by the smallest answer
+  (lexicographic, as strings); returns the first agent that gave it (agent 0 when no agent gave
+  an extractable answer: the reference then scores an empty answer, which scores 0 too)."""
+  counts: dict[str, int] = {}
+  for k in keys:
+    if k is not None:
+      counts[str(k).strip()] = counts.get(str(k).strip(), 0) + 1
+  if not counts:
+    return 0
+  winner = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[0][0]
+  return next(i for i, k in enumerate(keys) if k is not None and str(k).strip() == winner)
+
+
+def _vote_rows(keys, cfg, state) -> list[int]:
+  del cfg, state
+  return [vote(row) for row in keys]
+
+
+@core.register("multiagent_finetuning", "text", DebateConfig, min_models=2, templates=("critic",),
+               select=_vote_rows)
 def multiagent_debate(params_n, batch: core.Batch, rng, *, cfg: DebateConfig, env: core.Env,
                       state=None):
-  """Debate for `rounds` rounds, then majority vote over the agents' final answers."""
-  out, history, _ = _exchange_rounds(params_n, batch, rng, env, cfg.rounds, "refine",
-                                     include_own=False)
+  """Debate for `rounds` critic rounds, then majority vote over the agents' final answers
+  (extracted answers on the host, `vote`; token-exact in the program)."""
+  out, history, _ = _exchange_rounds(params_n, batch, rng, env, cfg.rounds, "critic")
   lengths = core.answer_lengths(out.tokens, out.lengths, env.stop_ids)
   winner, votes = majority_vote(out.tokens, lengths)
   rows = jnp.arange(winner.shape[0])
   return core.Output(out.tokens[winner, rows], out.lengths[winner, rows], None,
-                     {"answers": history, "votes": votes, "winner": winner})
+                     {"answers": history, "votes": votes, "winner": winner,
+                      "final": (out.tokens, out.lengths)})

@@ -206,8 +206,11 @@ class ModelConfig:
         rope_factor=float(rope.get("factor", 1.0)),
         rope_low_freq_factor=float(rope.get("low_freq_factor", 1.0)),
         rope_high_freq_factor=float(rope.get("high_freq_factor", 4.0)),
+        # Read by llama3 scaling only; otherwise the dataclass default, so that a config that
+        # went through save_hf compares equal to the one it came from.
         rope_original_max_position=int(
-            rope.get("original_max_position_embeddings", hf.get("max_position_embeddings", 8192))),
+            rope.get("original_max_position_embeddings", hf.get("max_position_embeddings", 8192)))
+        if rope_type == "llama3" else 8192,
         sliding_windows=windows,
         bos_token_id=hf.get("bos_token_id"),
         eos_token_ids=eos_ids,
