@@ -522,7 +522,7 @@ def teacher_rows(loop: Loop, pool, state, on_policy: bool, rng) -> dict[str, np.
       per_batch.append({"tokens": tokens[live], "mask": mask[live], "loss_mask": loss[live],
                         "teacher": out.rows[live]})
       continue
-    combine = token_level.combine_for(loop.config.strategy, cfg)
+    combine = token_level.combine_for(loop.config.strategy, cfg, state=state)
     sample = pool_lib.decode_each(pool.params, batch.prompt, batch.prompt_mask, key,
                                   sampler=policy_sampler(loop.config), **env.decode_kw)
     rows = []
@@ -640,7 +640,7 @@ def _round_program(params_n, dev, test, order, rng, state, students=None, *, str
   if per_model:
     sample = pool_lib.decode_each(params_n, dev.prompt, dev.prompt_mask, k_dev,
                                   sampler=policy_sampler, **env.decode_kw)
-    combine = token_level.combine_for(strategy, cfg)
+    combine = token_level.combine_for(strategy, cfg, state=state)
 
     def own_rows(tokens, lengths):  # One model's samples, scored by the collaboration.
       t, m, lm = distill.sequences(dev.prompt, dev.prompt_mask, tokens, lengths)

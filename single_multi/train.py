@@ -165,10 +165,11 @@ def token_nll(logits_btv: jax.Array, targets_bt: jax.Array, weights_bt: jax.Arra
 
 def finetune(params, tokens, mask, loss_mask, config, *, optim: OptimConfig, steps: int,
              batch_size: int, lora=None, seed: int = 0, progress: bool = True,
-             desc: str = "finetune"):
+             desc: str = "finetune", merge_lora: bool = True):
   """Supervised fine-tuning of one model on sequences [S, T] (left-padded), NLL on the tokens
   where loss_mask is 1 (position t predicts token t+1). lora: a `lora.LoraConfig` to train LoRA
-  (merged into the returned params) instead of all params. Returns (params, history)."""
+  (merged into the returned params, or returned alone with merge_lora=False) instead of all
+  params. Returns (params, history)."""
   tail = loss_tail(loss_mask)
 
   def loss_fn(trainable, frozen, batch, rng):
@@ -200,6 +201,6 @@ def finetune(params, tokens, mask, loss_mask, config, *, optim: OptimConfig, ste
                                             jax.random.fold_in(rng, step))
     history.append({"step": step, "loss": float(metrics["loss"])})
     bar.set_postfix(loss=f"{history[-1]['loss']:.3f}")
-  if lora is not None:
+  if lora is not None and merge_lora:
     trainable = lora_lib.merge(params, trainable, lora)
   return trainable, history

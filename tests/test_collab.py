@@ -11,7 +11,7 @@ from conftest import hf_logits, left_padded_batch, make_hf_model
 
 import single_multi as sm
 from single_multi import collab, decoding, pool as pool_lib
-from single_multi.collab import core, hetero, merge, routers, templates, text_level
+from single_multi.collab import core, hetero, merge, routers, templates, text_level, token_level
 from single_multi.data import common, pipeline
 from single_multi.models import transformer
 from single_multi.models.loading import Model
@@ -136,13 +136,34 @@ def test_proxy_tuning_without_a_difference_is_the_base(pool, batch):
 
 
 def test_contrastive_decoding_first_token_by_hand(pool, batch):
-  env = _env(pool, "contrastive_decoding", return_rows=True)
-  out = collab.run(pool, "contrastive_decoding", batch, env=env)
+  cfg = collab.get("contrastive_decoding").Config(kind="li")
+  env = _env(pool, "contrastive_decoding", cfg, return_rows=True)
+  out = collab.run(pool, "contrastive_decoding", batch, env=env, cfg=cfg)
   logits, _ = pool_lib.forward(pool.params, batch.prompt, pool.config, mask_bt=batch.prompt_mask)
   lp = np.asarray(jax.nn.log_softmax(logits[:, :, -1]), np.float64)
   plausible = lp[0] >= lp[0].max(-1, keepdims=True) + np.log(0.1)
   want = np.where(plausible, lp[0] - lp[1], -np.inf).argmax(-1)
   assert out.tokens[:, 0].tolist() == want.tolist()
+
+
+def test_reference_logit_contrastive_first_token_by_hand(pool, batch):
+  """logit_logit_contrastive.py: dev means (m0 .5, m1 .9, m2 .1): top m1, bottom m2, logits
+  m1 + 0.2 (m1 - m2), as rows the log-softmax of that."""
+  scores = np.asarray([[1, 0] * 5, [1] * 9 + [0], [1] + [0] * 9], np.float32)
+  env = _env(pool, "contrastive_decoding", return_rows=True)
+  dev = collab.DevData(batch, scores)
+  state = collab.fit(pool, "contrastive_decoding", dev, env=env)
+  np.testing.assert_allclose(state["weights"], [0.0, 1.2, -0.2], rtol=1e-6)
+  assert token_level.contrastive_weights([0.5, 0.5, 0.1], 1, 0.2).tolist() == pytest.approx(
+      [1.2, 0.0, -0.2])  # A tie: the lower index ranks first.
+  with pytest.raises(collab.StrategyError, match="fitted on dev"):
+    collab.run(pool, "contrastive_decoding", batch, env=env)
+  out = collab.run(pool, "contrastive_decoding", batch, env=env, state=state)
+  logits, _ = pool_lib.forward(pool.params, batch.prompt, pool.config, mask_bt=batch.prompt_mask)
+  lg = np.asarray(logits[:, :, -1], np.float64)
+  want = lg[1] + 0.2 * (lg[1] - lg[2])
+  assert out.tokens[:, 0].tolist() == want.argmax(-1).tolist()
+  np.testing.assert_allclose(out.rows[:, 0], jax.nn.log_softmax(want), atol=2e-4)
 
 
 # -------------------------------------------------------------------------------------------------
@@ -332,20 +353,87 @@ def _router_data(pool, n, seed):
   return core.batch_from(data), kinds, scores
 
 
-@pytest.mark.parametrize("name", ["trained_router", "graph_router"])
-def test_router_learns_separable_labels_and_returns_the_chosen_answer(pool, name):
+# The LM router at a tiny model's pace (the reference's lr 1e-5 over 5 epochs moves a random
+# 2-layer model too little to learn anything in a test).
+LM_ROUTER = dict(kind="lm", lora_rank=8, lora_dropout=0.0, lm_learning_rate=3e-3, epochs=40,
+                 rows_per_step=16, micro_batch=16)
+
+
+# The reference's graph router at a faster pace, with enough validation queries that the best
+# validation F1 is not reached by chance in the first epochs (4 queries at the 0.8/0.1 split).
+GRAPH_ROUTER = dict(reference_learning_rate=1e-2, split=(0.5, 0.5), epochs=100)
+
+
+@pytest.mark.parametrize("name,cfg", [
+    ("trained_router", {"kind": "head"}), ("trained_router", LM_ROUTER),
+    ("graph_router", GRAPH_ROUTER), ("graph_router", GRAPH_ROUTER | {"test_graph": "dev"}),
+    ("graph_router", {"kind": "fast"})],
+    ids=["head_router", "lm_router", "graph_router", "graph_router_dev_graph", "fast_graph"])
+def test_router_learns_separable_labels_and_returns_the_chosen_answer(pool, name, cfg):
   dev_batch, _, scores = _router_data(pool, 48, 0)
   test_batch, kinds, _ = _router_data(pool, 16, 1)
-  env = _env(pool, name)
-  state = collab.fit(pool, name, collab.DevData(dev_batch, scores), env=env)
-  out = collab.run(pool, name, test_batch, env=env, state=state)
+  cfg = collab.get(name).Config(**cfg)
+  env = _env(pool, name, cfg)
+  state = collab.fit(pool, name, collab.DevData(dev_batch, scores), env=env, cfg=cfg)
+  out = collab.run(pool, name, test_batch, env=env, cfg=cfg, state=state)
   choice = np.asarray(out.extras["choice"])
   assert np.mean(choice == kinds) >= 0.95, (choice, kinds)
+  if cfg == collab.get("trained_router").Config(**LM_ROUTER):  # It names the model in words.
+    replies = [pool.tokenizer.decode(r, skip_special_tokens=True)
+               for r in np.asarray(out.extras["router_reply"])]
+    assert all(r.startswith(f"Model {c + 1}") for r, c in zip(replies, choice)), replies
   rows = np.arange(16)
   np.testing.assert_array_equal(out.tokens, np.asarray(out.extras["answers"])[choice, rows])
   each = pool_lib.decode_each(pool.params, test_batch.prompt, test_batch.prompt_mask,
                               jax.random.key(0), **env.decode_kw)
   np.testing.assert_array_equal(out.tokens, np.asarray(each.tokens)[choice, rows])
+
+
+def test_graph_router_conv_and_f1_by_hand():
+  """GeneralConv (torch_geometric's defaults): x_i + sum over visible edges j -> i of
+  (W_msg x_j + b_msg + W_edge e + b_edge); and sklearn's macro F1."""
+  conv = routers.GeneralConv(2)
+  x = jnp.asarray([[1.0, 0.0], [0.0, 2.0], [0.5, 0.5]])
+  src, dst = jnp.asarray([0, 1, 0]), jnp.asarray([2, 2, 1])
+  e = jnp.asarray([[1.0], [2.0], [3.0]])
+  visible = jnp.asarray([True, True, False])
+  params = conv.init(jax.random.key(0), x, src, dst, e, visible)
+  p = jax.tree.map(np.asarray, params["params"])
+  msg = lambda j, ej: x[j] @ p["lin_msg"]["kernel"] + p["lin_msg"]["bias"] + ej @ p[
+      "lin_edge"]["kernel"] + p["lin_edge"]["bias"]
+  want = np.asarray(x).copy()
+  want[2] += msg(0, np.asarray([1.0])) + msg(1, np.asarray([2.0]))  # Edge 0 -> 1 is hidden.
+  np.testing.assert_allclose(conv.apply(params, x, src, dst, e, visible), want, rtol=1e-6)
+  # Macro F1 over the classes present: class 0: P 1/2, R 1 -> 2/3; class 1: P 1, R 1/3 -> 1/2;
+  # class 2: predicted once, never true -> 0.
+  assert routers.macro_f1(np.asarray([0, 1, 1, 1]), np.asarray([0, 0, 1, 2])) == pytest.approx(
+      (2 / 3 + 0.5 + 0) / 3)
+
+
+def test_lm_router_parses_replies_as_the_reference():
+  """The highest model number the reply contains wins; none: a random model."""
+  model = _model(0)
+  tok = model.tokenizer
+  digits = jnp.asarray(routers.digit_table(tok, model.config.vocab_size, 3))
+  replies = ["Model 2", "1 or 3", "Model 1 then", "none", "Model 22"]
+  ids = [tok(r, add_special_tokens=False)["input_ids"] for r in replies]
+  width = max(map(len, ids)) + 2
+  tokens = np.asarray([r + tok("3", add_special_tokens=False)["input_ids"] * (width - len(r))
+                       for r in ids], np.int32)  # A "3" after each reply's end: not read.
+  lengths = np.asarray([len(r) for r in ids], np.int32)
+  choice = routers.named_model(jnp.asarray(tokens), jnp.asarray(lengths), digits,
+                               jax.random.key(0))
+  assert choice.tolist()[:3] == [1, 2, 0] and choice.tolist()[4] == 1
+  none = [int(routers.named_model(jnp.asarray(tokens[3:4]), jnp.asarray(lengths[3:4]), digits,
+                                  jax.random.key(k))[0]) for k in range(30)]
+  assert set(none) == {0, 1, 2}
+
+
+def test_lm_router_prompt_is_the_references():
+  text = hetero.fill_text(templates._BUILDERS["router"](3, None), ["Q"])
+  assert text == ("You are an AI assistant tasked with choosing the best model to answer the "
+                  "user's question.\n\nQuestion: Q\n\nBased on your knowledge, choose the best "
+                  "model (1-3) to answer the question.")
 
 
 def test_router_label_tie_break():

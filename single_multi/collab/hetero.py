@@ -146,21 +146,15 @@ def _route(models, name, examples, prompters, cfg, state, kw):
   if state is None:
     raise core.StrategyError(f"{name} must be fitted on dev first (collab.fit with the router "
                              "member's tokenization)")
+  if name == "trained_router" and cfg.kind != "head":
+    raise core.StrategyError("on a heterogeneous pool trained_router runs as kind='head' (the "
+                             "LM router is fitted on a stacked pool)")
   router = models[cfg.router]
   ids = [prompters[cfg.router].ids(ex) for ex in examples]
   tokens, mask = decoding.left_pad(ids, pipeline.pad_id_of(router.tokenizer))
   feats = routers.query_features(router.params, jnp.asarray(tokens), jnp.asarray(mask),
                                  config=router.config)
-  x = routers._standardise(feats, state)
-  if name == "trained_router":
-    choice = np.asarray(jnp.argmax(routers._head_apply(state["head"], x), -1))
-  else:
-    n, qd = len(models), state["dev_x"].shape[0]
-    logits = routers.GraphRouterNet(n, cfg.width).apply(
-        state["gnn"], jnp.concatenate([state["dev_x"], x]),
-        jnp.concatenate([state["dev_edges"], jnp.zeros((len(examples), n, 2))]),
-        jnp.concatenate([jnp.ones((qd, n), bool), jnp.zeros((len(examples), n), bool)]))[qd:]
-    choice = np.asarray(jnp.argmax(logits, -1))
+  choice = np.asarray(routers.route_choice(name, state, cfg, feats))
   outputs: list[str] = [""] * len(examples)
   for i in sorted(set(choice.tolist())):
     rows = [b for b in range(len(examples)) if choice[b] == i]

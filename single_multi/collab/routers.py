@@ -1,13 +1,38 @@
 """API-level strategies: pick one model per query; that model's answer is the output.
 
-Both routers read a query as the mean of a pool member's final hidden states over its prompt
-(`query_features`, standardised with dev statistics) and learn from the dev split only: each
-model's dev score per query. `run` decodes every model (one vmapped program) and returns the
-chosen model's answer; `extras["choice"]` holds the routing decision.
+Routers learn from the dev split only: each model's dev score per query. `run` decodes every
+model (one vmapped program) and returns the chosen model's answer; `extras["choice"]` holds the
+routing decision.
 
-Label rule for `trained_router` (documented tie-break): a dev query's label is the model with the
-highest score on it; among tied models the one with the higher mean dev score overall; then the
-lower pool index. (The reference breaks ties with a reward model.)
+`trained_router`, kind "lm" (default): the reference's router (GitHub BunsenFeng/
+model_collaboration, model_collaboration/method/api_trained_router.py): a language model is
+fine-tuned (LoRA r=64, alpha 16, dropout 0.1 on q/k/v/o; lr 1e-5 cosine, 10% warmup; 5 epochs;
+32 rows per step as 1 x 32 accumulation) on "Model k" completions of the router prompt
+(templates.py), k the dev query's best model; at test time it answers the prompt and the query
+goes to the highest k whose digit its reply contains (none: a random model). Deviations: the
+router is a pool member (`router`; the reference fine-tunes a separate Qwen2.5-7B-Instruct); its
+reply is at most `choice_tokens` tokens; pools of at most 9 models (a one-digit k).
+Kind "head": a fast alternative: a linear head on the router member's mean final hidden state
+over the prompt (`query_features`, standardised with dev statistics).
+
+`graph_router`, kind "reference" (default): the reference's GraphRouter (.../method/
+api_graph_routing.py): `ReferenceGraphNet` (two GeneralConv layers of width 2 x 8 with BatchNorm
+over query, task and model features, edges [score, cost 1, score]) trained as the reference
+trains it (`_fit_reference_graph`: 500 epochs of 32 random edge masks, AdamW 1e-4, weight decay
+1e-4, the params of the best validation macro F1 kept) and routing a batch as the reference
+routes its test set (`test_graph`). Deviations: no sentence encoder is configured, so the router
+member's mean final hidden state over a prompt (L2-normalised, as all-MiniLM-L6-v2's embeddings
+are) stands in for the query embedding, its mean over the dev queries for the task description's,
+and each member's mean over the dev queries for its model description's (the reference requires
+descriptions); the dev queries are split 80/10/10 in a seeded order (the reference: file order);
+a batch is one test graph (the reference: the whole test set); flax's BatchNorm updates its
+running variance with the biased estimate (torch: unbiased). Kind "fast": our bipartite GNN
+(`GraphRouterNet`), the test queries joining the dev graph.
+
+Label rule of `trained_router` (both kinds): a dev query's label is the model with the highest score on it; among
+tied models the one with the higher mean dev score overall; then the lower pool index. (The
+reference breaks ties with a reward model's score of the answers; without one this rule stands
+in.)
 """
 
 from __future__ import annotations
@@ -20,9 +45,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from single_multi import pool as pool_lib
-from single_multi.collab import core
-from single_multi.models import transformer
+from single_multi import decoding, distill, pool as pool_lib
+from single_multi import train as train_lib
+from single_multi.collab import core, text_level
+from single_multi.models import lora as lora_lib, transformer
 from single_multi.models.config import ModelConfig
 
 
@@ -82,12 +108,102 @@ def _check_dev(dev: core.DevData | None, n: int, name: str):
 
 @dataclasses.dataclass(frozen=True)
 class TrainedRouterConfig:
-  router: int = 0  # The pool member whose hidden states encode the queries.
+  kind: str = "lm"  # "lm": the reference's LM router; "head": a head on hidden states (fast).
+  router: int = 0  # The pool member that routes (its LoRA fine-tune, or its hidden states).
+  # kind "lm" (the reference's SFT of the router).
+  lora_rank: int = 64
+  lora_alpha: float = 16.0
+  lora_dropout: float = 0.1
+  lm_learning_rate: float = 1e-5
+  epochs: int = 5
+  rows_per_step: int = 32  # The reference: batch 1 x 32 accumulation.
+  micro_batch: int = 1
+  choice_tokens: int = 8  # The router's reply budget.
+  # kind "head".
   hidden: int = 0  # 0: a linear head; > 0: one hidden layer of this width.
   steps: int = 300
   learning_rate: float = 1e-2
   weight_decay: float = 1e-4
   seed: int = 0
+
+  def __post_init__(self):
+    if self.kind not in ("lm", "head"):
+      raise ValueError(f"trained_router kind must be 'lm' or 'head', got {self.kind!r}")
+
+  @property
+  def lora(self) -> lora_lib.LoraConfig:
+    return lora_lib.LoraConfig(rank=self.lora_rank, alpha=self.lora_alpha,
+                               dropout=self.lora_dropout, targets=("q", "k", "v", "o"))
+
+
+def router_prompts(batch: core.Batch, env: core.Env):
+  """The router prompt of every query (tokens, mask), packed in token space."""
+  return text_level.fill(env, "router", text_level._question(batch), [])
+
+
+def digit_table(tokenizer, vocab_size: int, n: int) -> np.ndarray:
+  """[n, V] bool: token v's text contains the digit k + 1 (the reference's `str(k + 1) in reply`,
+  token by token: a one-digit k never spans two tokens)."""
+  if n > 9:
+    raise core.StrategyError(f"the LM router names models 1-9; the pool has {n}")
+  size = min(len(tokenizer), vocab_size) if hasattr(tokenizer, "__len__") else vocab_size
+  ids = [[i] for i in range(size)]
+  texts = (tokenizer.batch_decode(ids) if hasattr(tokenizer, "batch_decode")
+           else [tokenizer.decode(i) for i in ids])
+  table = np.zeros((n, vocab_size), bool)
+  for k in range(n):
+    table[k, :size] = [str(k + 1) in t for t in texts]
+  return table
+
+
+def _fit_lm_router(pool, dev, cfg: TrainedRouterConfig, env, labels):
+  """SFT of the router member's LoRA on (router prompt, "Model k" + end of turn)."""
+  tokens, mask = router_prompts(dev.batch, env)
+  eos = env.stop_ids[0]
+  completions = [pool.tokenizer(f"Model {k + 1}", add_special_tokens=False)["input_ids"] + [eos]
+                 for k in labels]
+  width = max(map(len, completions))
+  comp = np.asarray([c + [0] * (width - len(c)) for c in completions], np.int32)
+  rows = distill.sequences(tokens, mask, jnp.asarray(comp),
+                           jnp.asarray([len(c) for c in completions], jnp.int32))
+  q = len(labels)
+  per_step = min(cfg.rows_per_step, q)
+  micro = max(1, min(cfg.micro_batch, per_step))
+  steps = cfg.epochs * -(-q // per_step)
+  optim = train_lib.OptimConfig(learning_rate=cfg.lm_learning_rate, schedule="cosine",
+                                warmup_fraction=0.1, accumulation=max(1, per_step // micro))
+  lora, history = train_lib.finetune(
+      pool.member(cfg.router), *(np.asarray(x) for x in rows), pool.config, optim=optim,
+      steps=steps, batch_size=micro, lora=cfg.lora, seed=cfg.seed, progress=False,
+      desc="lm router", merge_lora=False)
+  return {"lora": lora,
+          "digits": jnp.asarray(digit_table(pool.tokenizer, pool.config.vocab_size, pool.size)),
+          "train": {"first_loss": history[0]["loss"], "final_loss": history[-1]["loss"],
+                    "steps": steps, "label_counts": np.bincount(labels, minlength=pool.size)}}
+
+
+def lm_router_choice(params_n, batch: core.Batch, rng, cfg: TrainedRouterConfig, env: core.Env,
+                     state):
+  """The LM router's choice per query [B] and its replies: the highest k whose digit the reply
+  contains; none: a random model (the reference's parse)."""
+  router = lora_lib.merge(core.member(params_n, cfg.router), state["lora"], cfg.lora)
+  tokens, mask = router_prompts(batch, env)
+  k_reply, k_random = jax.random.split(rng)
+  reply = decoding.decode(router, tokens, mask, k_reply, sampler=env.sampler, config=env.config,
+                          max_new_tokens=cfg.choice_tokens, stop_ids=env.stop_ids,
+                          pad_id=env.pad_id)
+  return named_model(reply.tokens, reply.lengths, state["digits"], k_random), reply.tokens
+
+
+def named_model(tokens_bm, lengths_b, digits_nv, rng) -> jax.Array:
+  """The reference's parse of router replies: for k from n down to 1, the first k whose digit
+  the reply contains; none: a random model. Returns [B] int32."""
+  n = digits_nv.shape[0]
+  live = jnp.arange(tokens_bm.shape[1])[None] < lengths_b[:, None]
+  named = jnp.any(digits_nv[:, tokens_bm] & live[None], axis=-1)  # [N, B]
+  highest = n - 1 - jnp.argmax(named[::-1], axis=0)
+  random = jax.random.randint(rng, highest.shape, 0, n)
+  return jnp.where(jnp.any(named, 0), highest, random).astype(jnp.int32)
 
 
 def _head_init(key, d, n, hidden):
@@ -105,9 +221,12 @@ def _head_apply(head, x):
 
 
 def _fit_trained_router(pool, dev, cfg: TrainedRouterConfig, env, rng):
-  del env, rng
+  del rng
   scores = _check_dev(dev, pool.size, "trained_router")
-  labels = jnp.asarray(best_model_labels(scores))
+  labels = best_model_labels(scores)
+  if cfg.kind == "lm":
+    return _fit_lm_router(pool, dev, cfg, env, labels)
+  labels = jnp.asarray(labels)
   feats = _dev_features(pool, dev, cfg.router)
   mean, std = feats.mean(0), feats.std(0) + 1e-6
   x = jnp.asarray((feats - mean) / std)
@@ -135,20 +254,226 @@ def _fit_trained_router(pool, dev, cfg: TrainedRouterConfig, env, rng):
 
 
 @core.register("trained_router", "api", TrainedRouterConfig, fit=_fit_trained_router,
-               min_models=2)
+               min_models=2, templates=("router",))
 def trained_router(params_n, batch: core.Batch, rng, *, cfg: TrainedRouterConfig, env: core.Env,
                    state=None):
-  """Route each query to the model a head on the router member's features predicts is best."""
-  if state is None or "head" not in state:
-    raise core.StrategyError("trained_router must be fitted on dev first (Strategy.fit)")
+  """Route each query to the model the router names (kind "lm": the fine-tuned router's reply;
+  "head": a head on the router member's features)."""
+  key = "lora" if cfg.kind == "lm" else "head"
+  if state is None or key not in state:
+    raise core.StrategyError(f"trained_router (kind {cfg.kind!r}) must be fitted on dev first "
+                             "(Strategy.fit)")
+  rng, k_route = jax.random.split(rng)
+  if cfg.kind == "lm":
+    choice, reply = lm_router_choice(params_n, batch, k_route, cfg, env, state)
+    out = _answers_routed(params_n, batch, rng, env, choice)
+    return out.replace(extras=out.extras | {"router_reply": reply})
   feats = query_features(core.member(params_n, cfg.router), batch.prompt, batch.prompt_mask,
                          config=env.config)
-  choice = jnp.argmax(_head_apply(state["head"], _standardise(feats, state)), -1)
-  return _answers_routed(params_n, batch, rng, env, choice.astype(jnp.int32))
+  return _answers_routed(params_n, batch, rng, env, route_choice("trained_router", state, cfg,
+                                                                 feats))
 
 
 # -------------------------------------------------------------------------------------------------
-# Graph router: a bipartite GNN over query and model nodes with dev-score edges (GraphRouter).
+# Graph router.
+
+
+class GeneralConv(nn.Module):
+  """torch_geometric's GeneralConv at its defaults (directed messages, add aggregation, one head,
+  no attention; in = out channels, so the self term is the identity): x_i + sum over visible
+  edges j -> i of (W_msg x_j + b_msg + W_edge e_ji + b_edge)."""
+
+  channels: int
+
+  @nn.compact
+  def __call__(self, x, src, dst, edge_attr, visible):
+    msg = nn.Dense(self.channels, name="lin_msg")(x[src]) + nn.Dense(
+        self.channels, name="lin_edge")(edge_attr)
+    msg = jnp.where(visible[:, None], msg, 0.0)
+    return x + jnp.zeros_like(x).at[dst].add(msg)
+
+
+class ReferenceGraphNet(nn.Module):
+  """The reference's EncoderDecoderNet (GitHub BunsenFeng/model_collaboration,
+  model_collaboration/method/api_graph_routing.py): task and query features -> `hidden` each
+  (concatenated), model features -> 2 `hidden`; edge features through a ReLU'd Linear(3, 3); two
+  GeneralConv layers with BatchNorm (ReLU between); an edge (query q, model m) scores
+  sigmoid(mean(x_initial[q] * x[m])). Edges run from queries to models only."""
+
+  hidden: int = 8
+
+  @nn.compact
+  def __call__(self, task, query, llm, src, dst, edges, visible, train: bool):
+    x0 = jnp.concatenate([
+        jnp.concatenate([nn.Dense(self.hidden, name="task_transform")(task),
+                         nn.Dense(self.hidden, name="query_transform")(query)], 1),
+        nn.Dense(2 * self.hidden, name="llm_transform")(llm)], 0)
+    e = jax.nn.relu(nn.Dense(edges.shape[-1], name="edge_mlp")(edges))
+    # torch BatchNorm1d: momentum 0.1 (flax 0.9), eps 1e-5.
+    bn = lambda name: nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
+                                   name=name)
+    x = jax.nn.relu(bn("bn1")(GeneralConv(2 * self.hidden, name="conv1")(x0, src, dst, e,
+                                                                         visible)))
+    x = bn("bn2")(GeneralConv(2 * self.hidden, name="conv2")(x, src, dst, e, visible))
+    return jax.nn.sigmoid(jnp.mean(x0[src] * x[dst], -1))
+
+
+def _graph(q: int, n: int):
+  """Edges query b -> model i in the reference's order (b major): src, dst node ids [Q * N]."""
+  src = np.repeat(np.arange(q), n)
+  return jnp.asarray(src), jnp.asarray(q + np.tile(np.arange(n), q))
+
+
+def _unit(x):
+  return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+
+
+def macro_f1(labels: np.ndarray, predicted: np.ndarray) -> float:
+  """sklearn's f1_score(average="macro"): the mean F1 over the classes in either array."""
+  f1s = []
+  for c in np.union1d(labels, predicted):
+    tp = np.sum((predicted == c) & (labels == c))
+    fp, fn = np.sum((predicted == c) & (labels != c)), np.sum((predicted != c) & (labels == c))
+    f1s.append(0.0 if tp == 0 else 2 * tp / (2 * tp + fp + fn))
+  return float(np.mean(f1s))
+
+
+@dataclasses.dataclass(frozen=True)
+class GraphRouterConfig:
+  kind: str = "reference"  # "reference": the reference's GNN and protocol; "fast": ours.
+  router: int = 0  # The pool member whose hidden states stand in for the sentence encoder.
+  seed: int = 0
+  # kind "reference" (api_graph_routing.py's defaults).
+  hidden_features: int = 8
+  epochs: int = 500
+  masks_per_epoch: int = 32  # The reference's `batch_size`: random edge masks per step.
+  train_mask_rate: float = 0.5
+  reference_learning_rate: float = 1e-4
+  reference_weight_decay: float = 1e-4
+  split: tuple[float, float] = (0.8, 0.1)  # Dev queries for training, validation (rest unused).
+  # How test queries are routed: "reference" (a new graph of the batch's queries, every edge
+  # visible with dummy features (1, 1, 1), as the reference routes its test set) or "dev" (they
+  # join the training graph with their own edges hidden, as the validation queries that
+  # selected the params were routed; a query's choice then depends on no other query).
+  test_graph: str = "reference"
+  # kind "fast".
+  width: int = 64
+  steps: int = 300
+  learning_rate: float = 3e-3
+  message_fraction: float = 0.5  # Dev queries whose edges carry messages in a training step.
+  costs: tuple[float, ...] | None = None  # Per-model cost edge feature (default 0).
+
+  def __post_init__(self):
+    if self.kind not in ("reference", "fast"):
+      raise ValueError(f"graph_router kind must be 'reference' or 'fast', got {self.kind!r}")
+    if self.test_graph not in ("dev", "reference"):
+      raise ValueError(f"graph_router test_graph must be 'dev' or 'reference', got "
+                       f"{self.test_graph!r}")
+
+
+def _member_features(pool, dev: core.DevData, chunk: int = 32) -> np.ndarray:
+  """Each member's mean query feature over the dev prompts [N, D] (the model-description
+  stand-in)."""
+  b = dev.batch
+  return np.stack([np.concatenate([np.asarray(query_features(
+      pool.member(i), b.prompt[s:s + chunk], b.prompt_mask[s:s + chunk], config=pool.config))
+      for s in range(0, b.prompt.shape[0], chunk)]).mean(0) for i in range(pool.size)])
+
+
+def _fit_reference_graph(pool, dev, cfg: GraphRouterConfig):
+  """The reference's protocol: one-hot best-model edge labels (argmax of the dev score, ties to
+  the lower index); training edges: the first 80% of the dev queries (seeded order), each epoch
+  `masks_per_epoch` random masks hiding each training edge with probability 0.5 (hidden edges
+  are predicted, the rest carry messages), the mean BCE, one AdamW step; after each epoch the
+  validation queries (the next 10%) are routed with the training edges visible and the params
+  with the best macro F1 kept."""
+  scores = _check_dev(dev, pool.size, "graph_router").T.astype(np.float32)  # [Q, N]
+  q, n = scores.shape
+  query = _unit(jnp.asarray(_dev_features(pool, dev, cfg.router)))
+  llm = _unit(jnp.asarray(_member_features(pool, dev)))
+  task = jnp.broadcast_to(_unit(jnp.mean(query, 0)), query.shape)
+  effect = scores.reshape(-1)
+  edges = jnp.asarray(np.stack([effect, np.ones_like(effect), effect], -1))  # [effect, cost, effect]
+  labels = np.zeros((q, n), np.float32)
+  labels[np.arange(q), np.argmax(scores, 1)] = 1.0
+  labels = jnp.asarray(labels.reshape(-1))
+  perm = np.random.default_rng(cfg.seed).permutation(q)
+  n_train, n_val = int(q * cfg.split[0]), int(q * cfg.split[1])
+  role = np.zeros(q, np.int32)  # 0 train, 1 validation, 2 unused.
+  role[perm[n_train:n_train + n_val]] = 1
+  role[perm[n_train + n_val:]] = 2
+  train_edges = jnp.asarray(np.repeat(role == 0, n))
+  val_rows = np.flatnonzero(role == 1)
+  src, dst = _graph(q, n)
+  net = ReferenceGraphNet(cfg.hidden_features)
+  key = jax.random.key(cfg.seed)
+  variables = net.init(key, task, query, llm, src, dst, edges, train_edges, train=False)
+  params, stats = variables["params"], variables["batch_stats"]
+  opt = optax.adamw(cfg.reference_learning_rate, weight_decay=cfg.reference_weight_decay)
+
+  @jax.jit
+  def epoch(params, stats, opt_state, key):
+    def one(carry, key):
+      stats, grads, total = carry
+      hide = train_edges & (jax.random.uniform(key, train_edges.shape) < cfg.train_mask_rate)
+
+      def loss(p):
+        probs, new = net.apply({"params": p, "batch_stats": stats}, task, query, llm, src, dst,
+                               edges, train_edges & ~hide, train=True, mutable=["batch_stats"])
+        w = hide.astype(jnp.float32)  # torch BCELoss over the hidden edges (log clamped at -100).
+        losses = -(labels * jnp.maximum(jnp.log(probs), -100)
+                   + (1 - labels) * jnp.maximum(jnp.log1p(-probs), -100))
+        return jnp.sum(losses * w) / jnp.maximum(jnp.sum(w), 1.0), new["batch_stats"]
+
+      (value, stats), g = jax.value_and_grad(loss, has_aux=True)(params)
+      return (stats, jax.tree.map(jnp.add, grads, g), total + value), None
+
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    (stats, grads, total), _ = jax.lax.scan(one, (stats, zeros, 0.0),
+                                            jax.random.split(key, cfg.masks_per_epoch))
+    grads = jax.tree.map(lambda g: g / cfg.masks_per_epoch, grads)
+    updates, opt_state = opt.update(grads, opt_state, params)
+    params = optax.apply_updates(params, updates)
+    probs = net.apply({"params": params, "batch_stats": stats}, task, query, llm, src, dst, edges,
+                      train_edges, train=False)
+    return params, stats, opt_state, probs.reshape(q, n), total / cfg.masks_per_epoch
+
+  opt_state = opt.init(params)
+  best, best_f1, losses = (params, stats), -1.0, []
+  truth = np.argmax(scores[val_rows], 1)
+  for k in jax.random.split(jax.random.fold_in(key, 1), cfg.epochs):
+    params, stats, opt_state, probs, value = epoch(params, stats, opt_state, k)
+    losses.append(float(value))
+    if len(val_rows):
+      f1 = macro_f1(truth, np.argmax(np.asarray(probs)[val_rows], 1))
+      if f1 > best_f1:
+        best, best_f1 = (params, stats), f1
+  if not len(val_rows):
+    best = (params, stats)
+  return {"gnn": best[0], "batch_stats": best[1], "llm": llm, "task": task[0],
+          "dev_query": query, "dev_edges": edges, "dev_visible": train_edges,
+          "train": {"first_loss": losses[0], "final_loss": losses[-1],
+                    "best_validation_f1": best_f1, "validation_queries": len(val_rows)}}
+
+
+def reference_graph_choice(state, feats, cfg: GraphRouterConfig) -> jax.Array:
+  """Each query to the model with the highest edge score [B] int32. test_graph "reference": the
+  queries form a new graph with the model nodes, every edge visible with dummy features
+  (1, 1, 1); "dev": they join the dev graph, whose training edges carry the messages, their own
+  edges hidden (then a query's choice depends on no other test query)."""
+  query = _unit(feats)
+  b, n = query.shape[0], state["llm"].shape[0]
+  edges, visible = jnp.ones((b * n, 3), jnp.float32), jnp.ones((b * n,), bool)
+  if cfg.test_graph == "dev":
+    query = jnp.concatenate([state["dev_query"], query])
+    edges = jnp.concatenate([state["dev_edges"], edges])
+    visible = jnp.concatenate([state["dev_visible"], jnp.zeros((b * n,), bool)])
+  src, dst = _graph(query.shape[0], n)
+  probs = ReferenceGraphNet(cfg.hidden_features).apply(
+      {"params": state["gnn"], "batch_stats": state["batch_stats"]},
+      jnp.broadcast_to(state["task"], query.shape), query, state["llm"], src, dst, edges,
+      visible, train=False)
+  return jnp.argmax(probs.reshape(-1, n)[-b:], -1).astype(jnp.int32)
 
 
 class GraphRouterNet(nn.Module):
@@ -181,23 +506,14 @@ class GraphRouterNet(nn.Module):
     return edge(jnp.concatenate([pair_q, pair_m], -1))[..., 0]
 
 
-@dataclasses.dataclass(frozen=True)
-class GraphRouterConfig:
-  router: int = 0
-  width: int = 64
-  steps: int = 300
-  learning_rate: float = 3e-3
-  message_fraction: float = 0.5  # Dev queries whose edges carry messages in a training step.
-  costs: tuple[float, ...] | None = None  # Per-model cost edge feature (default 0).
-  seed: int = 0
-
-
 def _edge_features(scores_qn, costs_n):
   return jnp.stack([scores_qn, jnp.broadcast_to(costs_n, scores_qn.shape)], -1)
 
 
 def _fit_graph_router(pool, dev, cfg: GraphRouterConfig, env, rng):
   del env, rng
+  if cfg.kind == "reference":
+    return _fit_reference_graph(pool, dev, cfg)
   scores = _check_dev(dev, pool.size, "graph_router").T.astype(np.float32)  # [Q, N]
   feats = _dev_features(pool, dev, cfg.router)
   mean, std = feats.mean(0), feats.std(0) + 1e-6
@@ -237,22 +553,38 @@ def _fit_graph_router(pool, dev, cfg: GraphRouterConfig, env, rng):
           "dev_edges": edges, "train": {"final_loss": losses[-1]}}
 
 
+def fast_graph_choice(state, feats, cfg: GraphRouterConfig) -> jax.Array:
+  """Kind "fast": the queries join the dev graph as nodes without visible edges; each goes to the
+  model with the highest predicted edge score. Returns (choice [B] int32, edge scores [B, N])."""
+  n, qd = state["dev_edges"].shape[1], state["dev_x"].shape[0]
+  b = feats.shape[0]
+  x = jnp.concatenate([state["dev_x"], _standardise(feats, state)])
+  edges = jnp.concatenate([state["dev_edges"], jnp.zeros((b, n, 2), jnp.float32)])
+  known = jnp.concatenate([jnp.ones((qd, n), bool), jnp.zeros((b, n), bool)])
+  logits = GraphRouterNet(n, cfg.width).apply(state["gnn"], x, edges, known)[qd:]
+  return jnp.argmax(logits, -1).astype(jnp.int32), logits
+
+
+def route_choice(name: str, state, cfg, feats) -> jax.Array:
+  """The choice [B] of a fitted feature router from the router member's query features."""
+  key = {"trained_router": "head", "graph_router": "gnn"}[name]
+  if state is None or key not in state:
+    raise core.StrategyError(f"{name} must be fitted on dev first (Strategy.fit)")
+  if name == "trained_router":
+    return jnp.argmax(_head_apply(state["head"], _standardise(feats, state)), -1).astype(
+        jnp.int32)
+  if cfg.kind == "reference":
+    return reference_graph_choice(state, feats, cfg)
+  return fast_graph_choice(state, feats, cfg)[0]
+
+
 @core.register("graph_router", "api", GraphRouterConfig, fit=_fit_graph_router, min_models=2)
 def graph_router(params_n, batch: core.Batch, rng, *, cfg: GraphRouterConfig, env: core.Env,
                  state=None):
-  """Route each query to the model with the highest predicted edge score; the test queries join
-  the dev graph as nodes without visible edges."""
-  if state is None or "gnn" not in state:
-    raise core.StrategyError("graph_router must be fitted on dev first (Strategy.fit)")
-  n = core.num_models(params_n)
+  """Route each query to the model with the highest predicted edge score (kind "reference": a new
+  graph of the batch's queries, as the reference routes its test set; "fast": the queries join
+  the dev graph)."""
   feats = query_features(core.member(params_n, cfg.router), batch.prompt, batch.prompt_mask,
                          config=env.config)
-  x = jnp.concatenate([state["dev_x"], _standardise(feats, state)])
-  B, Qd = feats.shape[0], state["dev_x"].shape[0]
-  edges = jnp.concatenate([state["dev_edges"], jnp.zeros((B, n, 2), jnp.float32)])
-  known = jnp.concatenate([jnp.ones((Qd, n), bool), jnp.zeros((B, n), bool)])
-  logits = GraphRouterNet(n, cfg.width).apply(state["gnn"], x, edges, known)[Qd:]
-  choice = jnp.argmax(logits, -1).astype(jnp.int32)
-  out = _answers_routed(params_n, batch, rng, env, choice)
-  return out.replace(extras=out.extras | {"edge_scores": logits})
-
+  return _answers_routed(params_n, batch, rng, env, route_choice("graph_router", state, cfg,
+                                                                 feats))

@@ -49,6 +49,11 @@ _BUILDERS: dict[str, Callable[[int, Any], str]] = {
         + "\n\n".join([_SLOT] * (n - 1))
         + f"\nYour previous answer: {_SLOT}\nPlease provide a refined and correct answer to the "
           "question."),
+    # .../method/api_trained_router.py (no model descriptions): the LM router's prompt.
+    "router": lambda n, cfg: (
+        "You are an AI assistant tasked with choosing the best model to answer the user's "
+        f"question.\n\nQuestion: {_SLOT}\n\nBased on your knowledge, choose the best model "
+        f"(1-{n}) to answer the question."),
     "fuse": lambda n, cfg: (
         f"{_SLOT}\n\nHere are the best candidate answers, best first:\n\n"
         + _answers([f"Candidate {k + 1}" for k in range(min(cfg.top_k, n))])

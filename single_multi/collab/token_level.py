@@ -12,6 +12,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from single_multi import decoding, pool as pool_lib
 from single_multi.collab import core
@@ -160,13 +161,25 @@ def proxy_tuning(params_n, batch: core.Batch, rng, *, cfg: ProxyTuningConfig, en
 
 @dataclasses.dataclass(frozen=True)
 class ContrastiveConfig:
-  """Contrastive decoding (Li et al. 2023): log p_expert - beta * log p_amateur over the tokens
-  with p_expert >= alpha * max p_expert."""
+  """kind "reference" (default): the reference's logit contrastive (GitHub BunsenFeng/
+  model_collaboration, model_collaboration/method/logit_logit_contrastive.py): the k best and k
+  worst models on dev (mean dev score; ties keep the lower index first), next-token logits
+  top_1 + lam * (sum of the top k - sum of the bottom k), k = 1, lam = 0.2 (`fit`).
+  kind "li": contrastive decoding (Li et al. 2023): log p_expert - beta * log p_amateur over the
+  tokens with p_expert >= alpha * max p_expert."""
 
+  kind: str = "reference"
+  k: int = 1
+  lam: float = 0.2
   expert: int = 0
   amateur: int = 1
   alpha: float = 0.1
   beta: float = 1.0
+
+  def __post_init__(self):
+    if self.kind not in ("reference", "li"):
+      raise ValueError(f"contrastive_decoding kind must be 'reference' or 'li', got "
+                       f"{self.kind!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -185,23 +198,78 @@ class ContrastiveCombine:
     return self.sampler(scores, key), jax.nn.log_softmax(scores), state
 
 
-@core.register("contrastive_decoding", "logit", ContrastiveConfig, min_models=2)
+@dataclasses.dataclass(frozen=True)
+class WeightedLogits:
+  """Next-token logits sum_n w_n logits_n, then sample. w: the combine state (decoding), or
+  bound here (`weights`, for teacher-forced scoring; an array field: never a static argument)."""
+
+  sampler: Any = decoding.Greedy()
+  weights: Any = None
+
+  def __call__(self, logits_nbv, state, key):
+    w = jnp.asarray(self.weights if state is None else state, jnp.float32)
+    fused = jnp.einsum("n,nbv->bv", w, logits_nbv.astype(jnp.float32))
+    return self.sampler(fused, key), jax.nn.log_softmax(fused), state
+
+
+def contrastive_weights(dev_means, k: int, lam: float) -> np.ndarray:
+  """The reference's logit operation as weights on the models' logits: top_1 + lam * (top k -
+  bottom k), with the models sorted by mean dev score (descending; a stable sort)."""
+  order = sorted(range(len(dev_means)), key=lambda i: dev_means[i], reverse=True)
+  w = np.zeros(len(dev_means), np.float32)
+  w[order[0]] += 1.0
+  for i in range(k):
+    w[order[i]] += lam
+    w[order[len(order) - k + i]] -= lam
+  return w
+
+
+def _fit_contrastive(pool, dev, cfg: ContrastiveConfig, env, rng):
+  del env, rng
+  if cfg.kind != "reference":
+    return {}
+  if dev is None or dev.scores is None:
+    raise core.StrategyError("contrastive_decoding (kind 'reference') picks its top and bottom "
+                             "models by dev scores: fit it with DevData(scores=[N, Q])")
+  means = np.asarray(dev.scores, np.float64).mean(axis=1)
+  return {"weights": jnp.asarray(contrastive_weights(means.tolist(), cfg.k, cfg.lam)),
+          "dev_means": jnp.asarray(means, jnp.float32)}
+
+
+def _contrastive_weights_of(state):
+  if state is None or "weights" not in state:
+    raise core.StrategyError("contrastive_decoding (kind 'reference') must be fitted on dev "
+                             "first (Strategy.fit)")
+  return state["weights"]
+
+
+@core.register("contrastive_decoding", "logit", ContrastiveConfig, fit=_fit_contrastive,
+               min_models=2)
 def contrastive_decoding(params_n, batch: core.Batch, rng, *, cfg: ContrastiveConfig,
                          env: core.Env, state=None):
-  """Prefer what the expert finds likely and the amateur does not, among plausible tokens."""
-  combine = ContrastiveCombine(cfg.expert, cfg.amateur, cfg.alpha, cfg.beta, env.sampler)
-  out = pool_lib.decode_combined(params_n, batch.prompt, batch.prompt_mask, rng, combine=combine,
-                                 return_rows=env.return_rows, **env.decode_kw)
+  """Reference: the dev-best model's logits pushed along (best - worst); "li": prefer what the
+  expert finds likely and the amateur does not, among plausible tokens."""
+  weights = None
+  if cfg.kind == "reference":
+    weights = _contrastive_weights_of(state)
+    combine = WeightedLogits(env.sampler)
+  else:
+    combine = ContrastiveCombine(cfg.expert, cfg.amateur, cfg.alpha, cfg.beta, env.sampler)
+  out = pool_lib.decode_combined(params_n, batch.prompt, batch.prompt_mask, rng, weights,
+                                 combine=combine, return_rows=env.return_rows, **env.decode_kw)
   return _output(out, env)
 
 
-def combine_for(name: str, cfg, sampler=decoding.Greedy()):
-  """The per-step combine of a logit-level strategy (teacher-forced scoring, on-policy KD)."""
+def combine_for(name: str, cfg, sampler=decoding.Greedy(), state=None):
+  """The per-step combine of a logit-level strategy (teacher-forced scoring, on-policy KD), with
+  what its fitted `state` binds."""
   if name == "logit_fusion":
     return pool_lib.LogitAverage(cfg.weights, cfg.space, sampler)
   if name == "proxy_tuning":
     return ProxyCombine(cfg.base, cfg.expert, cfg.anti_expert, cfg.alpha, sampler)
   if name == "contrastive_decoding":
+    if cfg.kind == "reference":
+      return WeightedLogits(sampler, _contrastive_weights_of(state))
     return ContrastiveCombine(cfg.expert, cfg.amateur, cfg.alpha, cfg.beta, sampler)
   raise core.StrategyError(f"{name} has no stateless per-token combine to score given tokens "
                            "with; on-policy distillation supports logit_fusion, proxy_tuning and "
