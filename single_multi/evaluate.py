@@ -109,6 +109,15 @@ def bootstrap_ci(scores: Sequence[float], samples: int = 1000, seed: int = 0,
   return (float(np.percentile(means, tail)), float(np.percentile(means, 100 - tail)))
 
 
+def paired_bootstrap_ci(a: Sequence[float], b: Sequence[float], samples: int = 1000,
+                        seed: int = 0, level: float = 0.95) -> tuple[float, float]:
+  """Percentile bootstrap interval of mean(a - b) over the same rows, resampled together."""
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  if a.shape != b.shape:
+    raise ValueError(f"paired scores need the same rows: {a.shape} vs {b.shape}")
+  return bootstrap_ci(a - b, samples=samples, seed=seed, level=level)
+
+
 def aggregate(records: Sequence[dict[str, Any]], metric_keys: Sequence[str], seed: int = 0
               ) -> dict[str, Any]:
   """{model: {metric: {mean, ci95, n}, "by_subject": {subject: mean of the first metric}}}."""
