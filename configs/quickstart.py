@@ -61,7 +61,8 @@ def get_config() -> config_dict.ConfigDict:
   # Fields allowed to differ from the workdir's recorded config when a run resumes, e.g.
   # ("rounds",) to extend a finished run; any other change is refused (evolve.py).
   c.resume_allow = ()
-  # True: each round is one jax.jit program (supervised_kd / logit_kd; a checkpoint per round).
+  # True: each round is one jax.jit program (every distillation method but the correctness
+  # filter; a checkpoint per round).
   c.fused_round = False
   # --dry_run with a TPU topology ("v5p:2x2x2"): compile every program for it (compile_plan.py).
   c.compile_topology = ""

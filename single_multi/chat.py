@@ -42,14 +42,6 @@ def define_flags() -> None:
   flags.DEFINE_string("output", None, "Optional JSONL file for {prompt, reply}.")
 
 
-def make_sampler(temperature: float, top_p: float = 1.0, top_k: int = 0):
-  if temperature < 0:
-    raise ValueError(f"temperature must be >= 0, got {temperature}")
-  if temperature == 0:
-    return decoding.Greedy()
-  return decoding.Sampling(temperature=temperature, top_p=top_p, top_k=top_k)
-
-
 def reply_all(model: Model, prompts: Sequence[str], *, batch_size: int, max_new_tokens: int,
               sampler, seed: int = 0) -> list[dict]:
   """Replies to single-turn chat prompts in batches (progress bar); records {prompt, reply}."""
@@ -96,7 +88,7 @@ def main(argv):
     raise app.UsageError("give at least one --prompt or a --prompts_file")
   run(FLAGS.model, prompts, dtype=FLAGS.dtype, batch_size=FLAGS.batch_size,
       max_new_tokens=FLAGS.max_new_tokens,
-      sampler=make_sampler(FLAGS.temperature, FLAGS.top_p, FLAGS.top_k), seed=FLAGS.seed,
+      sampler=decoding.make_sampler(FLAGS.temperature, FLAGS.top_p, FLAGS.top_k), seed=FLAGS.seed,
       output=FLAGS.output)
 
 

@@ -113,10 +113,11 @@ def rows_struct(mesh, shape, dtype=jnp.int32, pool: bool = False):
   return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding.rows(mesh, shape, pool))
 
 
-def key_struct(mesh):
+def key_struct(mesh, rows: int):
+  """Per-row sampling keys [rows] (`evaluate.example_keys`), placed like the rows."""
   key = jax.eval_shape(lambda: jax.random.key(0))
-  everywhere = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  return jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=everywhere)
+  return jax.ShapeDtypeStruct((rows,), key.dtype,
+                              sharding=sharding.named(mesh, (rows,), ("batch",)))
 
 
 class _LengthTokenizer:
@@ -177,7 +178,7 @@ def programs(config, arch, n: int, mesh, tokenizer=None) -> list[Program]:
                         return_rows=dcfg.method == "logit_kd")
   prompt, mask = rows_struct(mesh, (B, P)), rows_struct(mesh, (B, P))
   batch = collab.Batch(prompt, mask, rows_struct(mesh, (B, P)), rows_struct(mesh, (B, P)))
-  rng = key_struct(mesh)
+  rng = key_struct(mesh, B)
   out = [Program("singles_decode", pool_lib.decode_each, (params, prompt, mask, rng),
                  dict(sampler=env.sampler, **env.decode_kw))]
   spec = collab.get(config.strategy)
@@ -221,7 +222,9 @@ def programs(config, arch, n: int, mesh, tokenizer=None) -> list[Program]:
     steps = distill.num_steps(R, dcfg)
     order = jax.ShapeDtypeStruct((steps, per_step), jnp.int32, sharding=place.replicated)
     eos = env.stop_ids[0] if env.stop_ids else 0
-    out.append(Program("round", evolve.round_program, (params, dev, test, order, rng, None),
+    keys = {"dev_collab": key_struct(mesh, R), "policy": key_struct(mesh, R),
+            "test_singles": key_struct(mesh, Q), "test_collab": key_struct(mesh, Q)}
+    out.append(Program("round", evolve.round_program, (params, dev, test, order, keys, None),
                        dict(strategy=config.strategy, cfg=scfg, env=env, dcfg=dcfg, eos=eos,
                             evaluate_test=True, policy_sampler=evolve.policy_sampler(config)),
                        f"{R} dev rows, {Q} test rows, {steps} optimizer steps"
@@ -258,6 +261,8 @@ def _replicated_args(program: Program, compiled) -> list[dict[str, Any]]:
     return out
   structs = [(p, x) for p, x in leaves if isinstance(x, jax.ShapeDtypeStruct)]
   for (path, leaf), sh in zip(structs, shardings):
+    if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):  # Sampling keys: a few bytes.
+      continue
     nbytes = math.prod(leaf.shape) * np.dtype(leaf.dtype).itemsize if leaf.shape else 0
     if nbytes >= BIG and sh.is_fully_replicated and len(sh.device_set) > 1:
       out.append({"array": jax.tree_util.keystr(path), "shape": list(leaf.shape),

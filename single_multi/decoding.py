@@ -21,7 +21,42 @@ from single_multi.models.config import ModelConfig
 
 
 # -------------------------------------------------------------------------------------------------
-# Samplers: small frozen dataclasses, `sampler(logits_bv, rng) -> tokens_b`.
+# Keys. A decode takes one key, one key per model [N], or one key per row ([B], or [N, B] in a
+# pool): per-row keys make each row's samples independent of the batch it is decoded in (its
+# size, its length bucket, its process), e.g. `row_keys(key, example numbers)`.
+
+
+def fold_keys(keys: jax.Array, data) -> jax.Array:
+  """fold_in(key, data) for one key or elementwise for an array of keys."""
+  if keys.ndim == 0:
+    return jax.random.fold_in(keys, data)
+  flat = keys.reshape(-1)
+  return jax.vmap(lambda k: jax.random.fold_in(k, data))(flat).reshape(keys.shape)
+
+
+def split_keys(keys: jax.Array, num: int = 2) -> jax.Array:
+  """[num, *keys.shape]: `num` independent keys from each key (one key: jax.random.split)."""
+  if keys.ndim == 0:
+    return jax.random.split(keys, num)
+  flat = jax.vmap(lambda k: jax.random.split(k, num), out_axes=1)(keys.reshape(-1))
+  return flat.reshape((num, *keys.shape))
+
+
+def row_keys(key: jax.Array, numbers) -> jax.Array:
+  """[B] keys: fold_in(key, numbers[b]) (e.g. stable numbers of the rows' example ids)."""
+  return jax.vmap(lambda n: jax.random.fold_in(key, n))(jnp.asarray(numbers, jnp.uint32))
+
+
+def _per_key(fn, logits, rng):
+  """fn(logits [..., V], one key), mapped over the leading axes that `rng` has keys for."""
+  for _ in range(rng.ndim):
+    fn = jax.vmap(fn)
+  return fn(logits, rng)
+
+
+# -------------------------------------------------------------------------------------------------
+# Samplers: small frozen dataclasses, `sampler(logits [..., V], rng) -> tokens [...]`, where rng
+# is one key or one key per leading index (per model, per row).
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,6 +83,11 @@ class Sampling:
       raise ValueError(f"top_k must be >= 0, got {self.top_k}")
 
   def __call__(self, logits_bv: jax.Array, rng: jax.Array) -> jax.Array:
+    if rng.ndim:
+      return _per_key(self._one, logits_bv, rng)
+    return self._one(logits_bv, rng)
+
+  def _one(self, logits_bv: jax.Array, rng: jax.Array) -> jax.Array:
     logits = logits_bv.astype(jnp.float32) / self.temperature
     neg = jnp.finfo(jnp.float32).min
     if self.top_k:
@@ -62,6 +102,16 @@ class Sampling:
       threshold = jnp.min(kept, axis=-1, keepdims=True)
       logits = jnp.where(logits < threshold, neg, logits)
     return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
+
+
+def make_sampler(temperature: float, top_p: float = 1.0, top_k: int = 0):
+  """The sampler of a temperature (0: greedy), nucleus mass and top-k; the one constructor the
+  chat CLI and the loop share."""
+  if not math.isfinite(temperature) or temperature < 0:
+    raise ValueError(f"temperature must be a finite number >= 0, got {temperature}")
+  if temperature == 0:
+    return Greedy()
+  return Sampling(temperature=temperature, top_p=top_p, top_k=top_k)
 
 
 # -------------------------------------------------------------------------------------------------
@@ -83,23 +133,20 @@ class DecodeOutput:
 def sampler_choice(sampler):
   """A sampler as a `choose(logits, state, key) -> (token, logprob_row, state)` function.
 
-  With per-model keys [N] (a pool decoding independently) each model samples with its own key.
+  With per-model keys [N] (a pool decoding independently) each model samples with its own key;
+  with per-row keys each row with its own.
   """
 
   def choose(logits, state, key):
-    sample = sampler if key.ndim == 0 else jax.vmap(sampler)
-    return sample(logits, key), jax.nn.log_softmax(logits.astype(jnp.float32)), state
+    return sampler(logits, key), jax.nn.log_softmax(logits.astype(jnp.float32)), state
 
   return choose
 
 
 def _split(rng):
   """`rng, key = split(rng)` for one key or for a vector of per-model keys."""
-  if rng.ndim == 0:
-    rng, key = jax.random.split(rng)
-    return rng, key
-  pairs = jax.vmap(jax.random.split)(rng)
-  return pairs[:, 0], pairs[:, 1]
+  rng, key = split_keys(rng)
+  return rng, key
 
 
 def check_max_new_tokens(max_new_tokens: int) -> None:
@@ -120,6 +167,9 @@ def decode_loop(step_fn, cache, logits, rng, choose, choose_state=None, *, max_n
   check_max_new_tokens(max_new_tokens)
   choice_shape = jax.eval_shape(choose, logits, choose_state, rng)
   shape, vocab = choice_shape[0].shape, choice_shape[1].shape[-1]
+  # A key per chosen token (per row): step t's key is fold_in(row key, t), so a row's samples do
+  # not depend on the other rows. Otherwise (one key, per-model keys) a split chain.
+  per_row = rng.ndim > 0 and tuple(rng.shape) == tuple(shape)
   stop = jnp.asarray(stop_ids if stop_ids else (-1,), jnp.int32)
   if limits is None:
     limits = jnp.full(shape, max_new_tokens, jnp.int32)
@@ -129,7 +179,10 @@ def decode_loop(step_fn, cache, logits, rng, choose, choose_state=None, *, max_n
 
   def body(carry):
     step, done = carry["step"], carry["done"]
-    rng, key = _split(carry["rng"])
+    if per_row:
+      rng, key = carry["rng"], fold_keys(carry["rng"], step)
+    else:
+      rng, key = _split(carry["rng"])
     token, row, state = choose(carry["logits"], carry["state"], key)
     token = jnp.where(done, pad_id, token)
     logp = jnp.take_along_axis(row, token[..., None], axis=-1)[..., 0]
@@ -230,6 +283,12 @@ def encode_chat(tokenizer, messages: Sequence[dict[str, str]]) -> list[int]:
   return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
+def pad_id_of(tokenizer) -> int:
+  """The tokenizer's pad id; 0 when it has none (or there is no tokenizer)."""
+  pad = getattr(tokenizer, "pad_token_id", None)
+  return 0 if pad is None else int(pad)
+
+
 def stop_ids_for(config: ModelConfig, tokenizer) -> tuple[int, ...]:
   ids = set(config.eos_token_ids)
   if tokenizer is not None and tokenizer.eos_token_id is not None:
@@ -254,7 +313,7 @@ def generate(model, prompts: Sequence[Sequence[dict[str, str]] | str], *, max_ne
     raise ValueError(f"a prompt of {longest} tokens plus max_new_tokens={max_new_tokens} exceeds "
                      f"the model's context of {context} tokens; shorten the prompt or lower "
                      "max_new_tokens")
-  pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
+  pad_id = pad_id_of(tok)
   prompt, mask = left_pad(ids, pad_id)
   out = decode(model.params, jnp.asarray(prompt), jnp.asarray(mask), jax.random.key(seed),
                config=model.config, sampler=sampler, max_new_tokens=max_new_tokens,

@@ -179,14 +179,16 @@ class Placement:
   def replicated(self):
     return jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
 
-  def put(self, tree, shardings):
+  @staticmethod
+  def put(tree, shardings):
     return None if tree is None else sharding.put(tree, shardings)
 
 
 @dataclasses.dataclass
 class DistillState:
   """What a distillation stage carries (and checkpoints): trainable params (LoRA or full) and
-  optimizer states, stacked over the pool; the frozen base params when training LoRA."""
+  optimizer states, stacked over the pool, and the step count. (The frozen base params, when
+  training LoRA, travel beside it.)"""
 
   trainable: Any
   opt_state: Any

@@ -22,6 +22,7 @@ import functools
 import json
 import os
 import time
+import zlib
 from typing import Any, Sequence
 
 import jax
@@ -276,6 +277,16 @@ def _score_generated(ex: common.Example, text: str, metric: str) -> dict[str, An
           "score": metrics.exact_match(text, ex.targets), "f1": metrics.token_f1(text, ex.targets)}
 
 
+def example_number(ex: common.Example | None) -> int:
+  """A stable 31-bit number of an example id (0 for a padding row)."""
+  return 0 if ex is None else zlib.crc32(ex.id.encode()) & 0x7FFFFFFF
+
+
+def example_keys(key: jax.Array, examples: Sequence[common.Example | None]) -> jax.Array:
+  """[B] per-row sampling keys: fold_in(key, example_number(example))."""
+  return decoding.row_keys(key, [example_number(e) for e in examples])
+
+
 def answer_key(ex: common.Example, text: str, metric: str):
   """The answer a vote counts for one reply, as the task's scoring extracts it: the option
   letter, the number, the extracted (MoCo) answer, else the normalised text; None: nothing."""
@@ -307,14 +318,17 @@ def evaluate(model: pool_lib.Pool | Model, examples: Sequence[common.Example], *
              progress: bool = True, seed: int = 0, share_prefix: bool = True,
              strategy: str | None = None, strategy_cfg: Any = None,
              strategy_state: Any = None, reference: Sequence[common.Example] | None = None,
-             reference_split: str = "dev", reward_model: Model | None = None) -> EvalResult:
+             reference_split: str = "dev", reward_model: Model | None = None,
+             sampler: Any = decoding.Greedy(), key: jax.Array | None = None) -> EvalResult:
   """Scores every valid example with every model; see the module docstring.
 
   strategy: score the pool's collaboration instead (a `collab` registry name; method "generate"):
   one record per example under the model name `strategy`, the strategy's config and fitted state
   as given. reference: the rows (of `reference_split`) whose most common gold letter is the
   position baseline; None: `examples` themselves. reward_model: scores rows of reward-model tasks
-  (`reward.load()`), needed only when there are such rows.
+  (`reward.load()`), needed only when there are such rows. sampler: how every answer is decoded
+  (temperature 0: `decoding.Greedy()`); each row samples with `example_keys(key, its example)`
+  (key default: `jax.random.key(seed)`), so its answer does not depend on the batching.
   """
   if method not in METHODS:
     raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
@@ -324,13 +338,15 @@ def evaluate(model: pool_lib.Pool | Model, examples: Sequence[common.Example], *
   check_reward_model(examples, metric, reward_model)
   pool = _as_pool(model)
   if strategy is not None:
-    env = collab.make_env(pool, strategy, strategy_cfg, max_new_tokens=max_new_tokens)
+    env = collab.make_env(pool, strategy, strategy_cfg, max_new_tokens=max_new_tokens,
+                          sampler=sampler)
     env_cfg = strategy_cfg if strategy_cfg is not None else collab.get(strategy).Config()
   make = pipeline.loglik_batches if method == "loglik" else pipeline.generation_batches
   batches = make(examples, prompter, batch_size=batch_size,
                  shard=(jax.process_index(), jax.process_count()))
   stop_ids = decoding.stop_ids_for(pool.config, pool.tokenizer)
   pad_id = pipeline.pad_id_of(pool.tokenizer)
+  key = jax.random.key(seed) if key is None else key
   records: list[dict[str, Any]] = []
   start, waited = time.perf_counter(), 0.0
   iterator = pipeline.prefetch(batches)
@@ -359,9 +375,10 @@ def evaluate(model: pool_lib.Pool | Model, examples: Sequence[common.Example], *
                           "score": float(raw in ex.correct),
                           "score_norm": float(norm in ex.correct)})
     else:
+      keys = example_keys(key, [examples[i] if i >= 0 else None for i in batch["index"]])
       if strategy is not None:
         out = collab.run(pool, strategy, collab.batch_from(batch), env=env, cfg=strategy_cfg,
-                         state=strategy_state, rng=jax.random.key(seed))
+                         state=strategy_state, rng=keys)
         names = (strategy,)
         tokens, lengths = np.asarray(out.tokens)[None], np.asarray(out.lengths)[None]
         spec = collab.get(strategy)
@@ -369,8 +386,8 @@ def evaluate(model: pool_lib.Pool | Model, examples: Sequence[common.Example], *
           tokens, lengths = selected(spec, out, examples, rows, pool.tokenizer, metric,
                                      env_cfg, strategy_state)
       else:
-        out = pool_lib.decode_each(pool.params, batch["tokens"], batch["mask"],
-                                   jax.random.key(seed), config=pool.config,
+        out = pool_lib.decode_each(pool.params, batch["tokens"], batch["mask"], keys,
+                                   config=pool.config, sampler=sampler,
                                    max_new_tokens=max_new_tokens, stop_ids=stop_ids,
                                    pad_id=pad_id)
         names = pool.names

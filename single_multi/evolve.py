@@ -51,7 +51,7 @@ from single_multi import reward as reward_lib
 from single_multi import sharding
 from single_multi import train as train_lib
 from single_multi.data import common, pipeline, tasks
-from single_multi.collab import merge as merge_lib
+from single_multi.collab import merge as merge_lib, token_level
 from single_multi.models import lora as lora_lib, loading
 
 STAGES = ("collaborate", "distill", "evaluate")
@@ -97,9 +97,19 @@ def distill_config(config: config_dict.ConfigDict) -> distill.DistillConfig:
 
 
 def sampler_of(config) -> Any:
-  if config.temperature and config.temperature > 0:
-    return decoding.Sampling(temperature=config.temperature, top_p=config.top_p)
-  return decoding.Greedy()
+  """The config's sampler, used by every decode of the loop (temperature 0: greedy)."""
+  return decoding.make_sampler(config.temperature, config.top_p)
+
+
+# What a sampling key is for; with the seed and the round it names every decode of the loop, and
+# each row folds in its example id (`evaluate.example_keys`), so a sample depends on neither the
+# batch size, the length bucket, the process count nor the round mode (staged or fused).
+PURPOSES = ("test_singles", "test_collab", "dev_singles", "dev_collab", "policy")
+
+
+def sample_key(seed: int, round_: int, purpose: str) -> jax.Array:
+  return jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), round_),
+                            PURPOSES.index(purpose))
 
 
 def policy_sampler(config) -> decoding.Sampling:
@@ -185,7 +195,8 @@ def _validate(config: config_dict.ConfigDict) -> None:
   if size < spec.min_models:
     raise ConfigError(f"strategy={config.strategy!r} needs at least {spec.min_models} models; "
                       f"the pool will have {size}" + (" (one per specialist)"
-                                                      if config.specialists else ""))
+                                                      if config.specialists else "")
+                      + ": give more models, or use strategy='single'")
   scfg = strategy_config(config)
   distill_config(config)
   level = spec.level
@@ -203,9 +214,16 @@ def _validate(config: config_dict.ConfigDict) -> None:
     raise ConfigError(f"fused_round: {config.strategy} votes on answers extracted from text on "
                       "the host (the reference's rule), which one program cannot; set "
                       "fused_round=False")
+  if config.distill.method == "on_policy_kd" and spec.combine is None:
+    raise ConfigError(f"on_policy_kd scores the students' samples with the collaboration token "
+                      f"by token; {config.strategy} cannot score given tokens: use one of "
+                      f"{token_level.scoring_strategies()}, or distill.method='logit_kd' / "
+                      "'supervised_kd'")
   if config.distill.method in ("logit_kd", "on_policy_kd") and level not in ("logit", "token"):
+    rowed = sorted(n for n, x in collab.REGISTRY.items() if x.level in ("logit", "token"))
     raise ConfigError(f"{config.distill.method} needs per-token teacher rows, which only logit- "
-                     f"and token-level strategies produce; {config.strategy} is {level}-level")
+                      f"and token-level strategies produce; {config.strategy} is {level}-level: "
+                      f"use one of {rowed}, or distill.method='supervised_kd'")
 
 
 # -------------------------------------------------------------------------------------------------
@@ -371,17 +389,22 @@ class Loop:
   progress: bool = True
   reward_model: Any = None  # Scores reward-model tasks' rows (loaded only for such tasks).
   merge_base: Any = None  # Task-vector merges: the base params, fixed across rounds.
+  round_: int = 0  # The round being run (the driver sets it): part of every sampling key.
 
   @property
   def kw(self) -> dict[str, Any]:
     return dict(prompter=self.prompter, task_name=self.task.name, metric=self.task.spec.metric,
                 batch_size=self.config.batch_size, max_new_tokens=self.config.max_new_tokens,
                 progress=self.progress, seed=self.config.seed, reference=self.dev,
-                reward_model=self.reward_model)
+                reward_model=self.reward_model, sampler=sampler_of(self.config))
+
+  def key(self, purpose: str) -> jax.Array:
+    """The sampling key of (seed, round, purpose); rows fold in their example ids."""
+    return sample_key(self.config.seed, self.round_, purpose)
 
   def singles(self, pool, examples, split, out_dir=None) -> evaluate.EvalResult:
     return evaluate.evaluate(pool, examples, split=split, method="generate", output_dir=out_dir,
-                             **self.kw)
+                             key=self.key(f"{split}_singles"), **self.kw)
 
   def fit(self, pool, dev_scores: np.ndarray | None):
     """The strategy's dev-fitted state with the current models."""
@@ -426,7 +449,7 @@ class Loop:
     return evaluate.evaluate(pool, examples, split=split, method="generate",
                              strategy=self.config.strategy,
                              strategy_cfg=strategy_config(self.config), strategy_state=state,
-                             output_dir=out_dir, **self.kw)
+                             output_dir=out_dir, key=self.key(f"{split}_collab"), **self.kw)
 
 
 def merge_base_params(config, pool: pool_lib.Pool):
@@ -501,29 +524,29 @@ def format_round(m: dict[str, Any]) -> str:
 # Teacher rows (logit_kd, on_policy_kd).
 
 
-def teacher_rows(loop: Loop, pool, state, on_policy: bool, rng) -> dict[str, np.ndarray]:
+def teacher_rows(loop: Loop, pool, state, on_policy: bool) -> dict[str, np.ndarray]:
   """Dev rows with the collaboration's per-token rows: its own outputs (logit_kd), or each
   student's samples scored by the collaboration (on_policy_kd: arrays [N, R, ...])."""
-  from single_multi.collab import token_level
-
   cfg = strategy_config(loop.config)
   env = collab.make_env(pool, loop.config.strategy, cfg, max_new_tokens=loop.config.max_new_tokens,
                         sampler=sampler_of(loop.config), return_rows=True)
   per_batch = []
-  for k, data in enumerate(pipeline.generation_batches(loop.dev, loop.prompter,
-                                                       batch_size=loop.config.batch_size)):
+  for data in pipeline.generation_batches(loop.dev, loop.prompter,
+                                          batch_size=loop.config.batch_size):
     live = data["index"] >= 0
     batch = collab.batch_from(data)
-    key = jax.random.fold_in(rng, k)
+    rows_of = [loop.dev[i] if i >= 0 else None for i in data["index"]]
     if not on_policy:
-      out = collab.run(pool, loop.config.strategy, batch, env=env, cfg=cfg, state=state, rng=key)
+      out = collab.run(pool, loop.config.strategy, batch, env=env, cfg=cfg, state=state,
+                       rng=evaluate.example_keys(loop.key("dev_collab"), rows_of))
       tokens, mask, loss = distill.sequences(batch.prompt, batch.prompt_mask, out.tokens,
                                              out.lengths)
       per_batch.append({"tokens": tokens[live], "mask": mask[live], "loss_mask": loss[live],
                         "teacher": out.rows[live]})
       continue
     combine = token_level.combine_for(loop.config.strategy, cfg, state=state)
-    sample = pool_lib.decode_each(pool.params, batch.prompt, batch.prompt_mask, key,
+    sample = pool_lib.decode_each(pool.params, batch.prompt, batch.prompt_mask,
+                                  evaluate.example_keys(loop.key("policy"), rows_of),
                                   sampler=policy_sampler(loop.config), **env.decode_kw)
     rows = []
     for i in range(pool.size):
@@ -622,23 +645,21 @@ def rows_with_eos(prompt, prompt_mask, tokens, lengths, stop_ids: Sequence[int],
   return distill.sequences(prompt, prompt_mask, tokens, at + 1)
 
 
-def _round_program(params_n, dev, test, order, rng, state, students=None, *, strategy, cfg, env,
+def _round_program(params_n, dev, test, order, keys, state, students=None, *, strategy, cfg, env,
                    dcfg, eos, evaluate_test, policy_sampler=None):
-  """Collaborate on all dev rows -> rows -> every optimizer step of the vmapped pool distillation
+  """keys: per-row sampling keys {"dev_collab", "policy": [R]; "test_singles", "test_collab":
+  [T]} (`Loop.key`, as the staged stages use them). Collaborate on all dev rows -> rows -> every optimizer step of the vmapped pool distillation
   (`distill.program`) -> [the distilled singles and the collaboration answer all test rows].
   on_policy_kd: every model samples its own answers to the dev rows (`policy_sampler`) and the
   collaboration scores each sample token by token; each model trains on its own rows.
   multi_student_kd: `students` = (the singles' dev tokens [N, R, M], lengths [N, R], the best
   student's index, own [R]: rows where a model learns its own answer, else the best student's);
   each model trains on the collaboration's rows and then those [N, 2R, ...]."""
-  from single_multi.collab import token_level
-
   run = collab.get(strategy).run
-  k_dev, k_single, k_test = jax.random.split(rng, 3)
-  out = run(params_n, dev, k_dev, cfg=cfg, env=env, state=state)
+  out = run(params_n, dev, keys["dev_collab"], cfg=cfg, env=env, state=state)
   per_model = dcfg.method == "on_policy_kd"
   if per_model:
-    sample = pool_lib.decode_each(params_n, dev.prompt, dev.prompt_mask, k_dev,
+    sample = pool_lib.decode_each(params_n, dev.prompt, dev.prompt_mask, keys["policy"],
                                   sampler=policy_sampler, **env.decode_kw)
     combine = token_level.combine_for(strategy, cfg, state=state)
 
@@ -673,9 +694,9 @@ def _round_program(params_n, dev, test, order, rng, state, students=None, *, str
   result = {"params": params_n, "losses": losses, "data": data,
             "dev": (out.tokens, out.lengths)}
   if evaluate_test:
-    singles = pool_lib.decode_each(params_n, test.prompt, test.prompt_mask, k_single,
+    singles = pool_lib.decode_each(params_n, test.prompt, test.prompt_mask, keys["test_singles"],
                                    sampler=env.sampler, **env.decode_kw)
-    together = run(params_n, test, k_test, cfg=cfg, env=env, state=state)
+    together = run(params_n, test, keys["test_collab"], cfg=cfg, env=env, state=state)
     result["singles"] = (singles.tokens, singles.lengths)
     result["collab"] = (together.tokens, together.lengths)
   return result
@@ -685,7 +706,7 @@ round_program = jax.jit(_round_program, static_argnames=(
     "strategy", "cfg", "env", "dcfg", "eos", "evaluate_test", "policy_sampler"))
 
 
-def fused_round(loop: Loop, pool, rng, out_dir):
+def fused_round(loop: Loop, pool, out_dir):
   """One round through `round_program`: tokenisation before (all dev rows, all test rows as one
   batch each), text scoring after. Where the round needs the singles' dev answers scored (a
   strategy fitted on dev; multi_student_kd's best student) they are decoded first, in token
@@ -715,10 +736,15 @@ def fused_round(loop: Loop, pool, rng, out_dir):
                                           pool.tokenizer, loop.task.spec.metric)
     return evaluate.finish(records, examples, names, split=split, output_dir=directory, **kw)
 
+  def keys_for(data, examples, purpose):
+    return evaluate.example_keys(loop.key(purpose), [examples[i] if i >= 0 else None
+                                                     for i in data["index"]])
+
   scores, students = None, None
   if loop.needs_dev_singles():
     out = pool_lib.decode_each(pool.params, dev_batch.prompt, dev_batch.prompt_mask,
-                               jax.random.fold_in(rng, 1), sampler=env.sampler, **env.decode_kw)
+                               keys_for(dev_data, loop.dev, "dev_singles"), sampler=env.sampler,
+                               **env.decode_kw)
     scores = _scores_matrix(scored(dev_data, loop.dev, pool.names, (out.tokens, out.lengths),
                                    "dev", out_dir / "singles_dev"), pool.names, loop.dev)
     if dcfg.method == "multi_student_kd":
@@ -728,8 +754,12 @@ def fused_round(loop: Loop, pool, rng, out_dir):
   refit = collab.get(config.strategy).fit is not None
   rows = len(loop.dev) * (2 if students is not None else 1)
   order = distill.step_order(rows, dcfg)
+  keys = {"dev_collab": keys_for(dev_data, loop.dev, "dev_collab"),
+          "policy": keys_for(dev_data, loop.dev, "policy"),
+          "test_singles": keys_for(test_data, loop.test, "test_singles"),
+          "test_collab": keys_for(test_data, loop.test, "test_collab")}
   res = round_program(pool.params, dev_batch, collab.batch_from(test_data),
-                      jnp.asarray(order), rng, state, students, strategy=config.strategy,
+                      jnp.asarray(order), keys, state, students, strategy=config.strategy,
                       cfg=strategy_config(config), env=env, dcfg=dcfg,
                       eos=decoding.stop_ids_for(pool.config, pool.tokenizer)[0],
                       evaluate_test=not refit,
@@ -858,7 +888,7 @@ def _run(config, workdir, pool, lock, *, progress: bool, stop_after: int | None)
                 f"{meta['stage']} was the last finished stage.")
       for index in range(start, len(stages)):
         r, stage = stages[index]
-        rng = jax.random.fold_in(jax.random.key(config.seed), index)
+        loop.round_ = r
         t0 = time.perf_counter()
         out_dir = workdir / f"round_{r}"
         if stage == "evaluate":
@@ -869,7 +899,7 @@ def _run(config, workdir, pool, lock, *, progress: bool, stop_after: int | None)
           record(m)
           arrays = {}
         elif stage == "round":  # config.fused_round: the round as one program.
-          pool, singles, collab_r, losses = fused_round(loop, pool, rng, out_dir)
+          pool, singles, collab_r, losses = fused_round(loop, pool, out_dir)
           distill_stats[str(r)] = {"first_loss": losses[0].tolist(),
                                    "last_loss": losses[-1].tolist(), "steps": len(losses)}
           m = round_metrics(r, singles, collab_r, pool.names, config.strategy)
@@ -881,7 +911,7 @@ def _run(config, workdir, pool, lock, *, progress: bool, stop_after: int | None)
           scores = None if dev_singles is None else _scores_matrix(dev_singles, pool.names, dev)
           state = loop.fit(pool, scores)
           if dcfg.method in ("logit_kd", "on_policy_kd"):
-            arrays = teacher_rows(loop, pool, state, dcfg.method == "on_policy_kd", rng)
+            arrays = teacher_rows(loop, pool, state, dcfg.method == "on_policy_kd")
           else:
             res = loop.collaboration(pool, dev, "dev", state, out_dir / "collaboration_dev")
             outputs = {x["id"]: x["output"] for x in res.records}

@@ -44,10 +44,11 @@ JOBS = ("evolve", "chat", "co_llm")
 
 
 def run_chat(config, workdir: str | None = None) -> list[dict]:
-  from single_multi import chat
+  from single_multi import chat, decoding
   return chat.run(config.model, list(config.prompts), dtype=config.dtype,
                   batch_size=config.batch_size, max_new_tokens=config.max_new_tokens,
-                  sampler=chat.make_sampler(config.temperature, config.top_p), seed=config.seed,
+                  sampler=decoding.make_sampler(config.temperature, config.top_p),
+                  seed=config.seed,
                   output=pathlib.Path(workdir) / "generations.jsonl" if workdir else None)
 
 

@@ -9,7 +9,7 @@ to all N models each step; the token comes from a pure
 the hook logit- and token-level collaboration strategies plug into (the row is the collaboration's
 next-token distribution: the teacher rows of logit distillation). All N caches advance together.
 
-Pool KV cache: k, v [N, L, B, S, K, H]; pos [N, B, S]; end [] shared (all models write the same
+Pool KV cache: k, v [N, L, B, K, S, H]; pos [N, B, S]; end [] shared (all models write the same
 slots, so the cache update stays a dynamic-update-slice under vmap).
 """
 
@@ -158,8 +158,8 @@ def _decode(params_n, prompt_bt, prompt_mask_bt, rng, choose, choose_state, *,
                             extra_head=extra_head)
     return logits[:, :, -1], cache
 
-  if per_model_tokens:  # Model i samples with its own key stream, fold_in(rng, i).
-    rng = jax.vmap(lambda i: jax.random.fold_in(rng, i))(jnp.arange(n))
+  if per_model_tokens:  # Model i samples with its own key stream, fold_in(rng, i) (per row).
+    rng = jax.vmap(lambda i: decoding.fold_keys(rng, i))(jnp.arange(n))
   return decoding.decode_loop(step_fn, cache, logits[:, :, -1], rng, choose, choose_state,
                               max_new_tokens=max_new_tokens, stop_ids=stop_ids, pad_id=pad_id,
                               return_rows=return_rows)

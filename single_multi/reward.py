@@ -61,7 +61,7 @@ def scores(model: loading.Model, prompts: Sequence[str], replies: Sequence[str],
                                    add_generation_prompt=False, tokenize=False)
            for p, r in zip(prompts, replies)]
   rows = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
-  pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+  pad = decoding.pad_id_of(tok)
   out: list[float] = []
   for start in range(0, len(rows), batch_size):
     chunk = rows[start:start + batch_size]

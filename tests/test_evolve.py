@@ -63,6 +63,30 @@ def _check_one_round(tiny_pool, tmp_path, strategy, **overrides):
   return history
 
 
+def test_every_refusal_names_the_alternatives_and_loads_nothing(monkeypatch):
+  """Every (strategy, distillation method, fused_round) the loop cannot run is refused by
+  `validate` before any model loads, with a message that says what to use instead."""
+  from single_multi import collab, distill, pools
+  from single_multi.models import loading
+  monkeypatch.setattr(loading, "load", lambda *a, **k: pytest.fail("validate loaded a model"))
+  monkeypatch.setattr(pools, "build", lambda *a, **k: pytest.fail("validate built the pool"))
+  refused = {}
+  for name in collab.REGISTRY:
+    for method in distill.METHODS:
+      for fused in (False, True):
+        try:
+          evolve.validate(_config(strategy=name, fused_round=fused, **{"distill.method": method}))
+        except evolve.ConfigError as e:
+          refused[name, method, fused] = str(e)
+  for combo, message in refused.items():
+    assert re.search(r"\buse\b|\bset\b|\bgive\b", message), (combo, message)
+  assert ("co_llm", "on_policy_kd", False) in refused  # No per-token combine: refused up front.
+  assert ("multiagent_refine", "logit_kd", False) in refused
+  assert ("multiagent_finetuning", "supervised_kd", True) in refused
+  assert ("dare_ties", "supervised_kd", False) in refused  # No merge base.
+  assert ("logit_fusion", "on_policy_kd", True) not in refused
+
+
 def test_task_vector_merge_in_the_loop_uses_the_fixed_merge_base(tiny_pool, tmp_path,
                                                                  monkeypatch):
   """dare_ties in the loop: every fit merges against config.merge_base, the same params each
@@ -279,11 +303,12 @@ def test_fused_round_program_equals_its_parts_run_as_separate_programs(tiny_pool
   test_b = collab.batch_from(next(iter(pipeline.generation_batches(test, prompter,
                                                                    batch_size=8))))
   order = distill.step_order(8, dcfg)
-  rng = jax.random.key(3)
-  res = evolve.round_program(tiny_pool.params, dev_b, test_b, order, rng, None,
+  keys = {k: jax.random.split(jax.random.key(i), 8) for i, k in enumerate(
+      ("dev_collab", "policy", "test_singles", "test_collab"))}
+  res = evolve.round_program(tiny_pool.params, dev_b, test_b, order, keys, None,
                              strategy=c.strategy, cfg=cfg, env=env, dcfg=dcfg, eos=1,
                              evaluate_test=True)
-  k_dev, k_single, k_test = jax.random.split(rng, 3)
+  k_dev, k_single, k_test = keys["dev_collab"], keys["test_singles"], keys["test_collab"]
   out = collab.run(tiny_pool, c.strategy, dev_b, env=env, cfg=cfg, rng=k_dev)
   np.testing.assert_array_equal(res["dev"][0], out.tokens)
   data = {k: np.asarray(v) for k, v in res["data"].items()}
@@ -325,14 +350,15 @@ def test_fused_on_policy_round_trains_each_model_on_its_own_scored_samples(tiny_
   dev_b, test_b = (collab.batch_from(next(iter(pipeline.generation_batches(
       split[:8], prompter, batch_size=8)))) for split in (task.dev, task.test))
   order = distill.step_order(8, dcfg)
-  rng = jax.random.key(3)
-  res = evolve.round_program(tiny_pool.params, dev_b, test_b, order, rng, None,
+  keys = {k: jax.random.split(jax.random.key(i), 8) for i, k in enumerate(
+      ("dev_collab", "policy", "test_singles", "test_collab"))}
+  res = evolve.round_program(tiny_pool.params, dev_b, test_b, order, keys, None,
                              strategy=c.strategy, cfg=cfg, env=env, dcfg=dcfg, eos=1,
                              evaluate_test=False, policy_sampler=evolve.policy_sampler(c))
   data = {k: np.asarray(v) for k, v in res["data"].items()}
   assert data["tokens"].shape[:2] == (3, 8) and data["teacher"].shape[:2] == (3, 8)
   sample = pool_lib.decode_each(tiny_pool.params, dev_b.prompt, dev_b.prompt_mask,
-                                jax.random.split(rng, 3)[0], sampler=evolve.policy_sampler(c),
+                                keys["policy"], sampler=evolve.policy_sampler(c),
                                 **env.decode_kw)
   combine = token_level.combine_for(c.strategy, cfg)
   for i in range(3):
@@ -351,11 +377,15 @@ def test_fused_on_policy_round_trains_each_model_on_its_own_scored_samples(tiny_
   np.testing.assert_allclose(np.asarray(res["losses"]), [h["loss"] for h in hist], rtol=2e-5)
 
 
-def test_fused_logit_kd_loop_equals_the_staged_loop_and_resumes(tiny_pool, tmp_path):
-  """With every dev/test row in one batch, logit_kd's staged rows are the program's rows: the
-  fused loop reproduces the staged loop's metrics and records; killed after round 0, it resumes
-  to the same history."""
-  c = _config(**{"distill.method": "logit_kd", "distill.learning_rate": 1e-3})
+@pytest.mark.parametrize("temperature", [0.0, 0.7])
+def test_fused_logit_kd_loop_equals_the_staged_loop_and_resumes(tiny_pool, tmp_path,
+                                                                temperature):
+  """logit_kd's staged rows are the program's rows and every decode samples with the config's
+  sampler and the same per-row keys (seed, round, purpose, example id): the fused loop reproduces
+  the staged loop's metrics and records, greedy and at temperature 0.7 / top-p 0.9; killed after
+  round 0, it resumes to the same history."""
+  c = _config(temperature=temperature, top_p=0.9,
+              **{"distill.method": "logit_kd", "distill.learning_rate": 1e-3})
   staged = evolve.run(c, tmp_path / "staged", tiny_pool, progress=False)
   c.fused_round = True
   fused = evolve.run(c, tmp_path / "fused", tiny_pool, progress=False)
@@ -376,6 +406,21 @@ def test_fused_logit_kd_loop_equals_the_staged_loop_and_resumes(tiny_pool, tmp_p
   for m in resumed:
     m.pop("distill", None)
   assert resumed == fused
+
+
+def test_samples_do_not_depend_on_the_batching(tiny_pool, tmp_path):
+  """At temperature 0.7 the round-0 answers are the same in batches of 8 and of 3 (each row
+  samples with its own key), and they are samples: not the greedy answers."""
+  def round0(name, **overrides):
+    c = _config(**overrides)
+    with pytest.raises(evolve.Interrupted):
+      evolve.run(c, tmp_path / name, tiny_pool, progress=False, stop_after=0)
+    return [(tmp_path / name / "round_0" / part / "records.jsonl").read_text()
+            for part in ("singles", "collaboration")]
+
+  sampled = round0("b8", temperature=0.7, top_p=0.9)
+  assert round0("b3", temperature=0.7, top_p=0.9, batch_size=3) == sampled
+  assert round0("greedy") != sampled
 
 
 def test_fused_multi_student_round_trains_on_dev_answers_only(tiny_pool, tmp_path, monkeypatch):

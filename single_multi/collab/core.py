@@ -102,13 +102,17 @@ class Strategy:
   # whose answer each row keeps, where keys[b][i] is agent i's extracted answer to row b (None:
   # none) and `run` left every agent's final answers in extras["final"] ([N, B, M], [N, B]).
   select: Callable[..., list[int]] | None = None
+  # Logit/token level: combine(cfg, sampler, state) -> the per-token combine of the models'
+  # logits, `fn(logits [N, B, V], state, key) -> (token, log-prob row, state)`: what teacher-
+  # forced scoring (on_policy_kd) fuses. None: the strategy cannot score given tokens.
+  combine: Callable[..., Any] | None = None
 
 
 REGISTRY: dict[str, Strategy] = {}
 
 
 def register(name: str, level: str, Config: type, *, fit=None, min_models: int = 1,
-             templates: Sequence[str] = (), select=None):
+             templates: Sequence[str] = (), select=None, combine=None):
   """Decorator: `@register("logit_fusion", "logit", LogitFusionConfig)` on the run function."""
   if level not in LEVELS:
     raise ValueError(f"level must be one of {LEVELS}, got {level!r}")
@@ -117,7 +121,7 @@ def register(name: str, level: str, Config: type, *, fit=None, min_models: int =
     if name in REGISTRY:
       raise ValueError(f"strategy {name!r} registered twice")
     REGISTRY[name] = Strategy(name, level, Config, run, fit, (run.__doc__ or "").strip(),
-                              min_models, tuple(templates), select)
+                              min_models, tuple(templates), select, combine)
     return run
 
   return wrap
@@ -162,8 +166,7 @@ def pack(segments: Sequence[Segment], length: int, pad_id: int) -> tuple[jax.Arr
   """Concatenates variable-length segments row by row into a left-padded [B, length] buffer.
 
   Returns tokens and mask. Rows longer than `length` keep their last `length` tokens (the
-  question's start is lost before the instruction that ends the prompt); `packed_lengths` says
-  which rows overflowed.
+  question's start is lost before the instruction that ends the prompt).
   """
   B = segments[0][0].shape[0]
   total = sum(s[1] for s in segments)
@@ -181,10 +184,6 @@ def pack(segments: Sequence[Segment], length: int, pad_id: int) -> tuple[jax.Arr
   valid = src >= 0
   out = jnp.take_along_axis(buf, jnp.clip(src, 0, width - 1), axis=1)
   return jnp.where(valid, out, pad_id), valid.astype(jnp.int32)
-
-
-def packed_lengths(segments: Sequence[Segment]) -> jax.Array:
-  return sum(s[1] for s in segments)
 
 
 def member(params_n, index) -> Any:

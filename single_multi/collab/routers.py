@@ -188,7 +188,7 @@ def lm_router_choice(params_n, batch: core.Batch, rng, cfg: TrainedRouterConfig,
   contains; none: a random model (the reference's parse)."""
   router = lora_lib.merge(core.member(params_n, cfg.router), state["lora"], cfg.lora)
   tokens, mask = router_prompts(batch, env)
-  k_reply, k_random = jax.random.split(rng)
+  k_reply, k_random = decoding.split_keys(rng)
   reply = decoding.decode(router, tokens, mask, k_reply, sampler=env.sampler, config=env.config,
                           max_new_tokens=cfg.choice_tokens, stop_ids=env.stop_ids,
                           pad_id=env.pad_id)
@@ -202,7 +202,8 @@ def named_model(tokens_bm, lengths_b, digits_nv, rng) -> jax.Array:
   live = jnp.arange(tokens_bm.shape[1])[None] < lengths_b[:, None]
   named = jnp.any(digits_nv[:, tokens_bm] & live[None], axis=-1)  # [N, B]
   highest = n - 1 - jnp.argmax(named[::-1], axis=0)
-  random = jax.random.randint(rng, highest.shape, 0, n)
+  draw = lambda key: jax.random.randint(key, (), 0, n)
+  random = (jax.vmap(draw)(rng) if rng.ndim else jax.random.randint(rng, highest.shape, 0, n))
   return jnp.where(jnp.any(named, 0), highest, random).astype(jnp.int32)
 
 
@@ -263,7 +264,7 @@ def trained_router(params_n, batch: core.Batch, rng, *, cfg: TrainedRouterConfig
   if state is None or key not in state:
     raise core.StrategyError(f"trained_router (kind {cfg.kind!r}) must be fitted on dev first "
                              "(Strategy.fit)")
-  rng, k_route = jax.random.split(rng)
+  rng, k_route = decoding.split_keys(rng)
   if cfg.kind == "lm":
     choice, reply = lm_router_choice(params_n, batch, k_route, cfg, env, state)
     out = _answers_routed(params_n, batch, rng, env, choice)

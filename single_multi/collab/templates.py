@@ -118,7 +118,7 @@ def make_env(pool, strategy: str, cfg: Any = None, *, max_new_tokens: int = 64,
                    for x in ("A", "B"))
     templates.append(("labels", labels))
   tok = pool.tokenizer
-  pad_id = tok.pad_token_id if tok is not None and tok.pad_token_id is not None else 0
+  pad_id = decoding.pad_id_of(tok)
   return core.Env(config=pool.config, max_new_tokens=max_new_tokens,
                   stop_ids=decoding.stop_ids_for(pool.config, tok), pad_id=pad_id,
                   sampler=sampler, templates=tuple(templates), names=pool.names,

@@ -58,7 +58,7 @@ def _exchange_rounds(params_n, batch, rng, env, rounds: int, template: str):
   round's, the last prompts."""
   n = core.num_models(params_n)
   question = _question(batch)
-  rng, key = jax.random.split(rng)
+  rng, key = decoding.split_keys(rng)
   out = _answer_all(params_n, batch.prompt, batch.prompt_mask, key, env)
   history, prompts = [out.tokens], None
   for _ in range(rounds):
@@ -66,7 +66,7 @@ def _exchange_rounds(params_n, batch, rng, env, rounds: int, template: str):
     filled = [fill(env, template, question, templates.order_answers(template, answers, i))
               for i in range(n)]
     prompts = (jnp.stack([f[0] for f in filled]), jnp.stack([f[1] for f in filled]))
-    rng, key = jax.random.split(rng)
+    rng, key = decoding.split_keys(rng)
     out = _answer_all(params_n, *prompts, key, env)
     history.append(out.tokens)
   return out, jnp.stack(history), prompts
@@ -106,7 +106,7 @@ def multiagent_refine(params_n, batch: core.Batch, rng, *, cfg: RefineConfig, en
   out, history, prompts = _exchange_rounds(params_n, batch, rng, env, cfg.rounds, "refine")
   tokens, mask = fill(env, "summarize", _question(batch), _answers(out, env))
   final = _decode_one(params_n, _chosen(cfg.summarizer, state), tokens, mask,
-                      jax.random.fold_in(rng, 1), env)
+                      decoding.fold_keys(rng, 1), env)
   extras = {"answers": history, "summary_prompt": tokens}
   if prompts is not None:
     extras["refine_prompts"] = prompts[0]
@@ -130,7 +130,7 @@ def mixture_of_agents(params_n, batch: core.Batch, rng, *, cfg: MixtureOfAgentsC
   out, history, _ = _exchange_rounds(params_n, batch, rng, env, cfg.layers - 1, "aggregate")
   tokens, mask = fill(env, "aggregate", _question(batch), _answers(out, env))
   final = _decode_one(params_n, _chosen(cfg.aggregator, state), tokens, mask,
-                      jax.random.fold_in(rng, 1), env)
+                      decoding.fold_keys(rng, 1), env)
   return core.Output(final.tokens, final.lengths, None, {"answers": history})
 
 
@@ -188,7 +188,7 @@ def llm_blender(params_n, batch: core.Batch, rng, *, cfg: BlenderConfig, env: co
   to the fuser, which writes the final answer."""
   n = core.num_models(params_n)
   question = _question(batch)
-  rng, key = jax.random.split(rng)
+  rng, key = decoding.split_keys(rng)
   out = _answer_all(params_n, batch.prompt, batch.prompt_mask, key, env)
   answers = _answers(out, env)
   pref = pairwise_preferences(core.member(params_n, cfg.ranker), question, answers, env)

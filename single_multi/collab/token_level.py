@@ -43,7 +43,9 @@ class LogitFusionConfig:
   space: str = "logits"  # "logits" (reference) or "logprobs" (each model normalised first).
 
 
-@core.register("logit_fusion", "logit", LogitFusionConfig, min_models=2)
+@core.register("logit_fusion", "logit", LogitFusionConfig, min_models=2,
+               combine=lambda cfg, sampler, state: pool_lib.LogitAverage(cfg.weights, cfg.space,
+                                                                         sampler))
 def logit_fusion(params_n, batch: core.Batch, rng, *, cfg: LogitFusionConfig, env: core.Env,
                  state=None):
   """(Weighted) average of all models' next-token logits or log-probs every step, then sample.
@@ -149,7 +151,9 @@ class ProxyCombine:
     return self.sampler(scores, key), jax.nn.log_softmax(scores), state
 
 
-@core.register("proxy_tuning", "logit", ProxyTuningConfig, min_models=3)
+@core.register("proxy_tuning", "logit", ProxyTuningConfig, min_models=3,
+               combine=lambda cfg, sampler, state: ProxyCombine(
+                   cfg.base, cfg.expert, cfg.anti_expert, cfg.alpha, sampler))
 def proxy_tuning(params_n, batch: core.Batch, rng, *, cfg: ProxyTuningConfig, env: core.Env,
                  state=None):
   """Steer the base by the difference a tuned expert makes over its untuned anti-expert."""
@@ -243,8 +247,14 @@ def _contrastive_weights_of(state):
   return state["weights"]
 
 
+def _contrastive_combine(cfg: ContrastiveConfig, sampler, state):
+  if cfg.kind == "reference":
+    return WeightedLogits(sampler, _contrastive_weights_of(state))
+  return ContrastiveCombine(cfg.expert, cfg.amateur, cfg.alpha, cfg.beta, sampler)
+
+
 @core.register("contrastive_decoding", "logit", ContrastiveConfig, fit=_fit_contrastive,
-               min_models=2)
+               min_models=2, combine=_contrastive_combine)
 def contrastive_decoding(params_n, batch: core.Batch, rng, *, cfg: ContrastiveConfig,
                          env: core.Env, state=None):
   """Reference: the dev-best model's logits pushed along (best - worst); "li": prefer what the
@@ -261,19 +271,18 @@ def contrastive_decoding(params_n, batch: core.Batch, rng, *, cfg: ContrastiveCo
 
 
 def combine_for(name: str, cfg, sampler=decoding.Greedy(), state=None):
-  """The per-step combine of a logit-level strategy (teacher-forced scoring, on-policy KD), with
-  what its fitted `state` binds."""
-  if name == "logit_fusion":
-    return pool_lib.LogitAverage(cfg.weights, cfg.space, sampler)
-  if name == "proxy_tuning":
-    return ProxyCombine(cfg.base, cfg.expert, cfg.anti_expert, cfg.alpha, sampler)
-  if name == "contrastive_decoding":
-    if cfg.kind == "reference":
-      return WeightedLogits(sampler, _contrastive_weights_of(state))
-    return ContrastiveCombine(cfg.expert, cfg.amateur, cfg.alpha, cfg.beta, sampler)
-  raise core.StrategyError(f"{name} has no stateless per-token combine to score given tokens "
-                           "with; on-policy distillation supports logit_fusion, proxy_tuning and "
-                           "contrastive_decoding")
+  """The registered per-step combine of a logit-level strategy (teacher-forced scoring, on-policy
+  KD), with what its fitted `state` binds."""
+  spec = core.get(name)
+  if spec.combine is None:
+    raise core.StrategyError(f"{name} has no per-token combine to score given tokens with; "
+                             f"on-policy distillation supports {scoring_strategies()}")
+  return spec.combine(cfg, sampler, state)
+
+
+def scoring_strategies() -> list[str]:
+  """The strategies that can score given tokens (on_policy_kd's teachers)."""
+  return sorted(n for n, s in core.REGISTRY.items() if s.combine is not None)
 
 
 def teacher_forced_rows(params_n, tokens_bt, mask_bt, num_rows: int, combine, env: core.Env):

@@ -141,8 +141,7 @@ class Prompter:
     return [self.tokenizer(sep + c, add_special_tokens=False)["input_ids"] for c in ex.choices]
 
 
-def pad_id_of(tokenizer) -> int:
-  return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+pad_id_of = decoding.pad_id_of
 
 
 def _order(examples: Sequence[common.Example], batch_size: int, shard: tuple[int, int],
