@@ -49,6 +49,8 @@ def main():
   parser.add_argument("--strategies", default="")
   parser.add_argument("--workdir", default="/tmp/single_multi_strategies")
   parser.add_argument("--output", default=str(ROOT / "docs" / "results.md"))
+  parser.add_argument("--page_only", action="store_true",
+                      help="write the page from <workdir>/strategy_table.json, run nothing")
   args = parser.parse_args()
   sys.path.insert(0, str(ROOT))
   import numpy as np
@@ -58,62 +60,77 @@ def main():
   config = configs.load(ROOT / "configs" / "quickstart.py")
   workdir = pathlib.Path(args.workdir)
   workdir.mkdir(parents=True, exist_ok=True)
-  pool = pools.build(config, workdir)
-  task = tasks.from_config(config.task, config)
-  dev = balanced(task.dev, args.dev_per_task, config.seed)
-  test = balanced(task.examples(task.spec.test_split), args.per_task, config.seed)
-  config.dev_examples, config.test_examples = len(dev), len(test)
-  prompter = pipeline.Prompter(pool.tokenizer, pipeline.PromptConfig(
-      k_shot=0, style=task.spec.prompt))
-  names = args.strategies.split(",") if args.strategies else [
-      n for n in collab.REGISTRY if n not in SKIP]
-
-  def loop_for(strategy):
-    c = config.copy_and_resolve_references()
-    c.strategy = strategy
-    return evolve.Loop(c, pool, task, dev, test, prompter, True,
-                       merge_base=evolve.merge_base_params(c, pool))
-
-  base_loop = loop_for("logit_fusion")
-  dev_singles = base_loop.singles(pool, dev, "dev")
-  scores = evolve._scores_matrix(dev_singles, pool.names, dev)
-  singles = base_loop.singles(pool, test, "test")
-  by_model = {m: [r["score"] for r in singles.records if r["model"] == m] for m in pool.names}
-  best = pool.names[int(np.argmax(scores.mean(axis=1)))]
   out_path = workdir / "strategy_table.json"
   done = json.loads(out_path.read_text()) if out_path.exists() else {}
-  for name in names:
-    if name in done:
-      continue
-    loop = loop_for(name)
-    t0 = time.perf_counter()
-    state = loop.fit(pool, scores)
-    fit_s = time.perf_counter() - t0
-    res = loop.collaboration(pool, test, "test", state, workdir / name)
-    timed = test[::3]  # A second pass over a third of the rows: compiled programs reused.
-    t0 = time.perf_counter()
-    loop.collaboration(pool, timed, "test", state)
-    per_100 = (time.perf_counter() - t0) / len(timed) * 100
-    mine = [r["score"] for r in res.records]
-    entry = res.summary["models"][name]
-    positions = entry.get("answer_positions") or {}
-    done[name] = {
-        "level": collab.get(name).level, "score": entry["score"]["mean"],
-        "ci95": entry["score"]["ci95"], "minus_best_single": float(np.mean(
-            np.asarray(mine) - np.asarray(by_model[best]))),
-        "minus_best_single_ci95": list(evaluate.paired_bootstrap_ci(mine, by_model[best])),
-        "top_letter": max(positions.items(), key=lambda kv: kv[1]) if positions else None,
-        "fit_seconds": fit_s, "seconds_per_100": per_100}
-    out_path.write_text(json.dumps(done, indent=1))
-    print(name, done[name], flush=True)
+  meta = done.pop("_meta", None)
+  # Cheapest first (one merged model, one fused decode, routed decodes), text strategies last.
+  order = {"weight": 0, "logit": 1, "token": 1, "api": 2, "text": 3}
+  names = args.strategies.split(",") if args.strategies else sorted(
+      (n for n in collab.REGISTRY if n not in SKIP), key=lambda n: order[collab.get(n).level])
+  if not args.page_only:
+    pool = pools.build(config, workdir)
+    task = tasks.from_config(config.task, config)
+    dev = balanced(task.dev, args.dev_per_task, config.seed)
+    test = balanced(task.examples(task.spec.test_split), args.per_task, config.seed)
+    config.dev_examples, config.test_examples = len(dev), len(test)
+    prompter = pipeline.Prompter(pool.tokenizer, pipeline.PromptConfig(
+        k_shot=0, style=task.spec.prompt))
 
-  base = singles.summary["baselines"]
-  counts = {s: sum(e.subject == s for e in test) for s in dict.fromkeys(e.subject for e in test)}
+    def loop_for(strategy):
+      c = config.copy_and_resolve_references()
+      c.strategy = strategy
+      return evolve.Loop(c, pool, task, dev, test, prompter, True,
+                         merge_base=evolve.merge_base_params(c, pool))
+
+    base_loop = loop_for("logit_fusion")
+    dev_singles = base_loop.singles(pool, dev, "dev")
+    scores = evolve._scores_matrix(dev_singles, pool.names, dev)
+    if meta is None:
+      singles = base_loop.singles(pool, test, "test")
+      meta = {"by_model": {m: [r["score"] for r in singles.records if r["model"] == m]
+                           for m in pool.names},
+              "best": pool.names[int(np.argmax(scores.mean(axis=1)))],
+              "baselines": singles.summary["baselines"], "dev_rows": len(dev),
+              "counts": {s: sum(e.subject == s for e in test)
+                         for s in dict.fromkeys(e.subject for e in test)},
+              "max_new_tokens": config.max_new_tokens}
+    for name in names:
+      if name in done:
+        continue
+      loop = loop_for(name)
+      t0 = time.perf_counter()
+      state = loop.fit(pool, scores)
+      fit_s = time.perf_counter() - t0
+      res = loop.collaboration(pool, test, "test", state, workdir / name)
+      timed = test[::3]  # A second pass over a third of the rows: compiled programs reused.
+      t0 = time.perf_counter()
+      loop.collaboration(pool, timed, "test", state)
+      per_100 = (time.perf_counter() - t0) / len(timed) * 100
+      mine = [r["score"] for r in res.records]
+      best_scores = meta["by_model"][meta["best"]]
+      entry = res.summary["models"][name]
+      positions = entry.get("answer_positions") or {}
+      done[name] = {
+          "level": collab.get(name).level, "score": entry["score"]["mean"],
+          "ci95": entry["score"]["ci95"], "minus_best_single": float(np.mean(
+              np.asarray(mine) - np.asarray(best_scores))),
+          "minus_best_single_ci95": list(evaluate.paired_bootstrap_ci(mine, best_scores)),
+          "top_letter": max(positions.items(), key=lambda kv: kv[1]) if positions else None,
+          "fit_seconds": fit_s, "seconds_per_100": per_100}
+      out_path.write_text(json.dumps(done | {"_meta": meta}, indent=1))
+      print(name, done[name], flush=True)
+  if meta is None:
+    raise SystemExit(f"{out_path} has no results yet: run without --page_only first")
+  by_model, best = meta["by_model"], meta["best"]
+  not_run = [n for n in collab.REGISTRY if n not in SKIP and n not in done]
+
+  base, counts = meta["baselines"], meta["counts"]
   lines = [
       "## Every strategy at round 0 (made by `python scripts/strategy_table.py`)", "",
       "Pool: the quickstart's three SmolLM2-135M-Instruct specialists; greedy decoding, "
-      f"{config.max_new_tokens} new tokens, CPU (2 cores), fp32. Rows: {len(dev)} dev rows "
-      f"({args.dev_per_task} per task family) to fit strategies on, {len(test)} test rows ("
+      f"{meta['max_new_tokens']} new tokens, CPU (2 cores), fp32. Rows: {meta['dev_rows']} dev "
+      f"rows ({args.dev_per_task} per task family) to fit strategies on, "
+      f"{sum(counts.values())} test rows ("
       + ", ".join(f"{s} {n}" for s, n in counts.items()) + "), each family drawn by the seed. "
       f"Baselines on the test rows ({base.get('mc_rows', 0)} multiple-choice): chance "
       f"{base.get('chance', float('nan')):.3f}, majority class "
@@ -132,7 +149,8 @@ def main():
         f"{d['minus_best_single_ci95'][1]:+.3f}] | "
         + (f"{top[0]} {top[1]:.0%}" if top else "-")
         + f" | {d['fit_seconds']:.1f} | {d['seconds_per_100']:.1f} |")
-  lines += ["", "Not in the table: " + "; ".join(f"`{k}` ({v})" for k, v in SKIP.items()) + "."]
+  lines += ["", "Not in the table: " + "; ".join(f"`{k}` ({v})" for k, v in SKIP.items())
+            + "".join(f"; `{n}` (not run yet)" for n in not_run) + "."]
   page = "\n".join(lines)
   sys.path.insert(0, str(ROOT / "scripts"))
   from doc_sections import write_section

@@ -249,17 +249,48 @@ def program(params_n, data: dict[str, jax.Array], order, config: ModelConfig,
   return merged(params_n, DistillState(trainable, None), cfg), losses
 
 
+class Diverged(FloatingPointError):
+  """Distillation went wrong (a non-finite loss, exploding weights, a loss collapsing to
+  uniform); raised before anything is saved, so the last good checkpoint stays the latest."""
+
+
 def check_finite(losses: np.ndarray, first_step: int = 0) -> None:
   """Stops at the first step whose loss [steps, N] is not finite, with a clear error, before the
   caller saves anything (so the last good checkpoint stays the latest)."""
   bad = ~np.isfinite(losses)
   if bad.any():
     at = int(np.flatnonzero(bad.any(axis=-1))[0])
-    raise FloatingPointError(
+    raise Diverged(
         f"distillation loss is {losses[at].tolist()} at step {first_step + at} (model(s) "
         f"{np.flatnonzero(bad[at]).tolist()}); stopping before anything is saved, so the last "
         "good checkpoint stays the latest. Lower distill.learning_rate or check the training "
         "rows.")
+
+
+def param_norms(params_n) -> np.ndarray:
+  """[N] each pool member's global parameter norm."""
+  squares = [jnp.sum(jnp.square(x.astype(jnp.float32)).reshape(x.shape[0], -1), axis=1)
+             for x in jax.tree.leaves(params_n)]
+  return np.sqrt(np.asarray(sum(squares), np.float64))
+
+
+def check_converging(losses: np.ndarray, norms_before: np.ndarray, norms_after: np.ndarray,
+                     vocab_size: int, learning_rate: float, growth: float = 10.0) -> None:
+  """Stops a distillation that diverged without a NaN: a member whose weights grew more than
+  `growth`-fold, or whose loss [steps, N] ended at least 1 nat above where it started and at
+  0.9 ln(V) or more (its predictions near uniform over the vocabulary). Raised before the
+  caller saves anything, so the last good checkpoint stays the latest."""
+  losses = np.asarray(losses, np.float64).reshape(len(losses), -1)
+  ratio = np.asarray(norms_after) / np.maximum(np.asarray(norms_before), 1e-30)
+  uniform = np.log(vocab_size)
+  collapsed = (losses[-1] >= losses[0] + 1.0) & (losses[-1] >= 0.9 * uniform)
+  bad = np.flatnonzero((ratio > growth) | collapsed)
+  if bad.size:
+    detail = "; ".join(f"model {i}: weight norm {norms_before[i]:.3g} -> {norms_after[i]:.3g}, "
+                       f"loss {losses[0, i]:.4f} -> {losses[-1, i]:.4f}" for i in bad)
+    raise Diverged(f"distillation diverged ({detail}; ln(vocabulary) = {uniform:.4f}); stopping "
+                   "before anything is saved, so the last good checkpoint stays the latest. "
+                   f"Lower distill.learning_rate (now {learning_rate:g}).")
 
 
 def distill(params_n, data: dict[str, np.ndarray], config: ModelConfig, cfg: DistillConfig, *,

@@ -767,6 +767,9 @@ def fused_round(loop: Loop, pool, out_dir):
                                       else None))
   losses = np.asarray(res["losses"])
   distill.check_finite(losses)
+  distill.check_converging(losses, distill.param_norms(pool.params),
+                           distill.param_norms(res["params"]), pool.config.vocab_size,
+                           dcfg.optim.learning_rate)
   pool = dataclasses.replace(pool, params=res["params"])
   scored(dev_data, loop.dev, (config.strategy,), res["dev"], "dev",
          out_dir / "collaboration_dev")
@@ -923,9 +926,13 @@ def _run(config, workdir, pool, lock, *, progress: bool, stop_after: int | None)
               arrays = multi_student_rows(loop, pool, dev_singles, scores, arrays, keep)
         else:  # distill
           per_model = dcfg.method in ("multi_student_kd", "on_policy_kd")
+          before = distill.param_norms(pool.params)
           params, _, dhist = distill.distill(pool.params, arrays, pool.config, dcfg,
                                              per_model_batch=per_model, progress=progress,
                                              mesh=mesh)
+          distill.check_converging(np.asarray([h["loss"] for h in dhist]), before,
+                                   distill.param_norms(params), pool.config.vocab_size,
+                                   dcfg.optim.learning_rate)
           pool = dataclasses.replace(pool, params=params)
           distill_stats[str(r)] = {"first_loss": dhist[0]["loss"], "last_loss": dhist[-1]["loss"],
                                    "steps": len(dhist)}

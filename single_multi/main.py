@@ -99,13 +99,14 @@ def main(argv):
 def expected_errors() -> tuple[type[BaseException], ...]:
   """Errors a user can cause and fix (bad config or input, missing data or assets): the CLI
   reports them in one line and exits 2. Anything else is a bug: its traceback is shown."""
-  from single_multi import assets, compile_plan, evolve, pool
+  from single_multi import assets, compile_plan, distill, evolve, pool
   from single_multi.collab import core
   from single_multi.data import common
   from single_multi.models import config, gguf_file, loading
   return (evolve.ConfigError, evolve.CheckpointError, evolve.WorkdirLockedError,
           common.DataError, core.StrategyError, pool.PoolMismatchError, loading.LoadError,
-          config.UnsupportedModelError, gguf_file.GGUFError, assets.AssetError, compile_plan.TopologyError, FileNotFoundError)
+          config.UnsupportedModelError, gguf_file.GGUFError, assets.AssetError,
+          compile_plan.TopologyError, distill.Diverged, FileNotFoundError)
 
 
 if __name__ == "__main__":

@@ -230,6 +230,26 @@ def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_good_checkpoint(ti
   ckpt.close()
 
 
+@pytest.mark.parametrize("fused", [False, True])
+def test_finite_divergence_stops_and_keeps_the_last_good_checkpoint(tiny_pool, tmp_path, fused):
+  """lr 1e6: finite losses, but the weights blow up (the reported case: every loss ln(V),
+  weights at ~1e13, no answer left). The round stops before saving, naming the learning rate."""
+  c = _config(fused_round=fused, **{"distill.learning_rate": 1e6})
+  with pytest.raises(evolve.distill.Diverged, match=r"diverged .*weight norm.*learning_rate "
+                                                     r"\(now 1e\+06\)"):
+    evolve.run(c, tmp_path, tiny_pool, progress=False)
+  ckpt = evolve.Checkpoints(tmp_path / "checkpoints", 2)
+  assert ckpt.latest() == (0 if fused else 1)  # Nothing saved after the last good stage.
+  ckpt.close()
+  # The guard's rules by hand: a loss that climbs to near uniform, and a 10-fold weight growth.
+  ok = np.asarray([1.0, 1.0])
+  evolve.distill.check_converging(np.asarray([[2.0, 2.0], [1.0, 1.5]]), ok, ok * 9, 260, 1e-4)
+  with pytest.raises(evolve.distill.Diverged, match="model 1"):
+    evolve.distill.check_converging(np.asarray([[2.0, 2.0], [1.0, 5.1]]), ok, ok, 260, 1e-4)
+  with pytest.raises(evolve.distill.Diverged, match="model 0"):
+    evolve.distill.check_converging(np.asarray([[2.0], [1.0]]), ok[:1], ok[:1] * 11, 260, 1e-4)
+
+
 def test_multi_student_kd_trains_only_on_dev_prompts(tiny_pool, tmp_path, monkeypatch):
   c = _config(**{"distill.method": "multi_student_kd"})
   seen = {}
