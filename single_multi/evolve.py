@@ -577,9 +577,36 @@ class CheckpointError(RuntimeError):
   """A checkpoint directory cannot be restored; the message names it and the way out."""
 
 
+@jax.jit
+def _fingerprints(tree):
+  """Per leaf two uint32 checksums of its bits: their sum and their position-weighted sum, both
+  modulo 2^32 (integer sums: the same whatever the layout or sharding)."""
+  def one(x):
+    x = jnp.asarray(x)
+    width = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}.get(x.dtype.itemsize)
+    if x.dtype == jnp.bool_:
+      bits = x.astype(jnp.uint32).reshape(-1)
+    elif width is None:  # 8-byte values: both halves.
+      bits = jax.lax.bitcast_convert_type(x, jnp.uint32).reshape(-1)
+    else:
+      bits = jax.lax.bitcast_convert_type(x, width).astype(jnp.uint32).reshape(-1)
+    index = jnp.arange(1, bits.size + 1, dtype=jnp.uint32)
+    return jnp.stack([jnp.sum(bits, dtype=jnp.uint32), jnp.sum(bits * index, dtype=jnp.uint32)])
+  return jax.tree.map(one, tree)
+
+
+def fingerprints(tree) -> dict[str, list[int]]:
+  """{leaf path: [sum, weighted sum]} of a pytree's bits (`_fingerprints`), JSON-ready."""
+  values = jax.device_get(_fingerprints(tree))
+  return {jax.tree_util.keystr(path): [int(v) for v in np.asarray(leaf)]
+          for path, leaf in jax.tree_util.tree_flatten_with_path(values)[0]}
+
+
 class Checkpoints:
   """Orbax CheckpointManager: one step per finished stage (its index in `stage_list`), items
-  params (the pool), arrays (the stage's outputs) and meta (round, stage, history, config)."""
+  params (the pool), arrays (the stage's outputs) and meta (round, stage, history, config, and
+  the fingerprints of params and arrays, checked at restore: a damaged file is named, not
+  restored)."""
 
   def __init__(self, directory, keep: int):
     import orbax.checkpoint as ocp
@@ -600,6 +627,8 @@ class Checkpoints:
     arrays = arrays or {"_empty": np.zeros((1,), np.int32)}
     if self.mesh is not None:  # Several processes: one replicated global array per leaf.
       params = multihost.replicate(params, self.mesh)
+    meta = dict(meta, fingerprints={"params": fingerprints(params),
+                                    "arrays": fingerprints(arrays)})
     self.manager.save(index, args=ocp.args.Composite(
         params=ocp.args.StandardSave(params), arrays=ocp.args.StandardSave(arrays),
         meta=ocp.args.JsonSave(meta)))
@@ -620,6 +649,17 @@ class Checkpoints:
           f"{type(e).__name__}: {str(e)[:300]}. It is damaged or from another pool/config; "
           "delete that step's directory to resume from the one before, or use a new --workdir."
       ) from e
+    saved = out["meta"].get("fingerprints")
+    if saved is not None:
+      for item in ("params", "arrays"):
+        now = fingerprints(out[item])
+        bad = [k for k in saved[item] if now.get(k) != saved[item][k]]
+        if bad:
+          raise CheckpointError(
+              f"checkpoint {index} in {self.manager.directory}: {item} {', '.join(bad[:3])}"
+              f"{' ...' if len(bad) > 3 else ''} differ from the fingerprints saved with them: "
+              "the files are damaged. Delete that step's directory to resume from the one "
+              "before, or use a new --workdir.")
     arrays = {k: np.asarray(v) for k, v in out["arrays"].items() if k != "_empty"}
     return multihost.local(out["params"]), arrays, out["meta"]
 

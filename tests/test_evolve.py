@@ -211,6 +211,19 @@ def test_bad_input_fails_clearly(tiny_pool, tmp_path):
       f.write_bytes(b"garbage")
   with pytest.raises(evolve.CheckpointError, match="cannot restore checkpoint 0"):
     evolve.run(c, tmp_path / "run", tiny_pool, progress=False)
+  # 400 flipped bytes inside the largest params file (the format stays readable): the restore
+  # names the damaged leaves instead of loading them.
+  with pytest.raises(evolve.Interrupted):
+    evolve.run(c, tmp_path / "flipped", tiny_pool, progress=False, stop_after=0)
+  files = [f for f in (tmp_path / "flipped" / "checkpoints" / "0" / "params").rglob("*")
+           if f.is_file()]
+  target = max(files, key=lambda f: f.stat().st_size)
+  data = bytearray(target.read_bytes())
+  middle = len(data) // 2
+  data[middle:middle + 400] = bytes(b ^ 0xFF for b in data[middle:middle + 400])
+  target.write_bytes(bytes(data))
+  with pytest.raises(evolve.CheckpointError, match="differ from the fingerprints saved with them"):
+    evolve.run(c, tmp_path / "flipped", tiny_pool, progress=False)
   # A partial (uncommitted) save is ignored: the run starts over from the start.
   partial = tmp_path / "partial" / "checkpoints" / "3.orbax-checkpoint-tmp-123"
   partial.mkdir(parents=True)
