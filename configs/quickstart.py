@@ -26,6 +26,7 @@ def get_config() -> config_dict.ConfigDict:
   c.specialist_examples = 48
   c.specialist_learning_rate = 3e-4
   c.task = "bigbench:arithmetic/1_digit_addition,navigate,general_knowledge"
+  c.data_manual_dir = ""  # The TFDS builders' manual dir (MMLU parquet, GSM8K JSONL, BIG-bench).
   c.moco_data_dir = ""  # The MoCo task files for moco:<task> ("": $SINGLE_MULTI_MOCO_DATA or the cache).
   c.reward_model = ""  # Scores reward-model tasks (moco:human_interest); "": the reference's.
   c.k_shot = 0

@@ -37,6 +37,9 @@ FIELDS: dict[str, str] = {
             "`bigbench:<task>[/<subtask>],...` or `moco:<task>,...` (the paper's 15 tasks; "
             "data/tasks.py, data/moco.py).",
     "test_examples": "Held-out test rows scored (first n of the test split).",
+    "data_manual_dir": "The TFDS builders' manual dir (`mmlu`/`mmlu_redux` parquet files, "
+                       "GSM8K's JSONL files, a BIG-bench checkout) for offline preparation; "
+                       "empty: download when online.",
     "moco_data_dir": "Directory of the MoCo toolkit's task files (`<task>.json`) that `moco:` "
                      "tasks read; empty: `$SINGLE_MULTI_MOCO_DATA`, else the cache (downloaded "
                      "once at the pinned commit, sha256-checked).",

@@ -98,7 +98,8 @@ def specialist_key(config, task_name: str) -> str:
   key = json.dumps([_source_identity(config.pool[0]), task_name, config.dtype, config.seed,
                     config.specialist_steps, config.specialist_examples,
                     config.specialist_learning_rate, dataclasses.astuple(SPECIALIST_LORA),
-                    config.get("moco_data_dir", "")])
+                    config.get("moco_data_dir", "")]
+                   + ([config.data_manual_dir] if config.get("data_manual_dir") else []))
   return hashlib.sha256(key.encode()).hexdigest()[:16]
 
 

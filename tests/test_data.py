@@ -419,3 +419,13 @@ def test_iterator_checkpoint_resumes_exactly():
   resumed = pipeline.prefetch(batches)
   resumed.set_state(json.loads(json.dumps(state)) if isinstance(state, dict) else state)
   assert [next(resumed)["index"].tolist() for _ in range(4)] == rest
+
+
+def test_config_manual_dir_reaches_the_builders(monkeypatch):
+  """`--config.data_manual_dir` (the field the offline errors name) is the builders' manual dir."""
+  from ml_collections import config_dict
+  seen = {}
+  monkeypatch.setattr(tasks, "load_task", lambda name, **kw: seen.update(kw, name=name))
+  c = config_dict.ConfigDict({"seed": 3, "moco_data_dir": "", "data_manual_dir": "/data/mmlu"})
+  tasks.from_config("mmlu", c)
+  assert seen == {"name": "mmlu", "seed": 3, "moco_dir": None, "manual_dir": "/data/mmlu"}

@@ -28,7 +28,8 @@ class Gsm8k(catalog.Gsm8k, skip_registration=True):
         catalog._URLS["test"], "GSM8K",  # pylint: disable=protected-access
         "Offline, download train.jsonl and test.jsonl from "
         "https://github.com/openai/grade-school-math (grade_school_math/data/) on a machine that "
-        "is online and pass their directory as the manual dir, or copy a prepared TFDS data dir.")
+        "is online and pass their directory as the manual dir (--config.data_manual_dir=DIR), or "
+        "copy a prepared TFDS data dir.")
     return super()._split_generators(dl_manager)
 
 

@@ -2,7 +2,7 @@
 exemplars), validation and test; fields question, choices, answer, subject (see data/common.py).
 
 Sources, in order:
-  1. a manual dir (`--config.data.manual_dir` / `DownloadConfig(manual_dir=)`) holding any of
+  1. a manual dir (`--config.data_manual_dir` / `DownloadConfig(manual_dir=)`) holding any of
      - the official archive `data.tar` (or any *.tar / *.tar.gz with the same layout),
      - its extracted CSVs: `data/{dev,val,test}/<subject>_{dev,val,test}.csv`
        (no header; question, A, B, C, D, answer letter),
@@ -73,7 +73,8 @@ class Mmlu(common.TaskBuilder):
     if manual is not None:
       files = list(_files(manual))
     else:
-      common.require_online(URL, "MMLU", "Offline, pass a manual dir: "
+      common.require_online(URL, "MMLU", "Offline, pass a manual dir (--config.data_manual_dir="
+                            "DIR; load_task(..., manual_dir=DIR)): "
                             + self.MANUAL_DOWNLOAD_INSTRUCTIONS)
       files = list(_files(pathlib.Path(dl_manager.download(URL))))
     rows = {"dev": [], "validation": [], "test": []}

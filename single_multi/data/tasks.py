@@ -204,5 +204,7 @@ def load_task(name: str, *, data_dir: str | None = None, manual_dir: str | None 
 
 
 def from_config(name: str, config) -> Task:
-  """`load_task` with a run config's seed and data locations (`moco_data_dir`)."""
-  return load_task(name, seed=config.seed, moco_dir=config.get("moco_data_dir") or None)
+  """`load_task` with a run config's seed and data locations (`moco_data_dir`,
+  `data_manual_dir`)."""
+  return load_task(name, seed=config.seed, moco_dir=config.get("moco_data_dir") or None,
+                   manual_dir=config.get("data_manual_dir") or None)
