@@ -629,9 +629,18 @@ class Checkpoints:
       params = multihost.replicate(params, self.mesh)
     meta = dict(meta, fingerprints={"params": fingerprints(params),
                                     "arrays": fingerprints(arrays)})
-    self.manager.save(index, args=ocp.args.Composite(
-        params=ocp.args.StandardSave(params), arrays=ocp.args.StandardSave(arrays),
-        meta=ocp.args.JsonSave(meta)))
+    try:
+      self.manager.save(index, args=ocp.args.Composite(
+          params=ocp.args.StandardSave(params), arrays=ocp.args.StandardSave(arrays),
+          meta=ocp.args.JsonSave(meta)))
+    except OSError as e:  # Disk full, permissions, a vanished bucket: the step is not committed.
+      raise self._write_error(index, e) from e
+
+  def _write_error(self, index, e: OSError) -> CheckpointError:
+    return CheckpointError(
+        f"cannot write checkpoint {index} in {self.manager.directory}: {e}. Nothing of that "
+        "stage was committed; free space (or fix the path) and rerun the same command: it "
+        "resumes after the last finished stage.")
 
   def restore(self, index: int, abstract_params):
     ocp = self._ocp
@@ -664,8 +673,12 @@ class Checkpoints:
     return multihost.local(out["params"]), arrays, out["meta"]
 
   def close(self):
-    self.manager.wait_until_finished()
-    self.manager.close()
+    try:  # An asynchronous write's error surfaces here (or at the next save).
+      self.manager.wait_until_finished()
+    except OSError as e:
+      raise self._write_error(self.manager.latest_step(), e) from e
+    finally:
+      self.manager.close()
 
 
 # -------------------------------------------------------------------------------------------------

@@ -243,6 +243,29 @@ def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_good_checkpoint(ti
   ckpt.close()
 
 
+def test_disk_full_at_save_is_one_clear_error_and_resumes(tiny_pool, tmp_path, monkeypatch):
+  """Orbax's write of the second stage fails with ENOSPC: one CheckpointError saying nothing of
+  that stage was committed; the same command then resumes after the first stage."""
+  import errno
+
+  import orbax.checkpoint as ocp
+  real = ocp.CheckpointManager.save
+
+  def full(self, step, *args, **kwargs):
+    if step == 1:
+      raise OSError(errno.ENOSPC, "No space left on device")
+    return real(self, step, *args, **kwargs)
+
+  monkeypatch.setattr(ocp.CheckpointManager, "save", full)
+  c = _config()
+  with pytest.raises(evolve.CheckpointError, match=r"cannot write checkpoint 1 .*No space left "
+                                                   r"on device.*rerun the same command"):
+    evolve.run(c, tmp_path, tiny_pool, progress=False)
+  monkeypatch.setattr(ocp.CheckpointManager, "save", real)
+  history = evolve.run(c, tmp_path, tiny_pool, progress=False)
+  assert [m["round"] for m in history] == [0, 1]
+
+
 @pytest.mark.parametrize("fused", [False, True])
 def test_finite_divergence_stops_and_keeps_the_last_good_checkpoint(tiny_pool, tmp_path, fused):
   """lr 1e6: finite losses, but the weights blow up (the reported case: every loss ln(V),
