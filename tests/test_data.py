@@ -318,7 +318,7 @@ def test_bigbench_max_examples_is_a_seeded_subsample(tmp_path):
 
 
 # -------------------------------------------------------------------------------------------------
-# GSM8K: the TFDS catalog builder, from its official JSONL files in a manual dir; offline error.
+# GSM8K: from its official JSONL files in a manual dir; bad lines; offline error.
 
 def test_gsm8k_from_manual_jsonl(tmp_path):
   manual = tmp_path / "gsm"
@@ -330,9 +330,32 @@ def test_gsm8k_from_manual_jsonl(tmp_path):
   builder = gsm8k.Gsm8k(data_dir=str(tmp_path / "tfds"))
   common.prepare(builder, str(manual))
   task = tasks.Task("gsm8k", tasks.TASKS["gsm8k"], builder)
-  got = sorted((e.question, e.targets) for e in task.test)
-  assert got == [("A shirt costs $1,200 less $200?", ("1,000",)),
-                 ("Tom has 3 apples and buys 4. How many?", ("7",))]
+  got = [(e.id, e.question, e.targets) for e in task.test]  # In the file's line order.
+  assert got == [("gsm8k/test/0", "Tom has 3 apples and buys 4. How many?", ("7",)),
+                 ("gsm8k/test/1", "A shirt costs $1,200 less $200?", ("1,000",))]
+
+
+def test_gsm8k_malformed_lines_are_counted_and_named_by_file_and_line(tmp_path):
+  manual = tmp_path / "gsm"
+  manual.mkdir()
+  good = json.dumps({"question": "1 + 1?", "answer": "1+1=2\n#### 2"}).encode()
+  lines = [good, b"\xff\xfe not utf-8", b"   ", b"{not json", json.dumps({"question": "q"}).encode(),
+           json.dumps({"question": "q", "answer": "no marker"}).encode(), good]
+  (manual / "train.jsonl").write_bytes(b"\n".join(lines) + b"\n")
+  (manual / "test.jsonl").write_bytes(good + b"\n")
+  builder = gsm8k.Gsm8k(data_dir=str(tmp_path / "tfds"))
+  common.prepare(builder, str(manual))
+  task = tasks.Task("gsm8k", tasks.TASKS["gsm8k"], builder)
+  rows = task.examples("train")
+  assert [e.id for e in rows] == [f"gsm8k/train/{i}" for i in range(7)]
+  problems = [e.problem for e in rows]
+  assert problems[0] == problems[6] == ""
+  assert problems[1].startswith("train.jsonl line 2: not UTF-8")
+  assert problems[2] == "train.jsonl line 3: blank line"
+  assert problems[3].startswith("train.jsonl line 4: not JSON")
+  assert problems[4] == "train.jsonl line 5: no 'answer'"
+  assert problems[5] == "train.jsonl line 6: no '####' final answer in 'answer'"
+  assert [e.id for e in task.dev if not e.problem] == ["gsm8k/train/0", "gsm8k/train/6"]
 
 
 def test_gsm8k_offline_fails_fast_with_the_fix(tmp_path, offline):

@@ -4,7 +4,7 @@
   load_task("bigbench_knowledge")           knowledge / factuality BIG-bench tasks
   load_task("bigbench:navigate,snarks")     any BIG-bench JSON tasks or subtasks
   load_task("mmlu") / load_task("mmlu_redux", manual_dir=...)
-  load_task("gsm8k")                        TFDS catalog builder (online, or a manual dir)
+  load_task("gsm8k")                        the official JSONL files (online, or a manual dir)
   load_task("moco:bbh,gsm8k", moco_dir=...) the paper's task files (data/moco.py), published splits,
                                             the reference's prompts and scoring
 
@@ -83,10 +83,9 @@ class Task:
   def _source_examples(self, split: str) -> list[common.Example]:
     if split not in self._raw:
       src = self.source(split)
-      if self.spec.builder == "gsm8k":
-        rows = [common.validate(gsm8k.to_example(i, src[i], split)) for i in range(len(src))]
-      else:
-        rows = [common.Example.from_record(src[i]) for i in range(len(src))]
+      rows = [common.Example.from_record(src[i]) for i in range(len(src))]
+      if self.spec.builder == "gsm8k":  # Stored in hash order: back to the files' line order.
+        rows.sort(key=lambda e: int(e.id.rsplit("/", 1)[1]))
       self._raw[split] = rows
     return self._raw[split]
 
