@@ -45,7 +45,41 @@ def _texts(tokenizer, out: core.Output) -> list[str]:
           for b in range(tokens.shape[0])]
 
 
+# Field -> (allowed?, what is allowed): checked before anything loads or trains.
+RANGES: dict[str, tuple[Any, str]] = {
+    "val_fraction": (lambda v: 0 < v < 1, "a number in (0, 1)"),
+    "train_examples": (lambda v: v >= 1, "an integer >= 1"),
+    "val_examples": (lambda v: v >= 1, "an integer >= 1"),
+    "test_examples": (lambda v: v >= 1, "an integer >= 1"),
+    "batch_size": (lambda v: v >= 1, "an integer >= 1"),
+    "max_new_tokens": (lambda v: v >= 1, "an integer >= 1"),
+    "assistant_steps": (lambda v: v >= 1, "an integer >= 1"),
+    "assistant_learning_rate": (lambda v: np.isfinite(v) and v > 0, "a finite number > 0"),
+    "train.base": (lambda v: v in ("full", "lora", "gate"), "'full', 'lora' or 'gate'"),
+    "train.init": (lambda v: v in ("a", "b", "none"), "'a', 'b' or 'none'"),
+    "train.steps": (lambda v: v >= 1, "an integer >= 1"),
+    "train.batch_size": (lambda v: v >= 1, "an integer >= 1"),
+    "train.lora_rank": (lambda v: v >= 1, "an integer >= 1"),
+    "train.learning_rate": (lambda v: np.isfinite(v) and v > 0, "a finite number > 0"),
+    "train.gate_learning_rate": (lambda v: np.isfinite(v) and v > 0, "a finite number > 0"),
+    "train.warmup_fraction": (lambda v: 0 <= v < 1, "a number in [0, 1)"),
+}
+
+
+def validate(config: config_dict.ConfigDict) -> None:
+  """Every Co-LLM job field checked before the base loads or the assistant is fine-tuned; a
+  failure names the field, the value and what is allowed (evolve.ConfigError)."""
+  from single_multi import configs, evolve
+  fields = configs.leaves(config)
+  for name, (ok, allowed) in RANGES.items():
+    value = fields.get(name)
+    if value is not None and not ok(value):
+      raise evolve.ConfigError(f"{name}={value!r} is not allowed: give {allowed}")
+  tasks.parse_name(config.task)
+
+
 def run(config: config_dict.ConfigDict, workdir: str | pathlib.Path) -> dict[str, Any]:
+  validate(config)
   workdir = pathlib.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   dtype = jnp.dtype(config.dtype)

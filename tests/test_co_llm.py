@@ -201,3 +201,25 @@ def test_co_llm_job_end_to_end_through_main_on_real_bigbench_rows(tmp_path):
   params, w, eta = co_llm.load(tmp_path / "checkpoint")
   assert eta == pytest.approx(out["eta"]["co_llm"]) and w.shape == (32,)
   assert (tmp_path / "assistant" / "config.json").exists()  # The cached specialist.
+
+
+def test_co_llm_job_fields_are_checked_before_anything_loads(monkeypatch):
+  from configs_loader import load_config
+  from single_multi import co_llm_run, evolve
+  from single_multi.models import loading
+  monkeypatch.setattr(loading, "load", lambda *a, **k: pytest.fail("loaded a model"))
+  for field, value, message in [
+      ("val_fraction", 1.5, "val_fraction=1.5 is not allowed: give a number in (0, 1)"),
+      ("train.base", "fulll", "train.base='fulll' is not allowed: give 'full', 'lora' or 'gate'"),
+      ("train.init", "c", "train.init='c' is not allowed: give 'a', 'b' or 'none'"),
+      ("train.steps", 0, "train.steps=0 is not allowed"),
+      ("task", "bigbench:", "names no BIG-bench task")]:
+    c = load_config("co_llm_bigbench.py")
+    *parents, leaf = field.split(".")
+    target = c
+    for p in parents:
+      target = target[p]
+    target[leaf] = value
+    with pytest.raises((evolve.ConfigError, ValueError), match=message.replace("(", r"\(")
+                       .replace(")", r"\)")):
+      co_llm_run.run(c, "/nonexistent/co_llm")
