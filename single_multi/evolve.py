@@ -486,12 +486,45 @@ def training_rows(loop: Loop, pool, outputs: dict[str, str],
   return {"tokens": tokens, "mask": mask, "loss_mask": loss_mask}
 
 
+COLLAPSE_SHARE = 0.9  # A model giving one answer to this share of the rows has collapsed...
+
+
+def top_share(values: Sequence[Any]) -> float:
+  """The share of the most frequent value (None counts as a value: no answer)."""
+  if not values:
+    return 0.0
+  counts: dict[str, int] = {}
+  for v in values:
+    counts[json.dumps(v)] = counts.get(json.dumps(v), 0) + 1
+  return max(counts.values()) / len(values)
+
+
+def _gold(r: dict[str, Any]):
+  t = r.get("target")
+  return t[0] if isinstance(t, list) and t else t
+
+
+def collapsed(m: dict[str, Any]) -> list[dict[str, Any]]:
+  """... unless the gold answers are that uniform too (`COLLAPSE_SHARE`)."""
+  if m.get("gold_top_share", 1.0) >= COLLAPSE_SHARE:  # (Or a history from before the field.)
+    return []
+  return [{"round": m["round"], "model": k, "share": v}
+          for k, v in m.get("top_answer_share", {}).items() if v >= COLLAPSE_SHARE]
+
+
 def round_metrics(round_: int, singles: evaluate.EvalResult, collab_r: evaluate.EvalResult,
                   names: Sequence[str], strategy: str) -> dict[str, Any]:
   s = {n: singles.summary["models"][n]["score"] for n in names}
   c = collab_r.summary["models"][strategy]["score"]
   best = max(names, key=lambda n: s[n]["mean"])
+  records = singles.records + collab_r.records
+  by_model = {n: [r for r in records if r["model"] == n] for n in (*names, strategy)}
   return {"round": round_, "singles": {n: v["mean"] for n, v in s.items()},
+          "by_task": {n: r.summary["models"][n]["by_subject"]
+                      for r, ns in ((singles, names), (collab_r, (strategy,))) for n in ns},
+          "top_answer_share": {n: top_share([r.get("prediction") for r in rows])
+                               for n, rows in by_model.items()},
+          "gold_top_share": top_share([_gold(r) for r in by_model[strategy]]),
           "singles_ci95": {n: v["ci95"] for n, v in s.items()},
           "single_mean": float(np.mean([v["mean"] for v in s.values()])),
           "best_single": s[best]["mean"], "best_single_model": best,
@@ -510,6 +543,9 @@ def format_round(m: dict[str, Any]) -> str:
   for n, v in m["singles"].items():
     a, b = m["singles_ci95"][n]
     lines.append(f"    {n:28s} {v:.3f} [{a:.3f}, {b:.3f}]")
+  if len(next(iter(m.get("by_task", {}).values()), {})) > 1:
+    for n, by in m["by_task"].items():
+      lines.append(f"    {n:28s} by task: " + ", ".join(f"{k} {v:.3f}" for k, v in by.items()))
   base = m.get("baselines")
   if base:
     lines.append(f"    multiple choice ({base['mc_rows']} rows): chance {base['chance']:.3f}, "
@@ -898,8 +934,16 @@ def _run(config, workdir, pool, lock, *, progress: bool, stop_after: int | None)
   if primary and jax.process_count() > 1:
     print(f"{jax.process_count()} processes, {jax.device_count()} devices in all")
   task = tasks.from_config(config.task, config)
-  dev = [e for e in task.dev if not e.problem][:config.dev_examples]
-  test = [e for e in task.examples(task.spec.test_split)][:config.test_examples]
+  # Rows drawn evenly from every task family (seeded, stable); the test split's bad rows kept
+  # so that the evaluation lists them as excluded.
+  dev = common.balanced(task.dev, config.dev_examples, config.seed)
+  test_split = task.examples(task.spec.test_split)
+  test = (common.balanced(test_split, config.test_examples, config.seed)
+          + [e for e in test_split if e.problem])
+  if primary:
+    print("rows per task: test " + ", ".join(f"{k} {v}" for k, v in common.composition(
+        test).items()) + "; dev " + ", ".join(f"{k} {v}" for k, v in common.composition(
+        dev).items()))
   shots = task.examples(task.spec.shot_split) if config.k_shot else ()
   prompter = pipeline.Prompter(pool.tokenizer, pipeline.PromptConfig(k_shot=config.k_shot,
                                                                  style=task.spec.prompt), shots)
@@ -920,6 +964,10 @@ def _run(config, workdir, pool, lock, *, progress: bool, stop_after: int | None)
     if primary:
       write_metrics(workdir, history)
       print(format_round(m))
+      for c in collapsed(m):
+        print(f"WARNING: round {c['round']}: {c['model']} gives one answer to {c['share']:.0%} "
+              "of the test rows (the gold answers are not that uniform): it has collapsed, and "
+              "its score measures that answer's share of the gold, not what it learned.")
 
   # One process: the pool lives on the mesh for the whole loop (every program follows its params;
   # activations are constrained by the rules under `jax.set_mesh`). Several processes: evaluation
@@ -1001,8 +1049,75 @@ def _run(config, workdir, pool, lock, *, progress: bool, stop_after: int | None)
     finally:
       ckpt.close()
   if primary:
-    (workdir / "summary.json").write_text(json.dumps(history, indent=1))
+    summary = run_summary(workdir, history, pool.names, config.strategy, test)
+    (workdir / "summary.json").write_text(json.dumps(summary, indent=1))
+    print(format_paired(summary))
   return history
+
+
+def _row_scores(directory: epath.Path) -> dict[str, dict[str, float]]:
+  """{model: {example id: score}} of an evaluation's records.jsonl."""
+  out: dict[str, dict[str, float]] = {}
+  path = directory / "records.jsonl"
+  if not path.exists():
+    return out
+  for line in path.read_text().splitlines():
+    r = json.loads(line)
+    if r.get("score") is not None:
+      out.setdefault(r["model"], {})[r["id"]] = float(r["score"])
+  return out
+
+
+def _paired(after: dict[str, float], before: dict[str, float]) -> dict[str, Any]:
+  ids = sorted(set(after) & set(before))
+  a, b = [after[i] for i in ids], [before[i] for i in ids]
+  if not ids:
+    return {"delta": float("nan"), "ci95": [float("nan")] * 2, "n": 0}
+  return {"delta": float(np.mean(a) - np.mean(b)),
+          "ci95": list(evaluate.paired_bootstrap_ci(a, b)), "n": len(ids)}
+
+
+def run_summary(workdir, history, names, strategy, test) -> dict[str, Any]:
+  """summary.json: the test composition, every round's metrics, the paired changes from round
+  0 to the last round on the same test rows (single-model mean, each single, the collaboration)
+  and the round-0 collaboration minus the round-0 best single (best on test, as printed), with
+  paired bootstrap 95% CIs, and every collapse (a model giving one answer to >= 90% of the
+  rows while the gold answers are not that uniform)."""
+  workdir = epath.Path(workdir)
+  first, last = history[0]["round"], history[-1]["round"]
+  s0 = _row_scores(workdir / f"round_{first}" / "singles")
+  s1 = _row_scores(workdir / f"round_{last}" / "singles")
+  c0 = _row_scores(workdir / f"round_{first}" / "collaboration").get(strategy, {})
+  c1 = _row_scores(workdir / f"round_{last}" / "collaboration").get(strategy, {})
+
+  def mean_over(scores):
+    ids = set.intersection(*(set(scores.get(n, {})) for n in names)) if names else set()
+    return {i: float(np.mean([scores[n][i] for n in names])) for i in ids}
+
+  best0 = history[0]["best_single_model"]
+  paired = {"rounds": [first, last], "single_mean": _paired(mean_over(s1), mean_over(s0)),
+            "singles": {n: _paired(s1.get(n, {}), s0.get(n, {})) for n in names},
+            "collab": _paired(c1, c0),
+            "collab_vs_best_single_round0": _paired(c0, s0.get(best0, {})),
+            "best_single_round0": best0}
+  return {"composition": common.composition(test), "rounds": history, "paired": paired,
+          "collapse": [c for m in history for c in collapsed(m)]}
+
+
+def format_paired(summary: dict[str, Any]) -> str:
+  p = summary["paired"]
+  f = lambda d: f"{d['delta']:+.3f} [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}] (n={d['n']})"
+  first, last = p["rounds"]
+  lines = [f"paired on the same test rows, round {last} vs round {first} (95% bootstrap CI):",
+           f"    single-model mean     {f(p['single_mean'])}",
+           *[f"    {n:21s} {f(d)}" for n, d in p["singles"].items()],
+           f"    collaboration         {f(p['collab'])}",
+           f"  round {first}: collaboration - best single ({p['best_single_round0']}) "
+           f"{f(p['collab_vs_best_single_round0'])}"]
+  for c in summary["collapse"]:
+    lines.append(f"  COLLAPSE: round {c['round']} {c['model']} gives one answer to "
+                 f"{c['share']:.0%} of the test rows")
+  return "\n".join(lines)
 
 
 def own_half(loop: Loop) -> np.ndarray:

@@ -452,3 +452,16 @@ def test_config_manual_dir_reaches_the_builders(monkeypatch):
   c = config_dict.ConfigDict({"seed": 3, "moco_data_dir": "", "data_manual_dir": "/data/mmlu"})
   tasks.from_config("mmlu", c)
   assert seen == {"name": "mmlu", "seed": 3, "moco_dir": None, "manual_dir": "/data/mmlu"}
+
+
+def test_balanced_rows_split_evenly_stable_and_seeded():
+  rows = ([common.Example(f"a/{i}", "a", f"qa {i}", targets=("x",)) for i in range(10)]
+          + [common.Example(f"b/{i}", "b", f"qb {i}", targets=("x",)) for i in range(3)]
+          + [common.Example(f"c/{i}", "c", f"qc {i}", targets=("x",)) for i in range(10)]
+          + [common.Example("c/bad", "c", "", problem="empty question")])
+  picked = common.balanced(rows, 12, seed=0)
+  assert common.composition(picked) == {"a": 5, "b": 3, "c": 4}  # b runs out: its share moves.
+  assert common.composition(common.balanced(rows, 9, seed=0)) == {"a": 3, "b": 3, "c": 3}
+  assert common.balanced(list(reversed(rows)), 12, seed=0) == picked  # Not file order.
+  assert common.balanced(rows, 12, seed=1) != picked
+  assert len(common.balanced(rows, 100, seed=0)) == 23  # Every valid row, the bad one never.

@@ -50,6 +50,18 @@ def test_one_round_end_to_end_and_distillation_lowers_the_loss(tiny_pool, tmp_pa
 def _check_one_round(tiny_pool, tmp_path, strategy, **overrides):
   c = _config(strategy=strategy, **{"distill.epochs": 3.0}, **overrides)
   history = evolve.run(c, tmp_path, tiny_pool, progress=False)
+  # summary.json: the composition, the rounds, paired changes on the same rows, collapses.
+  summary = json.loads((tmp_path / "summary.json").read_text())
+  assert summary["rounds"] == history and sum(summary["composition"].values()) == 8
+  paired = summary["paired"]
+  assert paired["single_mean"]["n"] == 8 and paired["rounds"] == [0, 1]
+  assert paired["single_mean"]["delta"] == pytest.approx(
+      history[1]["single_mean"] - history[0]["single_mean"], abs=1e-9)
+  assert paired["collab"]["delta"] == pytest.approx(history[1]["collab"] - history[0]["collab"],
+                                                    abs=1e-9)
+  lo, hi = paired["collab"]["ci95"]
+  assert lo <= paired["collab"]["delta"] <= hi
+  assert summary["collapse"] == [c for m in history for c in evolve.collapsed(m)]
   assert [m["round"] for m in history] == [0, 1]
   for m in history:
     assert set(m["singles"]) == {"t0", "t1", "t2"} and 0 <= m["collab"] <= 1
@@ -61,6 +73,13 @@ def _check_one_round(tiny_pool, tmp_path, strategy, **overrides):
   records = (tmp_path / "round_1" / "collaboration" / "records.jsonl").read_text().splitlines()
   assert len(records) == 8 and json.loads(records[0])["model"] == strategy
   return history
+
+
+def test_collapse_is_flagged_only_when_the_gold_is_not_as_uniform():
+  m = {"round": 2, "top_answer_share": {"m0": 0.95, "m1": 0.5}, "gold_top_share": 0.5}
+  assert evolve.collapsed(m) == [{"round": 2, "model": "m0", "share": 0.95}]
+  assert evolve.collapsed(dict(m, gold_top_share=0.92)) == []  # Gold that uniform: no collapse.
+  assert evolve.top_share(["A", "A", "B", None]) == 0.5 and evolve.top_share([]) == 0.0
 
 
 def test_every_refusal_names_the_alternatives_and_loads_nothing(monkeypatch):

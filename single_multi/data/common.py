@@ -124,6 +124,36 @@ def split_fraction(text: str, seed: int) -> float:
   return int.from_bytes(digest[:8], "big") / 2.0 ** 64
 
 
+def balanced(examples: Iterable[Example], total: int, seed: int) -> list[Example]:
+  """`total` valid rows split evenly over the subjects (task families): round robin in subject
+  order, so the counts differ by at most one unless a family runs out (its share then goes to the
+  others). Each family's rows are taken in a seeded order fixed by their ids, so the selection is
+  stable and never depends on file order; the result is grouped by subject."""
+  by: dict[str, list[Example]] = {}
+  for e in examples:
+    if not e.problem:
+      by.setdefault(e.subject, []).append(e)
+  for rows in by.values():
+    rows.sort(key=lambda e: split_fraction(e.id, seed))
+  subjects = sorted(by)
+  quota, left = dict.fromkeys(subjects, 0), total
+  while left > 0 and any(quota[s] < len(by[s]) for s in subjects):
+    for s in subjects:
+      if left > 0 and quota[s] < len(by[s]):
+        quota[s] += 1
+        left -= 1
+  return [e for s in subjects for e in by[s][:quota[s]]]
+
+
+def composition(examples: Iterable[Example]) -> dict[str, int]:
+  """Valid rows per subject, in subject order."""
+  counts: dict[str, int] = {}
+  for e in examples:
+    if not e.problem:
+      counts[e.subject] = counts.get(e.subject, 0) + 1
+  return dict(sorted(counts.items()))
+
+
 def overlapping_questions(a: Iterable[str], b: Iterable[str]) -> set[str]:
   """Normalised question texts present in both collections."""
   return ({normalize_question(q) for q in a if q.strip()}
