@@ -889,21 +889,33 @@ def write_metrics(workdir: epath.Path, history: list[dict[str, Any]]) -> None:
     w.add_scalar("test/best_single", m["best_single"], m["round"])
     for n, v in m["singles"].items():
       w.add_scalar(f"test/single/{n.replace(':', '_')}", v, m["round"])
-  rounds = [m["round"] for m in history]
-  fig = Figure(figsize=(5, 3.5))  # No pyplot: the caller's backend stays as it is.
+    for n, by in m.get("by_task", {}).items():
+      for t, v in by.items():
+        w.add_scalar(f"test_by_task/{t.replace(':', '_')}/{n.replace(':', '_')}", v, m["round"])
+  rounds = np.asarray([m["round"] for m in history], np.float64)
+  fig = Figure(figsize=(6, 4))  # No pyplot: the caller's backend stays as it is.
   ax = fig.subplots()
-  ax.plot(rounds, [m["collab"] for m in history], "o-", label="collaboration")
-  ax.plot(rounds, [m["single_mean"] for m in history], "s-", label="single (mean)")
-  ax.plot(rounds, [m["best_single"] for m in history], "^--", label="best single")
+  series = [(n, [h["singles"][n] for h in history], [h["singles_ci95"][n] for h in history], "s")
+            for n in m["singles"]]
+  series.append(("collaboration", [h["collab"] for h in history],
+                 [h["collab_ci95"] for h in history], "o"))
+  width = 0.08 * (len(series) - 1)
+  for k, (name, means, cis, marker) in enumerate(series):  # Offsets keep the bars apart.
+    x = rounds + (k * 0.08 - width / 2 if len(series) > 1 else 0.0)
+    means = np.asarray(means)
+    err = np.abs(np.asarray(cis, np.float64).T - means)
+    ax.errorbar(x, means, yerr=err, fmt=marker + ("-" if name == "collaboration" else "--"),
+                capsize=3, label=name, lw=2 if name == "collaboration" else 1)
   base = m.get("baselines")
   if base:  # What answering without reading the question scores (multiple-choice rows).
     ax.axhline(base["chance"], ls=":", color="gray", label="chance")
-    ax.axhline(base["position"]["accuracy"], ls="-.", color="silver",
-               label=f"always {base['position']['letter']}")
+    ax.axhline(base["majority_class"]["rate"], ls="-.", color="silver",
+               label=f"majority class ({base['majority_class']['letter']})")
   ax.set_xlabel("round")
   ax.set_ylabel("test score")
   ax.set_xticks(rounds)
-  ax.legend()
+  ax.set_title("test score, 95% bootstrap CIs", fontsize=9)
+  ax.legend(fontsize=7)
   fig.tight_layout()
   with (workdir / "accuracy.png").open("wb") as f:
     fig.savefig(f, format="png", dpi=120)
