@@ -299,6 +299,7 @@ def require_online(url: str, what: str, fix: str, timeout: float = 5.0) -> None:
 def prepare(builder: tfds.core.DatasetBuilder, manual_dir: str | None = None) -> None:
   """Builds the array_record files once (a no-op when they exist)."""
   config = tfds.download.DownloadConfig(manual_dir=manual_dir) if manual_dir else None
+  tfds.disable_progress_bar()  # Its "Generating" / "Shuffling ... incomplete" bars: not ours.
   builder.download_and_prepare(download_config=config, file_format="array_record")
 
 
