@@ -2,6 +2,9 @@
 
     python -m single_multi.main --config=configs/co_llm_bigbench.py --workdir=/tmp/co_llm
 
+(`single_multi.main` is its one entry point.) Answers are scored as the loop scores them
+(`evaluate.score_generated`).
+
 1. The assistant: the configured model, or the base fine-tuned on the task's training rows (a
    specialist; cached in the workdir, reused when present).
 2. The assistant's scoring pass over the training sequences (gold log-probs, argmax-is-gold).
@@ -24,19 +27,13 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags, logging
-from ml_collections import config_dict, config_flags
+from absl import logging
+from ml_collections import config_dict
 
 from single_multi import co_llm, collab, decoding, evaluate, pool as pool_lib, train as train_lib
 from single_multi.collab import core
-from single_multi.data import common, metrics, pipeline, tasks
+from single_multi.data import pipeline, tasks
 from single_multi.models import lora as lora_lib, loading
-
-
-def _score(ex: common.Example, text: str, metric: str) -> float:
-  if metric == "numeric":
-    return metrics.numeric_match(text, pipeline.gold_answer(ex))
-  return metrics.exact_match(text, [pipeline.gold_answer(ex), *ex.targets])
 
 
 def _texts(tokenizer, out: core.Output) -> list[str]:
@@ -138,7 +135,9 @@ def run(config: config_dict.ConfigDict, workdir: str | pathlib.Path) -> dict[str
             pipeline.generation_batches(rows, prompter, batch_size=config.batch_size)]
 
   def accuracy(outs, rows_per_batch):
-    scores = [_score(ex, text, task.spec.metric) for out, rows in zip(outs, rows_per_batch)
+    # The loop's scoring (evaluate): the same answer extraction, so scores compare.
+    scores = [evaluate.score_generated(ex, text, task.spec.metric)["score"]
+              for out, rows in zip(outs, rows_per_batch)
               for ex, text in zip(rows, _texts(tok, out))]
     return float(np.mean(scores)), scores
 
@@ -195,16 +194,3 @@ def run(config: config_dict.ConfigDict, workdir: str | pathlib.Path) -> dict[str
          "train_history": {"co_llm": trained.history, "weak_supervision": weak.history}}
   (workdir / "results.json").write_text(json.dumps(out, indent=1))
   return out
-
-
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  run(flags.FLAGS.config, flags.FLAGS.workdir)
-
-
-if __name__ == "__main__":  # Flags exist only when this is the program (no clash with main's).
-  config_flags.DEFINE_config_file("config", None, "A Co-LLM config file.", lock_config=True)
-  flags.DEFINE_string("workdir", "/tmp/single_multi_co_llm", "Output directory.")
-  flags.mark_flags_as_required(["config"])
-  app.run(main)

@@ -262,7 +262,7 @@ def _score_moco(ex: common.Example, text: str) -> dict[str, Any]:
           "score": f1 if ex.subject in moco.F1_TASKS else exact, "f1": f1, "exact": exact}
 
 
-def _score_generated(ex: common.Example, text: str, metric: str) -> dict[str, Any]:
+def score_generated(ex: common.Example, text: str, metric: str) -> dict[str, Any]:
   if metric == "moco":  # The reference's rules for every row type, its MC parse included.
     return _score_moco(ex, text)
   if ex.is_mc:
@@ -292,7 +292,7 @@ def answer_key(ex: common.Example, text: str, metric: str):
   letter, the number, the extracted (MoCo) answer, else the normalised text; None: nothing."""
   if metric == "moco" and not ex.is_mc and ex.subject in moco.REWARD_TASKS:
     return text.strip()  # Scored by a reward model: nothing to extract.
-  pred = _score_generated(ex, text, metric)["prediction"]
+  pred = score_generated(ex, text, metric)["prediction"]
   if isinstance(pred, str) and not ex.is_mc and metric != "moco":
     return metrics.normalize_answer(pred)
   return pred
@@ -414,7 +414,7 @@ def generation_records(examples, rows: Sequence[int], names: Sequence[str], toke
       ex = examples[i]
       text = tokenizer.decode(tokens[n, b, :lengths[n, b]], skip_special_tokens=True)
       records.append({"model": name, **_asked(ex), "output": text,
-                      **_score_generated(ex, text, metric)})
+                      **score_generated(ex, text, metric)})
   return records
 
 

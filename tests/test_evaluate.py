@@ -91,13 +91,13 @@ def test_pool_scores_every_model_like_alone(method, tmp_path):
 
 def test_generated_answers_are_scored_by_the_task_metric():
   mc = common.Example("a", "s", "Q?", ("red", "blue", "green"), 1, ("blue",))
-  assert evaluate._score_generated(mc, "The answer is (B).", "exact_match")["score"] == 1.0
-  assert evaluate._score_generated(mc, "It is green.", "exact_match")["score"] == 0.0
+  assert evaluate.score_generated(mc, "The answer is (B).", "exact_match")["score"] == 1.0
+  assert evaluate.score_generated(mc, "It is green.", "exact_match")["score"] == 0.0
   gen = common.Example("b", "s", "Sort: b a", targets=("a b", "a, b"))
-  assert evaluate._score_generated(gen, " A, b. ", "exact_match")["score"] == 1.0
+  assert evaluate.score_generated(gen, " A, b. ", "exact_match")["score"] == 1.0
   num = common.Example("c", "gsm8k", "How much?", targets=("1,000",))
-  assert evaluate._score_generated(num, "It costs $1,000 in total.", "numeric")["score"] == 1.0
-  assert evaluate._score_generated(num, "#### 999", "numeric")["score"] == 0.0
+  assert evaluate.score_generated(num, "It costs $1,000 in total.", "numeric")["score"] == 1.0
+  assert evaluate.score_generated(num, "#### 999", "numeric")["score"] == 0.0
 
 
 def test_bootstrap_ci():

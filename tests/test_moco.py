@@ -79,8 +79,8 @@ def test_moco_scores_by_task_type():
   # Metric "moco" scores MC rows by the reference's parse, not the default extraction (they
   # disagree here: the reference's "a." quirk picks A; the default parse reads "(B)").
   quirk = "From the data. I pick (B)"
-  assert evaluate._score_generated(mc, quirk, "moco")["prediction"] == "A"
-  assert evaluate._score_generated(mc, quirk, "exact_match")["prediction"] == "B"
+  assert evaluate.score_generated(mc, quirk, "moco")["prediction"] == "A"
+  assert evaluate.score_generated(mc, quirk, "exact_match")["prediction"] == "B"
   em = common.Example("gsm8k/test/0", "gsm8k", "2+2?", targets=("4",))
   out = evaluate._score_moco(em, "It is \\box{4}.")
   assert out["score"] == 1.0 and out["prediction"] == "4"
