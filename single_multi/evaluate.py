@@ -277,6 +277,18 @@ def score_generated(ex: common.Example, text: str, metric: str) -> dict[str, Any
           "score": metrics.exact_match(text, ex.targets), "f1": metrics.token_f1(text, ex.targets)}
 
 
+def check_context(config: ModelConfig, batch, examples, max_new_tokens: int) -> None:
+  """Refuses a batch whose longest prompt plus the answer budget exceeds the model's context."""
+  context = config.max_position_embeddings
+  lengths = np.asarray(batch["mask"]).sum(axis=1)
+  if context and lengths.max() + max_new_tokens > context:
+    b = int(np.argmax(lengths))
+    raise common.DataError(
+        f"the prompt of {examples[int(batch['index'][b])].id} has {int(lengths[b])} tokens; "
+        f"with max_new_tokens={max_new_tokens} it exceeds the model's context of {context} "
+        "tokens: lower max_new_tokens or k_shot, or shorten the prompt")
+
+
 def example_number(ex: common.Example | None) -> int:
   """A stable 31-bit number of an example id (0 for a padding row)."""
   return 0 if ex is None else zlib.crc32(ex.id.encode()) & 0x7FFFFFFF
@@ -375,6 +387,7 @@ def evaluate(model: pool_lib.Pool | Model, examples: Sequence[common.Example], *
                           "score": float(raw in ex.correct),
                           "score_norm": float(norm in ex.correct)})
     else:
+      check_context(pool.config, batch, examples, max_new_tokens)
       keys = example_keys(key, [examples[i] if i >= 0 else None for i in batch["index"]])
       if strategy is not None:
         out = collab.run(pool, strategy, collab.batch_from(batch), env=env, cfg=strategy_cfg,

@@ -160,3 +160,16 @@ def test_records_show_the_options_as_asked():
   assert rec["target"] == "ABC"[ex.choices.index("maybe")]
   assert result.summary["baselines"]["position"]["letter"] == rec["target"]
   assert "position" in result.table() and "answers" in result.table()
+
+
+def test_prompts_over_the_context_are_refused_naming_the_example():
+  import dataclasses
+  model = _model(0)
+  short = dataclasses.replace(model, config=dataclasses.replace(model.config,
+                                                                max_position_embeddings=24))
+  exs = _examples()
+  with pytest.raises(common.DataError, match=r"the prompt of .* has \d+ tokens; with "
+                                             r"max_new_tokens=8 it exceeds the model's context "
+                                             r"of 24 tokens"):
+    evaluate.evaluate(short, exs, prompter=pipeline.Prompter(model.tokenizer), max_new_tokens=8,
+                      progress=False)
