@@ -149,6 +149,22 @@ def main():
         f"{d['minus_best_single_ci95'][1]:+.3f}] | "
         + (f"{top[0]} {top[1]:.0%}" if top else "-")
         + f" | {d['fit_seconds']:.1f} | {d['seconds_per_100']:.1f} |")
+  above = [n for n, d in done.items() if d["minus_best_single_ci95"][0] > 0]
+  below = [n for n, d in done.items() if d["minus_best_single_ci95"][1] < 0]
+  lines += ["", f"Against {best} (the best single on dev), paired on the same test rows: "
+            + (f"above it (CI above 0): {', '.join(above)}; " if above else
+               "no strategy is above it (no CI above 0); ")
+            + (f"below it (CI below 0): {', '.join(below)}; " if below else "none below it; ")
+            + "the others are not distinguishable from it at this number of rows."]
+  chance = base.get("chance")
+  if chance is not None:
+    at_chance = [n for n, d in done.items() if d["ci95"][0] <= chance <= d["ci95"][1]]
+    singles_at = [m for m, v in by_model.items()
+                  if evaluate.bootstrap_ci(v)[0] <= chance <= evaluate.bootstrap_ci(v)[1]]
+    lines += ["", f"At chance ({chance:.3f} inside the 95% CI): "
+              + (", ".join(f"`{n}`" for n in at_chance) or "no strategy") + "; singles: "
+              + (", ".join(singles_at) or "none") + ". A score there measures the answer-letter "
+              "bias (the most given letter column), not the task."]
   lines += ["", "Not in the table: " + "; ".join(f"`{k}` ({v})" for k, v in SKIP.items())
             + "".join(f"; `{n}` (not run yet)" for n in not_run) + "."]
   page = "\n".join(lines)

@@ -6,6 +6,10 @@ import importlib.util
 import pathlib
 
 
+class ConfigError(ValueError):
+  """A config field's value is not allowed: names the field, the value and what is allowed."""
+
+
 def load(path: str | pathlib.Path, relative_to: str | pathlib.Path | None = None):
   """`get_config()` of the config file `path` (relative to the directory of `relative_to`, a
   config file's `__file__`, when given): how one config builds on another."""

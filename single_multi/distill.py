@@ -218,6 +218,17 @@ def num_steps(num_rows: int, cfg: DistillConfig) -> int:
   return max(1, int(np.ceil(num_rows * cfg.epochs / per_step)))
 
 
+def loss_stats(losses, cfg: DistillConfig) -> dict:
+  """What a round's distillation records from its per-step losses [steps, N]: the first and last
+  step's loss per model, and the mean loss of the first and of the last epoch's steps (an epoch's
+  steps see every row once, so these two compare the same rows; single batches do not)."""
+  losses = np.asarray(losses, np.float64).reshape(len(losses), -1)
+  per_epoch = max(1, min(len(losses), int(round(len(losses) / max(cfg.epochs, 1.0)))))
+  return {"first_loss": losses[0].tolist(), "last_loss": losses[-1].tolist(),
+          "first_epoch_loss": losses[:per_epoch].mean(0).tolist(),
+          "last_epoch_loss": losses[-per_epoch:].mean(0).tolist(), "steps": len(losses)}
+
+
 def step_order(num_rows: int, cfg: DistillConfig) -> np.ndarray:
   """[steps, rows per step]: the rows of every optimizer step (a seeded permutation per epoch)."""
   per_step, total = cfg.batch_size * cfg.optim.accumulation, num_steps(num_rows, cfg)

@@ -27,6 +27,9 @@ params live on it for the whole loop, placed by `sharding.RULES`, and every prog
 The workdir may be local or a bucket path (gs://...; `etils.epath`). With several processes
 (`multihost.py`) every process runs this loop: evaluation shards the examples, distillation runs
 on the global mesh, process 0 writes the files, all processes take part in the checkpoints.
+
+Beside this driver: `workdir.py` (the recorded config, the lock, the checkpoints and their
+fingerprints) and `report.py` (round metrics, the console table, collapse, plots, summary.json).
 """
 
 from __future__ import annotations
@@ -34,8 +37,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import os
-import socket
 import time
 from typing import Any, Sequence
 
@@ -52,6 +53,10 @@ from single_multi import sharding
 from single_multi import train as train_lib
 from single_multi.data import common, pipeline, tasks
 from single_multi.collab import merge as merge_lib, token_level
+from single_multi.configs import ConfigError
+from single_multi.report import (collapsed, format_paired, format_round, round_metrics,
+                                 run_summary, write_metrics)
+from single_multi.workdir import Checkpoints, check_workdir_config, workdir_lock
 from single_multi.models import lora as lora_lib, loading
 
 STAGES = ("collaborate", "distill", "evaluate")
@@ -130,10 +135,6 @@ def placed(pool: pool_lib.Pool, mesh) -> pool_lib.Pool:
   """The pool with its params on `mesh` by the sharding rules (the pool axis over `model`)."""
   shardings = sharding.param_shardings(pool.config, mesh, pool_size=pool.size)
   return dataclasses.replace(pool, params=sharding.put(pool.params, shardings))
-
-
-class ConfigError(ValueError):
-  """A config field's value is not allowed: names the field, the value and what is allowed."""
 
 
 def _finite(v) -> bool:
@@ -224,154 +225,6 @@ def _validate(config: config_dict.ConfigDict) -> None:
     raise ConfigError(f"{config.distill.method} needs per-token teacher rows, which only logit- "
                       f"and token-level strategies produce; {config.strategy} is {level}-level: "
                       f"use one of {rowed}, or distill.method='supervised_kd'")
-
-
-# -------------------------------------------------------------------------------------------------
-# A workdir belongs to one run and one config.
-
-# Fields that do not change what a run computes: they may differ when a run resumes.
-NOT_RESULTS = frozenset({"keep_checkpoints", "compile_topology", "compile_prompt_length",
-                         "resume_allow"})
-# Fields that cannot change on resume even when allowed: the checkpoints' stage layout.
-FIXED_ON_RESUME = frozenset({"fused_round"})
-
-
-def check_workdir_config(config: config_dict.ConfigDict, workdir) -> list[str]:
-  """Records the run's config in `<workdir>/config.json`, or, when the workdir already has one,
-  refuses a config that differs from it (ConfigError with the changed fields) unless each changed
-  field is listed in `config.resume_allow` (e.g. ("rounds",) to extend a finished run); the
-  record is then updated. `fused_round` never changes under a run. Returns the accepted changes."""
-  path = epath.Path(workdir) / "config.json"
-  current = json.loads(config.to_json())
-  if not path.exists():
-    if multihost.is_primary():
-      path.parent.mkdir(parents=True, exist_ok=True)
-      path.write_text(json.dumps(current, indent=1))
-    return []
-  saved, now = configs.leaves(json.loads(path.read_text())), configs.leaves(current)
-  changed = sorted(k for k in set(saved) | set(now)
-                   if k not in NOT_RESULTS and saved.get(k) != now.get(k))
-  allowed = set(config.get("resume_allow", ())) - FIXED_ON_RESUME
-  refused = [k for k in changed if k not in allowed]
-  if refused:
-    diff = "; ".join(f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in refused)
-    fixed = [k for k in refused if k in FIXED_ON_RESUME]
-    hint = (f" ({', '.join(fixed)} cannot change under a run: its checkpoints are laid out by "
-            "it)" if fixed else f"; or allow them: --config.resume_allow='{tuple(refused)}'")
-    raise ConfigError(f"{path} records another config; changed: {diff}. Resume with the saved "
-                      f"config or use a new --workdir{hint}")
-  if changed and multihost.is_primary():
-    path.write_text(json.dumps(current, indent=1))
-  return changed
-
-
-class WorkdirLockedError(RuntimeError):
-  pass
-
-
-_HELD: dict[str, int] = {}
-
-
-def _alive(pid: int) -> bool:
-  try:
-    os.kill(pid, 0)
-  except ProcessLookupError:
-    return False
-  except PermissionError:
-    return True
-  return True
-
-
-class WorkdirLock:
-  """`<workdir>/LOCK`: {pid, host, started, heartbeat}. A second run is refused while the holder
-  lives (same host: its pid exists; another host, as on a bucket: its heartbeat, renewed after
-  every stage, is younger than `stale_seconds`); a lock whose holder is gone is taken over.
-  Re-entrant within the holding process. Local disks create it atomically (O_EXCL); buckets have
-  no atomic create, so the writer re-reads it to confirm it won."""
-
-  def __init__(self, workdir, stale_seconds: float = 3600.0):
-    self.path = epath.Path(workdir) / "LOCK"
-    self.stale_seconds = stale_seconds
-    self.me = {"pid": os.getpid(), "host": socket.gethostname()}
-
-  @property
-  def depth(self) -> int:  # Acquisitions of this workdir's lock held in this process.
-    return _HELD.get(str(self.path), 0)
-
-  @depth.setter
-  def depth(self, value: int) -> None:
-    _HELD[str(self.path)] = value
-
-  def _mine(self, holder: dict[str, Any] | None) -> bool:
-    return bool(holder) and all(holder.get(k) == v for k, v in self.me.items())
-
-  def _holder(self) -> dict[str, Any] | None:
-    try:
-      return json.loads(self.path.read_text())
-    except FileNotFoundError:
-      return None
-    except (ValueError, OSError):
-      return {}  # Unreadable: a torn write of a dead run; taken over.
-
-  def _live(self, holder: dict[str, Any]) -> bool:
-    if not holder:
-      return False
-    if holder.get("host") == self.me["host"]:
-      return _alive(int(holder.get("pid", -1)))
-    return time.time() - float(holder.get("heartbeat", 0)) < self.stale_seconds
-
-  def _write(self, started: float, exclusive: bool) -> None:
-    data = json.dumps({**self.me, "started": started, "heartbeat": time.time()})
-    if exclusive and "://" not in str(self.path):
-      fd = os.open(str(self.path), os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-      with os.fdopen(fd, "w") as f:
-        f.write(data)
-    else:
-      self.path.write_text(data)
-
-  def __enter__(self):
-    if self.depth:
-      self.depth += 1
-      return self
-    self.path.parent.mkdir(parents=True, exist_ok=True)
-    holder = self._holder()
-    if self._mine(holder):
-      pass  # Ours already (an earlier acquisition in this process that was not released).
-    elif holder is not None and self._live(holder):
-      started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(holder.get("started", 0)))
-      raise WorkdirLockedError(
-          f"{self.path.parent} is in use by pid {holder.get('pid')} on {holder.get('host')} "
-          f"(started {started}); wait for it to finish or use another --workdir. A lock whose "
-          f"run is gone is taken over by the next run ({self.path})")
-    else:
-      if holder is not None:
-        logging.warning("taking over the stale lock %s (%s)", self.path, holder)
-        self.path.unlink()
-      try:
-        self._write(time.time(), exclusive=True)
-      except FileExistsError:  # Another run created it between our look and our write.
-        return self.__enter__()
-      if not self._mine(self._holder()):
-        return self.__enter__()  # A bucket writer lost the race: look again.
-    self.depth = 1
-    return self
-
-  def heartbeat(self) -> None:
-    if self.depth:
-      started = (self._holder() or {}).get("started", time.time())
-      self._write(started, exclusive=False)
-
-  def __exit__(self, *exc):
-    self.depth -= 1
-    if self.depth == 0:
-      if self._mine(self._holder()):
-        self.path.unlink()
-    return False
-
-
-def workdir_lock(workdir):
-  """The workdir's lock, taken by process 0 only (the others run under its hold)."""
-  return WorkdirLock(workdir) if multihost.is_primary() else contextlib.nullcontext()
 
 
 # -------------------------------------------------------------------------------------------------
@@ -486,76 +339,6 @@ def training_rows(loop: Loop, pool, outputs: dict[str, str],
   return {"tokens": tokens, "mask": mask, "loss_mask": loss_mask}
 
 
-COLLAPSE_SHARE = 0.9  # A model giving one answer to this share of the rows has collapsed...
-
-
-def top_share(values: Sequence[Any]) -> float:
-  """The share of the most frequent value (None counts as a value: no answer)."""
-  if not values:
-    return 0.0
-  counts: dict[str, int] = {}
-  for v in values:
-    counts[json.dumps(v)] = counts.get(json.dumps(v), 0) + 1
-  return max(counts.values()) / len(values)
-
-
-def _gold(r: dict[str, Any]):
-  t = r.get("target")
-  return t[0] if isinstance(t, list) and t else t
-
-
-def collapsed(m: dict[str, Any]) -> list[dict[str, Any]]:
-  """... unless the gold answers are that uniform too (`COLLAPSE_SHARE`)."""
-  if m.get("gold_top_share", 1.0) >= COLLAPSE_SHARE:  # (Or a history from before the field.)
-    return []
-  return [{"round": m["round"], "model": k, "share": v}
-          for k, v in m.get("top_answer_share", {}).items() if v >= COLLAPSE_SHARE]
-
-
-def round_metrics(round_: int, singles: evaluate.EvalResult, collab_r: evaluate.EvalResult,
-                  names: Sequence[str], strategy: str) -> dict[str, Any]:
-  s = {n: singles.summary["models"][n]["score"] for n in names}
-  c = collab_r.summary["models"][strategy]["score"]
-  best = max(names, key=lambda n: s[n]["mean"])
-  records = singles.records + collab_r.records
-  by_model = {n: [r for r in records if r["model"] == n] for n in (*names, strategy)}
-  return {"round": round_, "singles": {n: v["mean"] for n, v in s.items()},
-          "by_task": {n: r.summary["models"][n]["by_subject"]
-                      for r, ns in ((singles, names), (collab_r, (strategy,))) for n in ns},
-          "top_answer_share": {n: top_share([r.get("prediction") for r in rows])
-                               for n, rows in by_model.items()},
-          "gold_top_share": top_share([_gold(r) for r in by_model[strategy]]),
-          "singles_ci95": {n: v["ci95"] for n, v in s.items()},
-          "single_mean": float(np.mean([v["mean"] for v in s.values()])),
-          "best_single": s[best]["mean"], "best_single_model": best,
-          "collab": c["mean"], "collab_ci95": c["ci95"], "n": c["n"],
-          "baselines": singles.summary["baselines"],
-          "answer_positions": {n: r.summary["models"][n]["answer_positions"]
-                               for r, ns in ((singles, names), (collab_r, (strategy,)))
-                               for n in ns}}
-
-
-def format_round(m: dict[str, Any]) -> str:
-  lo, hi = m["collab_ci95"]
-  lines = [f"round {m['round']}: single mean {m['single_mean']:.3f}  best single "
-           f"{m['best_single']:.3f} ({m['best_single_model']})  collaboration {m['collab']:.3f} "
-           f"[{lo:.3f}, {hi:.3f}]  (n={m['n']})"]
-  for n, v in m["singles"].items():
-    a, b = m["singles_ci95"][n]
-    lines.append(f"    {n:28s} {v:.3f} [{a:.3f}, {b:.3f}]")
-  if len(next(iter(m.get("by_task", {}).values()), {})) > 1:
-    for n, by in m["by_task"].items():
-      lines.append(f"    {n:28s} by task: " + ", ".join(f"{k} {v:.3f}" for k, v in by.items()))
-  base = m.get("baselines")
-  if base:
-    lines.append(f"    multiple choice ({base['mc_rows']} rows): chance {base['chance']:.3f}, "
-                 f"majority class {base['majority_class']['rate']:.3f}, position baseline "
-                 f"{base['position']['accuracy']:.3f} (always {base['position']['letter']})")
-    for n, shares in m["answer_positions"].items():
-      lines.append(f"    {n:28s} answers " + " ".join(f"{k} {v:.0%}" for k, v in shares.items()))
-  return "\n".join(lines)
-
-
 # -------------------------------------------------------------------------------------------------
 # Teacher rows (logit_kd, on_policy_kd).
 
@@ -603,118 +386,6 @@ def teacher_rows(loop: Loop, pool, state, on_policy: bool) -> dict[str, np.ndarr
     return np.pad(np.asarray(x), [(0, 0)] * (x.ndim - 1) + [(extra, 0)])
 
   return {k: np.concatenate([pad(b[k], k) for b in per_batch], axis=axis) for k in per_batch[0]}
-
-
-# -------------------------------------------------------------------------------------------------
-# Checkpoints.
-
-
-class CheckpointError(RuntimeError):
-  """A checkpoint directory cannot be restored; the message names it and the way out."""
-
-
-@jax.jit
-def _fingerprints(tree):
-  """Per leaf two uint32 checksums of its bits: their sum and their position-weighted sum, both
-  modulo 2^32 (integer sums: the same whatever the layout or sharding)."""
-  def one(x):
-    x = jnp.asarray(x)
-    width = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}.get(x.dtype.itemsize)
-    if x.dtype == jnp.bool_:
-      bits = x.astype(jnp.uint32).reshape(-1)
-    elif width is None:  # 8-byte values: both halves.
-      bits = jax.lax.bitcast_convert_type(x, jnp.uint32).reshape(-1)
-    else:
-      bits = jax.lax.bitcast_convert_type(x, width).astype(jnp.uint32).reshape(-1)
-    index = jnp.arange(1, bits.size + 1, dtype=jnp.uint32)
-    return jnp.stack([jnp.sum(bits, dtype=jnp.uint32), jnp.sum(bits * index, dtype=jnp.uint32)])
-  return jax.tree.map(one, tree)
-
-
-def fingerprints(tree) -> dict[str, list[int]]:
-  """{leaf path: [sum, weighted sum]} of a pytree's bits (`_fingerprints`), JSON-ready."""
-  values = jax.device_get(_fingerprints(tree))
-  return {jax.tree_util.keystr(path): [int(v) for v in np.asarray(leaf)]
-          for path, leaf in jax.tree_util.tree_flatten_with_path(values)[0]}
-
-
-class Checkpoints:
-  """Orbax CheckpointManager: one step per finished stage (its index in `stage_list`), items
-  params (the pool), arrays (the stage's outputs) and meta (round, stage, history, config, and
-  the fingerprints of params and arrays, checked at restore: a damaged file is named, not
-  restored)."""
-
-  def __init__(self, directory, keep: int):
-    import orbax.checkpoint as ocp
-
-    self._ocp = ocp
-    self.mesh = None
-    if jax.process_count() > 1:
-      from single_multi import sharding
-      self.mesh = sharding.make_mesh({"data": -1})
-    self.manager = ocp.CheckpointManager(
-        epath.Path(directory), options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
-
-  def latest(self) -> int | None:
-    return self.manager.latest_step()
-
-  def save(self, index: int, params, arrays: dict[str, np.ndarray], meta: dict[str, Any]):
-    ocp = self._ocp
-    arrays = arrays or {"_empty": np.zeros((1,), np.int32)}
-    if self.mesh is not None:  # Several processes: one replicated global array per leaf.
-      params = multihost.replicate(params, self.mesh)
-    meta = dict(meta, fingerprints={"params": fingerprints(params),
-                                    "arrays": fingerprints(arrays)})
-    try:
-      self.manager.save(index, args=ocp.args.Composite(
-          params=ocp.args.StandardSave(params), arrays=ocp.args.StandardSave(arrays),
-          meta=ocp.args.JsonSave(meta)))
-    except OSError as e:  # Disk full, permissions, a vanished bucket: the step is not committed.
-      raise self._write_error(index, e) from e
-
-  def _write_error(self, index, e: OSError) -> CheckpointError:
-    return CheckpointError(
-        f"cannot write checkpoint {index} in {self.manager.directory}: {e}. Nothing of that "
-        "stage was committed; free space (or fix the path) and rerun the same command: it "
-        "resumes after the last finished stage.")
-
-  def restore(self, index: int, abstract_params):
-    ocp = self._ocp
-    if self.mesh is not None:
-      everywhere = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
-      abstract_params = jax.tree.map(
-          lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=everywhere), abstract_params)
-    try:
-      out = self.manager.restore(index, args=ocp.args.Composite(
-          params=ocp.args.StandardRestore(abstract_params), arrays=ocp.args.StandardRestore(),
-          meta=ocp.args.JsonRestore()))
-    except Exception as e:  # Orbax raises several types for damaged or foreign directories.
-      raise CheckpointError(
-          f"cannot restore checkpoint {index} in {self.manager.directory}: "
-          f"{type(e).__name__}: {str(e)[:300]}. It is damaged or from another pool/config; "
-          "delete that step's directory to resume from the one before, or use a new --workdir."
-      ) from e
-    saved = out["meta"].get("fingerprints")
-    if saved is not None:
-      for item in ("params", "arrays"):
-        now = fingerprints(out[item])
-        bad = [k for k in saved[item] if now.get(k) != saved[item][k]]
-        if bad:
-          raise CheckpointError(
-              f"checkpoint {index} in {self.manager.directory}: {item} {', '.join(bad[:3])}"
-              f"{' ...' if len(bad) > 3 else ''} differ from the fingerprints saved with them: "
-              "the files are damaged. Delete that step's directory to resume from the one "
-              "before, or use a new --workdir.")
-    arrays = {k: np.asarray(v) for k, v in out["arrays"].items() if k != "_empty"}
-    return multihost.local(out["params"]), arrays, out["meta"]
-
-  def close(self):
-    try:  # An asynchronous write's error surfaces here (or at the next save).
-      self.manager.wait_until_finished()
-    except OSError as e:
-      raise self._write_error(self.manager.latest_step(), e) from e
-    finally:
-      self.manager.close()
 
 
 # -------------------------------------------------------------------------------------------------
@@ -873,55 +544,6 @@ def fused_round(loop: Loop, pool, out_dir):
 
 
 # -------------------------------------------------------------------------------------------------
-# Outputs a user plots.
-
-
-def write_metrics(workdir: epath.Path, history: list[dict[str, Any]]) -> None:
-  """metrics.jsonl (one line per round), TensorBoard events (the newest round), accuracy.png."""
-  (workdir / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in history))
-  import tensorboardX
-  from matplotlib.figure import Figure
-
-  m = history[-1]  # Events are appended round by round (earlier rounds are already written).
-  with tensorboardX.SummaryWriter(str(workdir / "tensorboard")) as w:
-    w.add_scalar("test/collaboration", m["collab"], m["round"])
-    w.add_scalar("test/single_mean", m["single_mean"], m["round"])
-    w.add_scalar("test/best_single", m["best_single"], m["round"])
-    for n, v in m["singles"].items():
-      w.add_scalar(f"test/single/{n.replace(':', '_')}", v, m["round"])
-    for n, by in m.get("by_task", {}).items():
-      for t, v in by.items():
-        w.add_scalar(f"test_by_task/{t.replace(':', '_')}/{n.replace(':', '_')}", v, m["round"])
-  rounds = np.asarray([m["round"] for m in history], np.float64)
-  fig = Figure(figsize=(6, 4))  # No pyplot: the caller's backend stays as it is.
-  ax = fig.subplots()
-  series = [(n, [h["singles"][n] for h in history], [h["singles_ci95"][n] for h in history], "s")
-            for n in m["singles"]]
-  series.append(("collaboration", [h["collab"] for h in history],
-                 [h["collab_ci95"] for h in history], "o"))
-  width = 0.08 * (len(series) - 1)
-  for k, (name, means, cis, marker) in enumerate(series):  # Offsets keep the bars apart.
-    x = rounds + (k * 0.08 - width / 2 if len(series) > 1 else 0.0)
-    means = np.asarray(means)
-    err = np.abs(np.asarray(cis, np.float64).T - means)
-    ax.errorbar(x, means, yerr=err, fmt=marker + ("-" if name == "collaboration" else "--"),
-                capsize=3, label=name, lw=2 if name == "collaboration" else 1)
-  base = m.get("baselines")
-  if base:  # What answering without reading the question scores (multiple-choice rows).
-    ax.axhline(base["chance"], ls=":", color="gray", label="chance")
-    ax.axhline(base["majority_class"]["rate"], ls="-.", color="silver",
-               label=f"majority class ({base['majority_class']['letter']})")
-  ax.set_xlabel("round")
-  ax.set_ylabel("test score")
-  ax.set_xticks(rounds)
-  ax.set_title("test score, 95% bootstrap CIs", fontsize=9)
-  ax.legend(fontsize=7)
-  fig.tight_layout()
-  with (workdir / "accuracy.png").open("wb") as f:
-    fig.savefig(f, format="png", dpi=120)
-
-
-# -------------------------------------------------------------------------------------------------
 # The loop.
 
 
@@ -1016,8 +638,7 @@ def _run(config, workdir, pool, lock, *, progress: bool, stop_after: int | None)
           arrays = {}
         elif stage == "round":  # config.fused_round: the round as one program.
           pool, singles, collab_r, losses = fused_round(loop, pool, out_dir)
-          distill_stats[str(r)] = {"first_loss": losses[0].tolist(),
-                                   "last_loss": losses[-1].tolist(), "steps": len(losses)}
+          distill_stats[str(r)] = distill.loss_stats(losses, dcfg)
           m = round_metrics(r, singles, collab_r, pool.names, config.strategy)
           m["distill"] = distill_stats[str(r)]
           record(m)
@@ -1047,8 +668,7 @@ def _run(config, workdir, pool, lock, *, progress: bool, stop_after: int | None)
                                    distill.param_norms(params), pool.config.vocab_size,
                                    dcfg.optim.learning_rate)
           pool = dataclasses.replace(pool, params=params)
-          distill_stats[str(r)] = {"first_loss": dhist[0]["loss"], "last_loss": dhist[-1]["loss"],
-                                   "steps": len(dhist)}
+          distill_stats[str(r)] = distill.loss_stats([h["loss"] for h in dhist], dcfg)
           arrays = {}
         logging.info("round %d %s: %.1f s", r, stage, time.perf_counter() - t0)
         ckpt.save(index, pool.params, arrays, {"round": r, "stage": stage, "history": history,
@@ -1065,71 +685,6 @@ def _run(config, workdir, pool, lock, *, progress: bool, stop_after: int | None)
     (workdir / "summary.json").write_text(json.dumps(summary, indent=1))
     print(format_paired(summary))
   return history
-
-
-def _row_scores(directory: epath.Path) -> dict[str, dict[str, float]]:
-  """{model: {example id: score}} of an evaluation's records.jsonl."""
-  out: dict[str, dict[str, float]] = {}
-  path = directory / "records.jsonl"
-  if not path.exists():
-    return out
-  for line in path.read_text().splitlines():
-    r = json.loads(line)
-    if r.get("score") is not None:
-      out.setdefault(r["model"], {})[r["id"]] = float(r["score"])
-  return out
-
-
-def _paired(after: dict[str, float], before: dict[str, float]) -> dict[str, Any]:
-  ids = sorted(set(after) & set(before))
-  a, b = [after[i] for i in ids], [before[i] for i in ids]
-  if not ids:
-    return {"delta": float("nan"), "ci95": [float("nan")] * 2, "n": 0}
-  return {"delta": float(np.mean(a) - np.mean(b)),
-          "ci95": list(evaluate.paired_bootstrap_ci(a, b)), "n": len(ids)}
-
-
-def run_summary(workdir, history, names, strategy, test) -> dict[str, Any]:
-  """summary.json: the test composition, every round's metrics, the paired changes from round
-  0 to the last round on the same test rows (single-model mean, each single, the collaboration)
-  and the round-0 collaboration minus the round-0 best single (best on test, as printed), with
-  paired bootstrap 95% CIs, and every collapse (a model giving one answer to >= 90% of the
-  rows while the gold answers are not that uniform)."""
-  workdir = epath.Path(workdir)
-  first, last = history[0]["round"], history[-1]["round"]
-  s0 = _row_scores(workdir / f"round_{first}" / "singles")
-  s1 = _row_scores(workdir / f"round_{last}" / "singles")
-  c0 = _row_scores(workdir / f"round_{first}" / "collaboration").get(strategy, {})
-  c1 = _row_scores(workdir / f"round_{last}" / "collaboration").get(strategy, {})
-
-  def mean_over(scores):
-    ids = set.intersection(*(set(scores.get(n, {})) for n in names)) if names else set()
-    return {i: float(np.mean([scores[n][i] for n in names])) for i in ids}
-
-  best0 = history[0]["best_single_model"]
-  paired = {"rounds": [first, last], "single_mean": _paired(mean_over(s1), mean_over(s0)),
-            "singles": {n: _paired(s1.get(n, {}), s0.get(n, {})) for n in names},
-            "collab": _paired(c1, c0),
-            "collab_vs_best_single_round0": _paired(c0, s0.get(best0, {})),
-            "best_single_round0": best0}
-  return {"composition": common.composition(test), "rounds": history, "paired": paired,
-          "collapse": [c for m in history for c in collapsed(m)]}
-
-
-def format_paired(summary: dict[str, Any]) -> str:
-  p = summary["paired"]
-  f = lambda d: f"{d['delta']:+.3f} [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}] (n={d['n']})"
-  first, last = p["rounds"]
-  lines = [f"paired on the same test rows, round {last} vs round {first} (95% bootstrap CI):",
-           f"    single-model mean     {f(p['single_mean'])}",
-           *[f"    {n:21s} {f(d)}" for n, d in p["singles"].items()],
-           f"    collaboration         {f(p['collab'])}",
-           f"  round {first}: collaboration - best single ({p['best_single_round0']}) "
-           f"{f(p['collab_vs_best_single_round0'])}"]
-  for c in summary["collapse"]:
-    lines.append(f"  COLLAPSE: round {c['round']} {c['model']} gives one answer to "
-                 f"{c['share']:.0%} of the test rows")
-  return "\n".join(lines)
 
 
 def own_half(loop: Loop) -> np.ndarray:

@@ -62,7 +62,7 @@ def run(config, workdir: str | None = None, dry_run: bool = False):
   if job == "co_llm":
     from single_multi import co_llm_run
     return co_llm_run.run(config, workdir or "/tmp/co_llm")
-  from single_multi import evolve, pools
+  from single_multi import evolve, pools, workdir as workdir_lib
   evolve.validate(config)
   if dry_run:
     if config.get("compile_topology"):
@@ -72,8 +72,8 @@ def run(config, workdir: str | None = None, dry_run: bool = False):
   workdir = workdir or "/tmp/single_multi"
   # Before the pool is built (specialists are fine-tuned into the workdir): this run owns it, and
   # a resumed run has the workdir's config.
-  with evolve.workdir_lock(workdir):
-    evolve.check_workdir_config(config, workdir)
+  with workdir_lib.workdir_lock(workdir):
+    workdir_lib.check_workdir_config(config, workdir)
     pool = pools.build(config, workdir)
     return evolve.run(config, workdir, pool)
 
@@ -99,11 +99,11 @@ def main(argv):
 def expected_errors() -> tuple[type[BaseException], ...]:
   """Errors a user can cause and fix (bad config or input, missing data or assets): the CLI
   reports them in one line and exits 2. Anything else is a bug: its traceback is shown."""
-  from single_multi import assets, compile_plan, distill, evolve, pool
+  from single_multi import assets, compile_plan, distill, evolve, pool, workdir
   from single_multi.collab import core
   from single_multi.data import common
   from single_multi.models import config, gguf_file, loading
-  return (evolve.ConfigError, evolve.CheckpointError, evolve.WorkdirLockedError,
+  return (evolve.ConfigError, workdir.CheckpointError, workdir.WorkdirLockedError,
           common.DataError, core.StrategyError, pool.PoolMismatchError, loading.LoadError,
           config.UnsupportedModelError, gguf_file.GGUFError, assets.AssetError,
           compile_plan.TopologyError, distill.Diverged, FileNotFoundError)

@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 from configs_loader import load_config
 
-from single_multi import assets, evolve, pool as pool_lib
+from single_multi import assets, evolve, pool as pool_lib, report
+from single_multi import workdir as wd
 from single_multi.data import tasks
 
 from test_evaluate import _model
@@ -61,14 +62,15 @@ def _check_one_round(tiny_pool, tmp_path, strategy, **overrides):
                                                     abs=1e-9)
   lo, hi = paired["collab"]["ci95"]
   assert lo <= paired["collab"]["delta"] <= hi
-  assert summary["collapse"] == [c for m in history for c in evolve.collapsed(m)]
+  assert summary["collapse"] == [c for m in history for c in report.collapsed(m)]
   assert [m["round"] for m in history] == [0, 1]
   for m in history:
     assert set(m["singles"]) == {"t0", "t1", "t2"} and 0 <= m["collab"] <= 1
     lo, hi = m["collab_ci95"]
     assert lo <= m["collab"] <= hi
   d = history[1]["distill"]
-  assert all(last < first for first, last in zip(d["first_loss"], d["last_loss"])), d
+  # The last epoch's mean loss below the first's (the same rows; one batch against another is not).
+  assert all(last < first for first, last in zip(d["first_epoch_loss"], d["last_epoch_loss"])), d
   assert (tmp_path / "metrics.jsonl").read_text().count("\n") == 2
   records = (tmp_path / "round_1" / "collaboration" / "records.jsonl").read_text().splitlines()
   assert len(records) == 8 and json.loads(records[0])["model"] == strategy
@@ -77,9 +79,9 @@ def _check_one_round(tiny_pool, tmp_path, strategy, **overrides):
 
 def test_collapse_is_flagged_only_when_the_gold_is_not_as_uniform():
   m = {"round": 2, "top_answer_share": {"m0": 0.95, "m1": 0.5}, "gold_top_share": 0.5}
-  assert evolve.collapsed(m) == [{"round": 2, "model": "m0", "share": 0.95}]
-  assert evolve.collapsed(dict(m, gold_top_share=0.92)) == []  # Gold that uniform: no collapse.
-  assert evolve.top_share(["A", "A", "B", None]) == 0.5 and evolve.top_share([]) == 0.0
+  assert report.collapsed(m) == [{"round": 2, "model": "m0", "share": 0.95}]
+  assert report.collapsed(dict(m, gold_top_share=0.92)) == []  # Gold that uniform: no collapse.
+  assert report.top_share(["A", "A", "B", None]) == 0.5 and report.top_share([]) == 0.0
 
 
 def test_every_refusal_names_the_alternatives_and_loads_nothing(monkeypatch):
@@ -228,7 +230,7 @@ def test_bad_input_fails_clearly(tiny_pool, tmp_path):
   for f in (tmp_path / "run" / "checkpoints" / "0" / "params").rglob("*"):
     if f.is_file():
       f.write_bytes(b"garbage")
-  with pytest.raises(evolve.CheckpointError, match="cannot restore checkpoint 0"):
+  with pytest.raises(wd.CheckpointError, match="cannot restore checkpoint 0"):
     evolve.run(c, tmp_path / "run", tiny_pool, progress=False)
   # 400 flipped bytes inside the largest params file (the format stays readable): the restore
   # names the damaged leaves instead of loading them.
@@ -241,7 +243,7 @@ def test_bad_input_fails_clearly(tiny_pool, tmp_path):
   middle = len(data) // 2
   data[middle:middle + 400] = bytes(b ^ 0xFF for b in data[middle:middle + 400])
   target.write_bytes(bytes(data))
-  with pytest.raises(evolve.CheckpointError, match="differ from the fingerprints saved with them"):
+  with pytest.raises(wd.CheckpointError, match="differ from the fingerprints saved with them"):
     evolve.run(c, tmp_path / "flipped", tiny_pool, progress=False)
   # A partial (uncommitted) save is ignored: the run starts over from the start.
   partial = tmp_path / "partial" / "checkpoints" / "3.orbax-checkpoint-tmp-123"
@@ -257,7 +259,7 @@ def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_good_checkpoint(ti
   c = _config(**{"distill.learning_rate": 1e38, "distill.warmup_fraction": 0.0})
   with pytest.raises(FloatingPointError, match="distillation loss"):
     evolve.run(c, tmp_path, tiny_pool, progress=False)
-  ckpt = evolve.Checkpoints(tmp_path / "checkpoints", 2)
+  ckpt = wd.Checkpoints(tmp_path / "checkpoints", 2)
   assert ckpt.latest() == 1  # round 1 "collaborate" finished; "distill" never saved.
   ckpt.close()
 
@@ -277,7 +279,7 @@ def test_disk_full_at_save_is_one_clear_error_and_resumes(tiny_pool, tmp_path, m
 
   monkeypatch.setattr(ocp.CheckpointManager, "save", full)
   c = _config()
-  with pytest.raises(evolve.CheckpointError, match=r"cannot write checkpoint 1 .*No space left "
+  with pytest.raises(wd.CheckpointError, match=r"cannot write checkpoint 1 .*No space left "
                                                    r"on device.*rerun the same command"):
     evolve.run(c, tmp_path, tiny_pool, progress=False)
   monkeypatch.setattr(ocp.CheckpointManager, "save", real)
@@ -293,7 +295,7 @@ def test_finite_divergence_stops_and_keeps_the_last_good_checkpoint(tiny_pool, t
   with pytest.raises(evolve.distill.Diverged, match=r"diverged .*weight norm.*learning_rate "
                                                      r"\(now 1e\+06\)"):
     evolve.run(c, tmp_path, tiny_pool, progress=False)
-  ckpt = evolve.Checkpoints(tmp_path / "checkpoints", 2)
+  ckpt = wd.Checkpoints(tmp_path / "checkpoints", 2)
   assert ckpt.latest() == (0 if fused else 1)  # Nothing saved after the last good stage.
   ckpt.close()
   # The guard's rules by hand: a loss that climbs to near uniform, and a 10-fold weight growth.
@@ -469,7 +471,7 @@ def test_fused_logit_kd_loop_equals_the_staged_loop_and_resumes(tiny_pool, tmp_p
     da, db = a.pop("distill", None), b.pop("distill", None)
     assert a == b
     if da:
-      for k in ("first_loss", "last_loss"):
+      for k in ("first_loss", "last_loss", "first_epoch_loss", "last_epoch_loss"):
         assert da[k] == pytest.approx(db[k], rel=1e-4)
   assert (tmp_path / "fused" / "round_1" / "collaboration_dev" / "records.jsonl").exists()
   for part in ("singles", "collaboration"):
@@ -580,21 +582,21 @@ def test_specialist_cache_key_covers_base_task_and_recipe(tmp_path):
 
 def test_workdir_records_its_config_and_refuses_another(tmp_path):
   c = _config()
-  assert evolve.check_workdir_config(c, tmp_path) == []
+  assert wd.check_workdir_config(c, tmp_path) == []
   assert json.loads((tmp_path / "config.json").read_text())["pool"] == list(c.pool)
-  assert evolve.check_workdir_config(_config(keep_checkpoints=5), tmp_path) == []  # Not results.
+  assert wd.check_workdir_config(_config(keep_checkpoints=5), tmp_path) == []  # Not results.
   with pytest.raises(evolve.ConfigError, match=re.escape(
       "changed: pool: ['tiny:0', 'tiny:1', 'tiny:2'] -> ['tiny:5', 'tiny:6', 'tiny:7']")):
-    evolve.check_workdir_config(_config(pool=("tiny:5", "tiny:6", "tiny:7")), tmp_path)
+    wd.check_workdir_config(_config(pool=("tiny:5", "tiny:6", "tiny:7")), tmp_path)
   with pytest.raises(evolve.ConfigError, match=re.escape(
       "distill.learning_rate: 0.01 -> 0.001; rounds: 1 -> 3. Resume with the saved config or use "
       "a new --workdir; or allow them: --config.resume_allow=")):
-    evolve.check_workdir_config(_config(rounds=3, **{"distill.learning_rate": 1e-3}), tmp_path)
+    wd.check_workdir_config(_config(rounds=3, **{"distill.learning_rate": 1e-3}), tmp_path)
   with pytest.raises(evolve.ConfigError, match="fused_round cannot change under a run"):
-    evolve.check_workdir_config(_config(fused_round=True, resume_allow=("fused_round",)),
+    wd.check_workdir_config(_config(fused_round=True, resume_allow=("fused_round",)),
                                 tmp_path)
   # An allowed change (extending the run) is accepted and becomes the record.
-  assert evolve.check_workdir_config(_config(rounds=3, resume_allow=("rounds",)),
+  assert wd.check_workdir_config(_config(rounds=3, resume_allow=("rounds",)),
                                      tmp_path) == ["rounds"]
   assert json.loads((tmp_path / "config.json").read_text())["rounds"] == 3
 
@@ -607,25 +609,25 @@ def test_workdir_lock_refuses_a_live_holder_and_takes_over_a_gone_one(tiny_pool,
   try:
     lock_file.write_text(json.dumps({"pid": holder.pid, "host": socket.gethostname(),
                                      "started": time.time(), "heartbeat": time.time()}))
-    with pytest.raises(evolve.WorkdirLockedError, match=f"in use by pid {holder.pid} on "):
+    with pytest.raises(wd.WorkdirLockedError, match=f"in use by pid {holder.pid} on "):
       evolve.run(_config(), tmp_path, tiny_pool, progress=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["LOCK"]  # Nothing else written.
   finally:
     holder.kill()
     holder.wait()
-  with evolve.WorkdirLock(tmp_path):  # Its holder is gone: taken over.
+  with wd.WorkdirLock(tmp_path):  # Its holder is gone: taken over.
     assert json.loads(lock_file.read_text())["pid"] == os.getpid()
-    with evolve.WorkdirLock(tmp_path):  # Re-entrant in the holding process.
+    with wd.WorkdirLock(tmp_path):  # Re-entrant in the holding process.
       pass
     assert lock_file.exists()
   assert not lock_file.exists()  # Released.
   # Another host: its heartbeat decides (a bucket workdir shared by machines).
   lock_file.write_text(json.dumps({"pid": 1, "host": "elsewhere", "started": time.time(),
                                    "heartbeat": time.time()}))
-  with pytest.raises(evolve.WorkdirLockedError, match="in use by pid 1 on elsewhere"):
-    with evolve.WorkdirLock(tmp_path):
+  with pytest.raises(wd.WorkdirLockedError, match="in use by pid 1 on elsewhere"):
+    with wd.WorkdirLock(tmp_path):
       pass
   lock_file.write_text(json.dumps({"pid": 1, "host": "elsewhere", "started": 0.0,
                                    "heartbeat": time.time() - 7200}))
-  with evolve.WorkdirLock(tmp_path):
+  with wd.WorkdirLock(tmp_path):
     assert json.loads(lock_file.read_text())["pid"] == os.getpid()

@@ -133,8 +133,8 @@ def balanced(examples: Iterable[Example], total: int, seed: int) -> list[Example
   for e in examples:
     if not e.problem:
       by.setdefault(e.subject, []).append(e)
-  for rows in by.values():
-    rows.sort(key=lambda e: split_fraction(e.id, seed))
+  for rows in by.values():  # Salted: independent of every other split_fraction(id, seed) use.
+    rows.sort(key=lambda e: split_fraction("balanced\x00" + e.id, seed))
   subjects = sorted(by)
   quota, left = dict.fromkeys(subjects, 0), total
   while left > 0 and any(quota[s] < len(by[s]) for s in subjects):
