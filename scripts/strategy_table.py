@@ -159,8 +159,8 @@ def main():
   chance = base.get("chance")
   if chance is not None:
     at_chance = [n for n, d in done.items() if d["ci95"][0] <= chance <= d["ci95"][1]]
-    singles_at = [m for m, v in by_model.items()
-                  if evaluate.bootstrap_ci(v)[0] <= chance <= evaluate.bootstrap_ci(v)[1]]
+    single_cis = {m: evaluate.bootstrap_ci(v) for m, v in by_model.items()}
+    singles_at = [m for m, (lo, hi) in single_cis.items() if lo <= chance <= hi]
     lines += ["", f"At chance ({chance:.3f} inside the 95% CI): "
               + (", ".join(f"`{n}`" for n in at_chance) or "no strategy") + "; singles: "
               + (", ".join(singles_at) or "none") + ". A score there measures the answer-letter "

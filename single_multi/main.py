@@ -55,7 +55,7 @@ def run_chat(config, workdir: str | None = None) -> list[dict]:
 def run(config, workdir: str | None = None, dry_run: bool = False):
   job = config.get("job", "chat")
   if job not in JOBS:
-    from single_multi.evolve import ConfigError
+    from single_multi.configs import ConfigError
     raise ConfigError(f"unknown job {job!r}; choose one of {JOBS}")
   if job == "chat":
     return run_chat(config, workdir)
@@ -99,11 +99,11 @@ def main(argv):
 def expected_errors() -> tuple[type[BaseException], ...]:
   """Errors a user can cause and fix (bad config or input, missing data or assets): the CLI
   reports them in one line and exits 2. Anything else is a bug: its traceback is shown."""
-  from single_multi import assets, compile_plan, distill, evolve, pool, workdir
+  from single_multi import assets, compile_plan, configs, distill, pool, workdir
   from single_multi.collab import core
   from single_multi.data import common
   from single_multi.models import config, gguf_file, loading
-  return (evolve.ConfigError, workdir.CheckpointError, workdir.WorkdirLockedError,
+  return (configs.ConfigError, workdir.CheckpointError, workdir.WorkdirLockedError,
           common.DataError, core.StrategyError, pool.PoolMismatchError, loading.LoadError,
           config.UnsupportedModelError, gguf_file.GGUFError, assets.AssetError,
           compile_plan.TopologyError, distill.Diverged, FileNotFoundError)

@@ -280,7 +280,7 @@ def test_disk_full_at_save_is_one_clear_error_and_resumes(tiny_pool, tmp_path, m
   monkeypatch.setattr(ocp.CheckpointManager, "save", full)
   c = _config()
   with pytest.raises(wd.CheckpointError, match=r"cannot write checkpoint 1 .*No space left "
-                                                   r"on device.*rerun the same command"):
+                                               r"on device.*rerun the same command"):
     evolve.run(c, tmp_path, tiny_pool, progress=False)
   monkeypatch.setattr(ocp.CheckpointManager, "save", real)
   history = evolve.run(c, tmp_path, tiny_pool, progress=False)
@@ -593,11 +593,10 @@ def test_workdir_records_its_config_and_refuses_another(tmp_path):
       "a new --workdir; or allow them: --config.resume_allow=")):
     wd.check_workdir_config(_config(rounds=3, **{"distill.learning_rate": 1e-3}), tmp_path)
   with pytest.raises(evolve.ConfigError, match="fused_round cannot change under a run"):
-    wd.check_workdir_config(_config(fused_round=True, resume_allow=("fused_round",)),
-                                tmp_path)
+    wd.check_workdir_config(_config(fused_round=True, resume_allow=("fused_round",)), tmp_path)
   # An allowed change (extending the run) is accepted and becomes the record.
   assert wd.check_workdir_config(_config(rounds=3, resume_allow=("rounds",)),
-                                     tmp_path) == ["rounds"]
+                                 tmp_path) == ["rounds"]
   assert json.loads((tmp_path / "config.json").read_text())["rounds"] == 3
 
 
