@@ -95,3 +95,19 @@ def hf_logits(model, ids, mask):
     out = model(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
                 position_ids=torch.tensor(pos))
   return out.logits.float().numpy()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs():
+  """Drops JAX's compiled programs and traces after each test module.
+
+  One pytest process runs ~290 tests; without this, every module's executables (and the
+  constants traced into them) stay cached to the end, and the CI run on record died of a
+  segfault inside XLA's compiler 27 minutes in, on a test that passes on its own.
+  """
+  yield
+  import gc
+
+  import jax
+  jax.clear_caches()
+  gc.collect()
