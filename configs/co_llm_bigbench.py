@@ -1,7 +1,12 @@
 """Embedded Co-LLM run (CPU, ~10-15 min): SmolLM2-135M-Instruct as the base, a SmolLM2 specialist
-fine-tuned on BIG-bench 2-digit multiplication as the assistant; train the gate (and the base),
-calibrate eta on validation rows, evaluate base / assistant / random deferral / weak supervision /
-Co-LLM on test rows.
+fine-tuned on BIG-bench 2-digit multiplication as the assistant (on dev rows of its own, disjoint
+from the gate's); train the gate (and the base), calibrate eta on validation rows, evaluate base /
+assistant / random deferral / weak supervision / Co-LLM on test rows.
+
+Deviations from the reference's schedules (co_llm.CoLlmTrainConfig; `configs/co_llm_gsm8k.py`
+keeps them), made for a 135M model and a few hundred rows on a CPU: a fixed 60 steps of batch 8
+(the reference: 2 epochs of batch 128), cosine decay after 10% warmup (linear after 4%), the gate
+row at 1e-3 (the base's 2e-5), and the gate init at 1e-2 for 4 epochs (2e-5, one epoch).
 
 Run: python -m single_multi.main --config=configs/co_llm_bigbench.py --workdir=/tmp/co_llm
 """
@@ -20,7 +25,8 @@ def get_config() -> config_dict.ConfigDict:
   c.instruction = "Answer with the number only."
   c.dtype = "float32"
   c.seed = 0
-  c.train_examples = 256  # Dev rows used for training (the rest of dev: validation).
+  c.assistant_examples = 96  # Dev rows the specialist assistant is fine-tuned on.
+  c.train_examples = 256  # The next dev rows: the gate's (and base's) training rows.
   c.val_fraction = 0.3
   c.val_examples = 48
   c.test_examples = 96
@@ -30,10 +36,15 @@ def get_config() -> config_dict.ConfigDict:
   c.train.base = "full"  # "full", "lora" or "gate".
   c.train.lora_rank = 16
   c.train.lora_alpha = 32.0
-  c.train.steps = 60
+  c.train.steps = 60  # 0: train.epochs passes over the training rows.
+  c.train.epochs = 2.0
   c.train.batch_size = 8
   c.train.learning_rate = 2e-5
-  c.train.gate_learning_rate = 1e-3
+  c.train.schedule = "cosine"
+  c.train.gate_learning_rate = 1e-3  # 0: the base's learning rate (the reference).
   c.train.warmup_fraction = 0.1
   c.train.init = "a"  # Gate init: "a" (assistant right, base wrong), "b" (base wrong), "none".
+  c.train.init_epochs = 4
+  c.train.init_batch_size = 8
+  c.train.init_learning_rate = 1e-2
   return c

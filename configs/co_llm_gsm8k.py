@@ -20,7 +20,17 @@ def get_config():
   c.test_examples = 1319
   c.batch_size = 32
   c.max_new_tokens = 256
-  c.train.steps = 2000
-  c.train.batch_size = 16
+  # The reference's schedules (clinicalml/co-llm scripts/train/gsm8k/*.sh; co_llm.CoLlmTrainConfig):
+  # 2 epochs of batch 128, AdamW 2e-5 linear after 4% warmup, the gate row at the same rate; the
+  # gate init at 2e-5, batch 8, one epoch.
+  c.train.steps = 0
+  c.train.epochs = 2.0
+  c.train.batch_size = 128
   c.train.learning_rate = 2e-5
+  c.train.schedule = "linear"
+  c.train.warmup_fraction = 0.04
+  c.train.gate_learning_rate = 0.0
+  c.train.init_epochs = 1
+  c.train.init_batch_size = 8
+  c.train.init_learning_rate = 2e-5
   return c

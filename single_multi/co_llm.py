@@ -9,8 +9,8 @@ the base's LM head. Training maximises
 over target tokens with the assistant frozen (its gold-token log-probs precomputed by one scoring
 pass, `score_assistant`). The base trains fully, with LoRA, or not at all (gate only).
 
-    data = co_llm.make_data(tokens, mask, loss_mask, assistant_params, config)
-    w0 = co_llm.init_gate(base_params, data, config)                       # "method a"
+    data = co_llm.make_data(tokens, mask, loss_mask, assistant_params, config, base_params)
+    w0, stats = co_llm.init_gate(base_params, data, config)                # "method a"
     result = co_llm.train(base_params, data, config, CoLlmTrainConfig(), w_init=w0)
     eta, table = co_llm.calibrate(pool, batch, result.w_defer, score_fn)   # deferral-rate sweep
 
@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import html
+import math
 import json
 import pathlib
 from typing import Any, Callable, Sequence
@@ -44,17 +45,37 @@ TRAIN_BASE = ("full", "lora", "gate")
 
 @dataclasses.dataclass(frozen=True)
 class CoLlmTrainConfig:
-  """Defaults: the reference's BCE positive weights (init 8, weak supervision 5)."""
+  """Defaults are the reference's (GitHub clinicalml/co-llm):
+
+  - training (`scripts/train/gsm8k/deferral_finetune_with_hf_trainer.sh`): the base fine-tuned
+    fully, AdamW at 2e-5 with linear decay after a 4% warmup, no weight decay, 2 epochs, batch 128;
+    the deferral row is a row of the LM head, so it trains at the same learning rate
+    (`gate_learning_rate=None`);
+  - gate init (`collm/training/deferral_training_tools.py`, `search_deferral_initialization_v1`):
+    from the mean LM-head row, AdamW at 2e-5, batch 8, one epoch in dataset order, BCE with
+    weight 8 on the positive labels, base frozen;
+  - weak supervision (`DeferralTrainerV2`, `..._weak-supervision.sh`): 2/3 NLL + 1/3 BCE
+    (`pos_weight` 5) to labels fixed once from the original base and the assistant
+    (`collm/dataset/initialization.py`, method "a"), from the mean row (no init search).
+
+  Deviation: the reference's NLL there is over the vocabulary plus the deferral token; ours is
+  over the vocabulary (the deferral logit is a separate sigmoid). Faster settings for small runs
+  (a higher gate learning rate, several init epochs) are config choices, e.g.
+  `configs/co_llm_bigbench.py`.
+  """
 
   train_base: str = "full"  # "full", "lora" or "gate" (base frozen, only w_defer learns).
   lora: lora_lib.LoraConfig = lora_lib.LoraConfig(rank=16, alpha=32.0, dropout=0.0)
-  optim: train_lib.OptimConfig = train_lib.OptimConfig(learning_rate=2e-5, weight_decay=0.0)
-  gate_learning_rate: float = 1e-3  # w_defer's own (higher) learning rate.
-  steps: int = 200
-  batch_size: int = 8
+  optim: train_lib.OptimConfig = train_lib.OptimConfig(
+      learning_rate=2e-5, schedule="linear", warmup_fraction=0.04, weight_decay=0.0)
+  gate_learning_rate: float | None = None  # None: optim.learning_rate (the reference).
+  epochs: float = 2.0
+  steps: int = 0  # > 0: this many optimizer steps instead of `epochs`.
+  batch_size: int = 128
   init: str = "a"  # "a": assistant right and base wrong; "b": base wrong; "none": mean row.
-  init_steps: int = 300
-  init_learning_rate: float = 1e-2
+  init_epochs: int = 1
+  init_batch_size: int = 8
+  init_learning_rate: float = 2e-5
   init_pos_weight: float = 8.0
   weak_pos_weight: float = 5.0
   seed: int = 0
@@ -64,19 +85,30 @@ class CoLlmTrainConfig:
       raise ValueError(f"train_base must be one of {TRAIN_BASE}, got {self.train_base!r}")
     if self.init not in ("a", "b", "none"):
       raise ValueError(f"init must be 'a', 'b' or 'none', got {self.init!r}")
+    if self.steps < 0 or (self.steps == 0 and not self.epochs > 0):
+      raise ValueError(f"give steps > 0 or epochs > 0, got steps={self.steps}, "
+                       f"epochs={self.epochs}")
+
+  def total_steps(self, rows: int) -> int:
+    """Optimizer steps: `steps`, or `epochs` passes over `rows` rows (the last batch wraps)."""
+    per_step = self.batch_size * self.optim.accumulation
+    return self.steps or max(1, math.ceil(self.epochs * rows / per_step))
 
 
 @flax.struct.dataclass
 class TrainData:
   """Sequences [S, T] (left-padded prompt + target), loss weights on the target tokens, and the
-  assistant's scoring pass: gold log-prob and argmax-is-gold at every next-token position
-  ([S, T-1]: position t predicts token t+1)."""
+  scoring passes: the assistant's gold log-prob and argmax-is-gold at every next-token position
+  ([S, T-1]: position t predicts token t+1), and the original base's argmax-is-gold (the weak-
+  supervision labels are fixed from it, as the reference fixes them before training; None when
+  no base was scored)."""
 
   tokens: jax.Array
   mask: jax.Array
   loss_mask: jax.Array
   asst_logp: jax.Array
   asst_correct: jax.Array
+  base_correct: jax.Array | None = None
 
   @property
   def weights(self) -> jax.Array:
@@ -109,9 +141,15 @@ def score_assistant(params, tokens, mask, config: ModelConfig, chunk: int = 8):
   return jnp.concatenate([o[0] for o in out]), jnp.concatenate([o[1] for o in out])
 
 
-def make_data(tokens, mask, loss_mask, assistant_params, config: ModelConfig) -> TrainData:
+def make_data(tokens, mask, loss_mask, assistant_params, config: ModelConfig,
+              base_params=None) -> TrainData:
+  """The training rows with the assistant's scoring pass and, given `base_params`, the original
+  base's (for the weak-supervision labels)."""
   lp, correct = score_assistant(assistant_params, tokens, mask, config)
-  return TrainData(jnp.asarray(tokens), jnp.asarray(mask), jnp.asarray(loss_mask), lp, correct)
+  base_correct = (None if base_params is None
+                  else score_assistant(base_params, tokens, mask, config)[1])
+  return TrainData(jnp.asarray(tokens), jnp.asarray(mask), jnp.asarray(loss_mask), lp, correct,
+                   base_correct)
 
 
 def marginal_nll(gate_logits, base_logp, asst_logp, weights) -> jax.Array:
@@ -143,48 +181,58 @@ def mean_head_row(params, config: ModelConfig) -> jax.Array:
 # Gate initialisation (base frozen).
 
 
-@functools.partial(jax.jit, static_argnames=("config",))
-def _hidden_and_base_correct(params, tokens, mask, *, config):
-  _, correct, hidden = gold_logprobs(params, tokens, mask, config)
-  return hidden.astype(jnp.float32), correct
+@functools.partial(jax.jit, static_argnames=("config", "method", "pos_weight", "opt"),
+                   donate_argnames=("w", "opt_state"))
+def _init_step(w, opt_state, base_params, tokens, mask, weights, asst_correct, *, config,
+               method, pos_weight, opt):
+  """One gate-init step on one batch: the frozen base's hidden states are computed here and
+  dropped after the step, so no all-rows hidden-state tensor ever exists."""
+  _, base_correct, hidden = gold_logprobs(base_params, tokens, mask, config)
+  hidden = jax.lax.stop_gradient(hidden.astype(jnp.float32))
+  labels = pseudo_labels(base_correct, asst_correct, method)
+  loss, g = jax.value_and_grad(
+      lambda w: weighted_bce(hidden @ w, labels, weights, pos_weight))(w)
+  updates, opt_state = opt.update(g, opt_state, w)
+  live = weights > 0
+  counts = jnp.stack([jnp.sum(live), jnp.sum(labels & live), jnp.sum((hidden @ w > 0) & live)])
+  return optax.apply_updates(w, updates), opt_state, loss, counts
 
 
 def init_gate(base_params, data: TrainData, config: ModelConfig,
-              cfg: CoLlmTrainConfig = CoLlmTrainConfig()) -> tuple[jax.Array, dict[str, float]]:
+              cfg: CoLlmTrainConfig = CoLlmTrainConfig(), *, progress: bool = False
+              ) -> tuple[jax.Array, dict[str, float]]:
   """w_defer from the mean LM-head row, fitted with class-weighted BCE to the pseudo-labels on the
-  frozen base's hidden states. Returns (w, {"label_rate", "defer_rate"}) over target tokens."""
-  w0 = mean_head_row(base_params, config)
+  frozen base's hidden states (reference: `search_deferral_initialization_v1`): AdamW without
+  weight decay, `cfg.init_epochs` passes over the rows in order, `cfg.init_batch_size` rows a
+  step. Streams: each step computes its batch's hidden states and drops them, so memory does not
+  grow with the number of rows. Returns (w, {"label_rate", "defer_rate", "loss"}): the pseudo-label
+  rate and the deferral rate (gate > 0, before the step) over the target tokens of the last epoch.
+  """
+  w = mean_head_row(base_params, config)
   if cfg.init == "none":
-    return w0, {}
-  hs, cs = [], []
-  for s in range(0, data.tokens.shape[0], 8):
-    h, c = _hidden_and_base_correct(base_params, data.tokens[s:s + 8], data.mask[s:s + 8],
-                                    config=config)
-    hs.append(h)
-    cs.append(c)
-  hidden, base_correct = jnp.concatenate(hs), jnp.concatenate(cs)
-  labels = pseudo_labels(base_correct, data.asst_correct, cfg.init)
+    return w, {}
+  opt = optax.adamw(cfg.init_learning_rate, weight_decay=0.0)
+  opt_state = opt.init(w)
+  S, B = data.tokens.shape[0], cfg.init_batch_size
   weights = data.weights
-  opt = optax.adam(cfg.init_learning_rate)
-
-  @jax.jit
-  def fit(w):
-    def loss(w):
-      return weighted_bce(hidden @ w, labels, weights, cfg.init_pos_weight)
-
-    def step(carry, _):
-      w, s = carry
-      g = jax.grad(loss)(w)
-      u, s = opt.update(g, s, w)
-      return (optax.apply_updates(w, u), s), None
-
-    (w, _), _ = jax.lax.scan(step, (w, opt.init(w)), None, length=cfg.init_steps)
-    return w
-
-  w = fit(w0)
-  live = weights > 0
-  rate = lambda x: float(jnp.sum(x & live) / jnp.maximum(jnp.sum(live), 1))
-  return w, {"label_rate": rate(labels), "defer_rate": rate(hidden @ w > 0)}
+  starts = list(range(0, S, B))
+  counts = np.zeros(3)
+  loss = jnp.nan
+  bar = tqdm.tqdm(total=cfg.init_epochs * len(starts), desc="co_llm gate init",
+                  disable=not progress)
+  for epoch in range(cfg.init_epochs):
+    counts = np.zeros(3)
+    for s in starts:
+      w, opt_state, loss, c = _init_step(
+          w, opt_state, base_params, data.tokens[s:s + B], data.mask[s:s + B],
+          weights[s:s + B], data.asst_correct[s:s + B], config=config, method=cfg.init,
+          pos_weight=cfg.init_pos_weight, opt=opt)
+      counts += np.asarray(c)
+      bar.update()
+  bar.close()
+  live = max(counts[0], 1)
+  return w, {"label_rate": float(counts[1] / live), "defer_rate": float(counts[2] / live),
+             "loss": float(loss)}
 
 
 # -------------------------------------------------------------------------------------------------
@@ -211,13 +259,14 @@ def _losses(objective: str, cfg: CoLlmTrainConfig, config: ModelConfig):
     gate = jnp.einsum("BTD,D->BT", hidden.astype(jnp.float32), trainable["w"])
     weights = (batch["loss_mask"][:, 1:] * batch["mask"][:, 1:]).astype(jnp.float32)
     marginal = marginal_nll(gate, base_lp, batch["asst_logp"], weights)
-    labels = pseudo_labels(base_correct, batch["asst_correct"], "a")
     live = weights > 0
     aux = {"marginal_nll": marginal,
            "defer_rate": jnp.sum((gate > 0) & live) / jnp.maximum(jnp.sum(live), 1)}
     if objective == "co_llm":
       return marginal, aux
     nll = -jnp.sum(base_lp * weights) / jnp.maximum(jnp.sum(weights), 1.0)
+    # Labels fixed before training from the original base (not the base being trained).
+    labels = pseudo_labels(batch["base_correct"], batch["asst_correct"], "a")
     bce = weighted_bce(gate, labels, weights, cfg.weak_pos_weight)
     return 2 / 3 * nll + 1 / 3 * bce, aux | {"nll": nll, "bce": bce}
 
@@ -231,10 +280,15 @@ def train(base_params, data: TrainData, config: ModelConfig,
   """Trains the gate (and the base: full / LoRA per cfg) on `data`.
 
   objective: "co_llm" (marginal likelihood) or "weak" (weak-supervision baseline:
-  2/3 NLL + 1/3 BCE to the "method a" pseudo-labels with pos_weight `cfg.weak_pos_weight`).
+  2/3 NLL + 1/3 BCE with pos_weight `cfg.weak_pos_weight` to the "method a" labels fixed from the
+  original base, `data.base_correct`; the reference starts it from the mean row: w_init=None).
+  Runs `cfg.total_steps(rows)` optimizer steps over seeded reshuffles of the rows.
   """
   if objective not in ("co_llm", "weak"):
     raise ValueError(f"objective must be 'co_llm' or 'weak', got {objective!r}")
+  if objective == "weak" and data.base_correct is None:
+    raise ValueError("weak supervision needs the original base's labels: build the data with "
+                     "make_data(..., base_params=base_params)")
   # A copy: the step donates the trainable buffers, and the caller may reuse w_init.
   w = mean_head_row(base_params, config) if w_init is None else jnp.array(w_init, jnp.float32)
   rng = jax.random.key(cfg.seed)
@@ -246,27 +300,30 @@ def train(base_params, data: TrainData, config: ModelConfig,
     frozen["base"] = base_params
   if cfg.train_base == "lora":
     trainable["lora"] = lora_lib.init(config, cfg.lora, jax.random.fold_in(rng, 1))
-  base_opt = train_lib.make_optimizer(cfg.optim, cfg.steps)
-  gate_opt = train_lib.make_optimizer(
-      dataclasses.replace(cfg.optim, learning_rate=cfg.gate_learning_rate), cfg.steps)
+  S = data.tokens.shape[0]
+  steps = cfg.total_steps(S)
+  base_opt = train_lib.make_optimizer(cfg.optim, steps)
+  gate_lr = cfg.optim.learning_rate if cfg.gate_learning_rate is None else cfg.gate_learning_rate
+  gate_opt = train_lib.make_optimizer(dataclasses.replace(cfg.optim, learning_rate=gate_lr), steps)
   optimizer = optax.multi_transform(
       {"gate": gate_opt, "base": base_opt},
       {k: jax.tree.map(lambda _: "gate" if k == "w" else "base", v) for k, v in trainable.items()})
   accumulation = cfg.optim.accumulation
   step_fn = train_lib.make_train_step(_losses(objective, cfg, config), optimizer, accumulation)
   opt_state = optimizer.init(trainable)
-  S = data.tokens.shape[0]
   rows = cfg.batch_size * accumulation
   order = np.random.default_rng(cfg.seed)
   perm = np.array([], np.int64)
   history = []
-  for step in tqdm.trange(cfg.steps, desc=f"co_llm train ({objective})", disable=not progress):
+  for step in tqdm.trange(steps, desc=f"co_llm train ({objective})", disable=not progress):
     if len(perm) < rows:
       perm = np.concatenate([perm, order.permutation(S)])
     idx, perm = perm[:rows], perm[rows:]
     batch = {"tokens": data.tokens[idx], "mask": data.mask[idx],
              "loss_mask": data.loss_mask[idx], "asst_logp": data.asst_logp[idx],
              "asst_correct": data.asst_correct[idx]}
+    if objective == "weak":
+      batch["base_correct"] = data.base_correct[idx]
     trainable, opt_state, metrics = step_fn(trainable, opt_state, frozen, batch,
                                             jax.random.fold_in(rng, step))
     record = {k: float(v) for k, v in metrics.items()} | {"step": step}

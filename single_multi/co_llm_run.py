@@ -5,24 +5,33 @@
 (`single_multi.main` is its one entry point.) Answers are scored as the loop scores them
 (`evaluate.score_generated`).
 
-1. The assistant: the configured model, or the base fine-tuned on the task's training rows (a
-   specialist; cached in the workdir, reused when present).
-2. The assistant's scoring pass over the training sequences (gold log-probs, argmax-is-gold).
-3. Gate init ("method a" by default), then Co-LLM training (marginal likelihood) and the
-   weak-supervision baseline, each from the base.
+1. The assistant: the configured model, or the base fine-tuned on its own dev rows (a
+   specialist, `pools.finetuned`; cached in the workdir under a key of everything it is made
+   from, reused when present).
+2. The scoring passes over the gate's training sequences: the assistant's (gold log-probs,
+   argmax-is-gold) and the original base's (argmax-is-gold: the fixed weak-supervision labels).
+3. Gate init ("method a" by default, streamed in batches), then Co-LLM training (marginal
+   likelihood, from the fitted gate) and the weak-supervision baseline (from the mean LM-head
+   row, as the reference), each from the base. Schedules: `co_llm.CoLlmTrainConfig` (the
+   reference's defaults; the embedded config states where it deviates).
 4. Calibration on the validation rows: deferral rates 0%..90%, best eta kept; the same rate is
    used for the random-deferral baseline.
 5. Test: base, assistant, random deferral, weak supervision, Co-LLM: accuracy with a bootstrap
    95% CI and deferral frequency; results.json, table.txt, traces.jsonl/html, the checkpoint.
-Rows: dev split -> train (first `1 - val_fraction`) and validation; test split -> evaluation.
+Rows never mix (`disjoint_rows` checks the ids before anything trains): the dev split's last
+`val_fraction` is validation (calibration); of the rest, the first `assistant_examples` train the
+specialist assistant (none when an assistant is configured) and the next `train_examples` train
+the gate and the base; the test split is evaluation. Questions whose text repeats across those
+sets (different rows, same wording) are counted in results.json.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import pathlib
-from typing import Any
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -30,7 +39,8 @@ import numpy as np
 from absl import logging
 from ml_collections import config_dict
 
-from single_multi import co_llm, collab, decoding, evaluate, pool as pool_lib, train as train_lib
+from single_multi import co_llm, collab, decoding, evaluate, pool as pool_lib, pools
+from single_multi import train as train_lib
 from single_multi.collab import core
 from single_multi.data import pipeline, tasks
 from single_multi.models import lora as lora_lib, loading
@@ -46,6 +56,7 @@ def _texts(tokenizer, out: core.Output) -> list[str]:
 RANGES: dict[str, tuple[Any, str]] = {
     "val_fraction": (lambda v: 0 < v < 1, "a number in (0, 1)"),
     "train_examples": (lambda v: v >= 1, "an integer >= 1"),
+    "assistant_examples": (lambda v: v >= 1, "an integer >= 1"),
     "val_examples": (lambda v: v >= 1, "an integer >= 1"),
     "test_examples": (lambda v: v >= 1, "an integer >= 1"),
     "batch_size": (lambda v: v >= 1, "an integer >= 1"),
@@ -54,11 +65,17 @@ RANGES: dict[str, tuple[Any, str]] = {
     "assistant_learning_rate": (lambda v: np.isfinite(v) and v > 0, "a finite number > 0"),
     "train.base": (lambda v: v in ("full", "lora", "gate"), "'full', 'lora' or 'gate'"),
     "train.init": (lambda v: v in ("a", "b", "none"), "'a', 'b' or 'none'"),
-    "train.steps": (lambda v: v >= 1, "an integer >= 1"),
+    "train.steps": (lambda v: v >= 0, "an integer >= 0 (0: train.epochs)"),
+    "train.epochs": (lambda v: np.isfinite(v) and v > 0, "a finite number > 0"),
+    "train.schedule": (lambda v: v in train_lib.SCHEDULES, f"one of {train_lib.SCHEDULES}"),
+    "train.init_epochs": (lambda v: v >= 1, "an integer >= 1"),
+    "train.init_batch_size": (lambda v: v >= 1, "an integer >= 1"),
+    "train.init_learning_rate": (lambda v: np.isfinite(v) and v > 0, "a finite number > 0"),
     "train.batch_size": (lambda v: v >= 1, "an integer >= 1"),
     "train.lora_rank": (lambda v: v >= 1, "an integer >= 1"),
     "train.learning_rate": (lambda v: np.isfinite(v) and v > 0, "a finite number > 0"),
-    "train.gate_learning_rate": (lambda v: np.isfinite(v) and v > 0, "a finite number > 0"),
+    "train.gate_learning_rate": (lambda v: np.isfinite(v) and v >= 0,
+                                 "a finite number >= 0 (0: train.learning_rate)"),
     "train.warmup_fraction": (lambda v: 0 <= v < 1, "a number in [0, 1)"),
 }
 
@@ -75,6 +92,47 @@ def validate(config: config_dict.ConfigDict) -> None:
   tasks.parse_name(config.task)
 
 
+def disjoint_rows(named: dict[str, Sequence[Any]]) -> dict[str, int]:
+  """Raises ValueError when a row id is in two of the named row sets; returns, per pair of sets,
+  how many rows share a question's text with a row of the other (distinct rows, same wording)."""
+  seen: dict[str, str] = {}
+  for name, rows in named.items():
+    for e in rows:
+      if seen.setdefault(e.id, name) != name:
+        raise ValueError(f"row {e.id} is in both the {seen[e.id]} rows and the {name} rows: "
+                         "the assistant, gate-training, validation and test rows must not mix")
+  texts = {name: {e.question for e in rows} for name, rows in named.items()}
+  names = list(named)
+  return {f"{a}/{b}": len(texts[a] & texts[b]) for i, a in enumerate(names)
+          for b in names[i + 1:] if texts[a] & texts[b]}
+
+
+def split_rows(dev: Sequence[Any], test: Sequence[Any], config) -> dict[str, list[Any]]:
+  """{assistant, train, validation, test} rows as the module docstring says (problem rows out)."""
+  dev = [e for e in dev if not e.problem]
+  n_val = max(1, int(round(len(dev) * config.val_fraction)))
+  rest, val = dev[:len(dev) - n_val], dev[len(dev) - n_val:][:config.val_examples]
+  n_asst = 0 if config.assistant else config.assistant_examples
+  if not config.assistant and len(rest) < n_asst + 1:
+    raise ValueError(f"{len(rest)} dev rows outside validation: too few for "
+                     f"assistant_examples={n_asst} and any gate-training rows")
+  return {"assistant": rest[:n_asst], "train": rest[n_asst:][:config.train_examples],
+          "validation": val, "test": [e for e in test if not e.problem][:config.test_examples]}
+
+
+def train_config(config, lora) -> co_llm.CoLlmTrainConfig:
+  """The job's `train.*` fields as a CoLlmTrainConfig."""
+  t = config.train
+  optim = train_lib.OptimConfig(learning_rate=t.learning_rate, schedule=t.schedule,
+                                warmup_fraction=t.warmup_fraction, weight_decay=0.0)
+  return co_llm.CoLlmTrainConfig(
+      train_base=t.base, lora=lora or lora_lib.LoraConfig(), optim=optim,
+      gate_learning_rate=t.gate_learning_rate or None, epochs=t.epochs, steps=t.steps,
+      batch_size=t.batch_size, init=t.init, init_epochs=t.init_epochs,
+      init_batch_size=t.init_batch_size, init_learning_rate=t.init_learning_rate,
+      seed=config.seed)
+
+
 def run(config: config_dict.ConfigDict, workdir: str | pathlib.Path) -> dict[str, Any]:
   validate(config)
   workdir = pathlib.Path(workdir)
@@ -83,47 +141,40 @@ def run(config: config_dict.ConfigDict, workdir: str | pathlib.Path) -> dict[str
   base = loading.load(config.base, dtype)
   tok = base.tokenizer
   task = tasks.from_config(config.task, config)
-  dev = [e for e in task.dev if not e.problem]
-  test = [e for e in task.test if not e.problem][:config.test_examples]
-  n_val = max(1, int(round(len(dev) * config.val_fraction)))
-  train_rows, val_rows = dev[:len(dev) - n_val][:config.train_examples], dev[len(dev) - n_val:]
-  val_rows = val_rows[:config.val_examples]
+  split = split_rows(task.dev, task.test, config)
+  same_text = disjoint_rows(split)
+  train_rows, val_rows, test = split["train"], split["validation"], split["test"]
   prompt = pipeline.PromptConfig(k_shot=0, gen_instruction=config.instruction)
   prompter = pipeline.Prompter(tok, prompt)
   eos = decoding.stop_ids_for(base.config, tok)[0]
   tokens, mask, loss_mask = pipeline.sft_rows(prompter, train_rows,
                                               [pipeline.gold_answer(e) for e in train_rows], eos)
-  logging.info("%s: %d train, %d validation, %d test rows", task.name, len(train_rows),
-               len(val_rows), len(test))
-  train_kw = dict(steps=config.train.steps, batch_size=config.train.batch_size)
-  optim = train_lib.OptimConfig(learning_rate=config.train.learning_rate,
-                                warmup_fraction=config.train.warmup_fraction)
+  logging.info("%s: %s rows", task.name, {k: len(v) for k, v in split.items()})
   lora = (lora_lib.LoraConfig(rank=config.train.lora_rank, alpha=config.train.lora_alpha,
                               dropout=0.0) if config.train.base == "lora" else None)
+  cfg = train_config(config, lora)
 
   # 1. The assistant.
-  specialist = workdir / "assistant"
   if config.assistant:
     asst_params = loading.load(config.assistant, dtype, tokenizer=False).params
-  elif (specialist / "config.json").exists():
-    asst_params = loading.load(str(specialist), dtype, tokenizer=False).params
-    logging.info("reusing the specialist assistant in %s", specialist)
   else:
-    asst_params, _ = train_lib.finetune(
-        base.params, tokens, mask, loss_mask, base.config, lora=lora, seed=config.seed,
-        optim=dataclasses.replace(optim, learning_rate=config.assistant_learning_rate),
-        steps=config.assistant_steps, batch_size=config.train.batch_size,
-        desc="assistant (specialist SFT)")
-    loading.save_hf(specialist, base.config, asst_params)
+    key = hashlib.sha256(json.dumps(
+        [config.base, config.task, config.instruction, config.dtype, config.seed,
+         config.assistant_steps, config.assistant_learning_rate, config.train.base,
+         config.train.lora_rank, config.train.batch_size, [e.id for e in split["assistant"]]]
+    ).encode()).hexdigest()[:16]
+    asst_params = pools.finetuned(
+        base, lambda: (split["assistant"], prompter), workdir / f"assistant-{key}",
+        steps=config.assistant_steps, batch_size=config.train.batch_size, seed=config.seed,
+        optim=dataclasses.replace(cfg.optim, learning_rate=config.assistant_learning_rate),
+        lora=lora, dtype=dtype, desc="assistant (specialist SFT)")
 
-  # 2-3. Scoring pass, gate init, Co-LLM and weak supervision.
-  data = co_llm.make_data(tokens, mask, loss_mask, asst_params, base.config)
-  cfg = co_llm.CoLlmTrainConfig(train_base=config.train.base, lora=lora or lora_lib.LoraConfig(),
-                                optim=optim, gate_learning_rate=config.train.gate_learning_rate,
-                                init=config.train.init, seed=config.seed, **train_kw)
-  w0, init_stats = co_llm.init_gate(base.params, data, base.config, cfg)
+  # 2-3. Scoring passes, gate init, Co-LLM (from the fitted gate) and weak supervision (from the
+  # mean row, labels fixed from the original base).
+  data = co_llm.make_data(tokens, mask, loss_mask, asst_params, base.config, base.params)
+  w0, init_stats = co_llm.init_gate(base.params, data, base.config, cfg, progress=True)
   trained = co_llm.train(base.params, data, base.config, cfg, w_init=w0)
-  weak = co_llm.train(base.params, data, base.config, cfg, w_init=w0, objective="weak")
+  weak = co_llm.train(base.params, data, base.config, cfg, objective="weak")
 
   # 4. Calibration on validation rows.
   env = core.Env(config=base.config, max_new_tokens=config.max_new_tokens,
@@ -188,7 +239,8 @@ def run(config: config_dict.ConfigDict, workdir: str | pathlib.Path) -> dict[str
            f"(calibrated deferral {rate:.0%}):\n" + "\n".join(lines))
   print(table)
   (workdir / "table.txt").write_text(table + "\n")
-  out = {"task": task.name, "summary": summary, "init": init_stats,
+  out = {"task": task.name, "rows": {k: len(v) for k, v in split.items()},
+         "same_question_text": same_text, "summary": summary, "init": init_stats,
          "calibration": {k: v["calibration"] for k, v in results.items()},
          "eta": {k: v["eta"] for k, v in results.items()},
          "train_history": {"co_llm": trained.history, "weak_supervision": weak.history}}

@@ -114,19 +114,28 @@ FIELDS: dict[str, str] = {
     "assistant_steps": "Optimizer steps of that fine-tune.",
     "assistant_learning_rate": "Its learning rate.",
     "instruction": "Appended to every question.",
-    "train_examples": "Dev rows for gate training (the rest of dev is validation).",
+    "assistant_examples": "Dev rows the specialist assistant is fine-tuned on (when no "
+                          "assistant is given); never used for the gate.",
+    "train_examples": "The next dev rows: gate (and base) training (the last val_fraction of "
+                      "dev is validation).",
     "val_fraction": "Share of dev kept for validation (calibrating eta).",
     "val_examples": "Validation rows used for calibration.",
     "train.base": "`full`, `lora` or `gate` (base frozen): what trains with the gate.",
     "train.lora_rank": "LoRA rank when train.base is `lora`.",
     "train.lora_alpha": "LoRA alpha when train.base is `lora`.",
-    "train.steps": "Training steps of the Co-LLM objective (and of the weak-supervision "
-                   "baseline).",
-    "train.batch_size": "Rows per step.",
-    "train.learning_rate": "Base learning rate (AdamW, warmup + cosine).",
-    "train.gate_learning_rate": "The gate row's learning rate.",
-    "train.warmup_fraction": "Warmup share of the steps.",
+    "train.steps": "Optimizer steps of the Co-LLM objective (and of the weak-supervision "
+                   "baseline); 0: `train.epochs` passes over the training rows.",
+    "train.epochs": "Passes over the training rows when train.steps is 0 (reference: 2).",
+    "train.batch_size": "Rows per step (reference: 128).",
+    "train.learning_rate": "Base learning rate (AdamW; reference: 2e-5).",
+    "train.schedule": "`linear` (the reference), `cosine` or `constant`, after the warmup.",
+    "train.gate_learning_rate": "The gate row's learning rate; 0: train.learning_rate (the "
+                                "reference).",
+    "train.warmup_fraction": "Warmup share of the steps (reference: 0.04).",
     "train.init": "Gate init: `a` (assistant right and base wrong), `b` (base wrong) or `none`.",
+    "train.init_epochs": "Gate-init passes over the training rows (reference: 1).",
+    "train.init_batch_size": "Gate-init rows per step (reference: 8).",
+    "train.init_learning_rate": "Gate-init AdamW learning rate (reference: 2e-5).",
 }
 
 SECTIONS = (("evolve", ("quickstart.py", "tiny.py", "mmlu.py", "paper.py", "bbh.py")),

@@ -17,7 +17,7 @@ import dataclasses
 import hashlib
 import json
 import pathlib
-from typing import Any
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -60,23 +60,40 @@ def architecture(source: str) -> ModelConfig:
 
 def specialist(base: loading.Model, task_name: str, directory: pathlib.Path, config) -> Any:
   """The base fine-tuned (LoRA, merged) on a task's dev rows; cached in `directory`."""
+
+  def rows():
+    task = tasks.from_config(task_name, config)
+    return ([e for e in task.dev if not e.problem][:config.specialist_examples],
+            pipeline.Prompter(base.tokenizer, pipeline.PromptConfig(k_shot=0,
+                                                                    style=task.spec.prompt)))
+
+  return finetuned(base, rows, directory, steps=config.specialist_steps,
+                   optim=train_lib.OptimConfig(learning_rate=config.specialist_learning_rate),
+                   batch_size=8, seed=config.seed, lora=SPECIALIST_LORA,
+                   dtype=jnp.dtype(config.dtype), desc=f"specialist {task_name}")
+
+
+def finetuned(base: loading.Model, rows: Callable[[], tuple[Sequence[Any], pipeline.Prompter]],
+              directory: pathlib.Path, *, steps: int, optim: train_lib.OptimConfig,
+              batch_size: int, seed: int, lora: lora_lib.LoraConfig | None, dtype,
+              desc: str) -> Any:
+  """The base fine-tuned on the rows `rows()` gives (prompt -> gold answer, with its prompter;
+  built only when nothing is cached), LoRA merged when `lora`, saved as an HF directory and reused
+  when `directory` holds one. The loop's specialists and the Co-LLM job's assistant come from
+  here. Batches of min(batch_size, rows)."""
   cached = (directory / "config.json").exists()
   # Every process has looked before process 0 may start writing this directory below.
-  multihost.sync(f"specialist {task_name}")
+  multihost.sync(f"finetuned {directory.name}")
   if cached:
-    logging.info("reusing specialist %s", directory)
-    return loading.load(str(directory), jnp.dtype(config.dtype), tokenizer=False).params
-  task = tasks.from_config(task_name, config)
-  rows = [e for e in task.dev if not e.problem][:config.specialist_examples]
-  prompter = pipeline.Prompter(base.tokenizer, pipeline.PromptConfig(k_shot=0, style=task.spec.prompt))
+    logging.info("reusing %s", directory)
+    return loading.load(str(directory), dtype, tokenizer=False).params
+  examples, prompter = rows()
   eos = decoding.stop_ids_for(base.config, base.tokenizer)[0]
-  tokens, mask, loss_mask = pipeline.sft_rows(prompter, rows,
-                                              [pipeline.gold_answer(e) for e in rows], eos)
-  params, _ = train_lib.finetune(
-      base.params, tokens, mask, loss_mask, base.config,
-      optim=train_lib.OptimConfig(learning_rate=config.specialist_learning_rate),
-      steps=config.specialist_steps, batch_size=min(8, len(rows)), seed=config.seed,
-      lora=SPECIALIST_LORA, desc=f"specialist {task_name}")
+  tokens, mask, loss_mask = pipeline.sft_rows(prompter, examples,
+                                              [pipeline.gold_answer(e) for e in examples], eos)
+  params, _ = train_lib.finetune(base.params, tokens, mask, loss_mask, base.config, optim=optim,
+                                 steps=steps, batch_size=min(batch_size, len(examples)),
+                                 seed=seed, lora=lora, desc=desc)
   if multihost.is_primary():
     loading.save_hf(directory, base.config, params)
   return params

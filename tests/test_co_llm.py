@@ -104,13 +104,90 @@ def test_training_learns_to_defer_exactly_on_the_assistants_token_class():
 def test_gate_init_reproduces_the_pseudo_label_rate_and_stays_inside_0_1():
   params = transformer.init_params(CONFIG, jax.random.key(1))
   data, _ = _synthetic(32, 2)
-  w, stats = co_llm.init_gate(params, data, CONFIG, co_llm.CoLlmTrainConfig(init_steps=200))
+  cfg = co_llm.CoLlmTrainConfig(init_epochs=50, init_batch_size=8, init_learning_rate=1e-2)
+  w, stats = co_llm.init_gate(params, data, CONFIG, cfg)
   assert 0.15 < stats["label_rate"] < 0.3  # About one position in four is marked.
   assert stats["defer_rate"] == pytest.approx(stats["label_rate"], abs=0.03)
   p = np.asarray(jax.nn.sigmoid(_gates(params, w, data)))
   assert ((p > 0) & (p < 1)).all()
   _, stats_b = co_llm.init_gate(params, data, CONFIG, co_llm.CoLlmTrainConfig(init="b"))
   assert stats_b["label_rate"] >= stats["label_rate"]  # "base wrong" contains "a".
+
+
+def test_gate_init_streams_without_an_all_rows_hidden_state_tensor(monkeypatch):
+  """The bytes of live arrays during init stay far below one float32 copy of every row's hidden
+  states ([S, T-1, D]: what the all-rows fit held, and what grows to ~29 GB at the GSM8K config's
+  7,000 x 256 x 4,096): only a batch is ever materialised."""
+  params = transformer.init_params(CONFIG, jax.random.key(1))
+  data, _ = _synthetic(128, 3)
+  all_hidden = data.tokens.shape[0] * (data.tokens.shape[1] - 1) * CONFIG.hidden_size * 4
+  live = lambda: sum(a.nbytes for a in jax.live_arrays())
+  before = live()
+  peaks = []
+  step = co_llm._init_step
+
+  def counted(*args, **kwargs):
+    out = step(*args, **kwargs)
+    jax.block_until_ready(out)
+    peaks.append(live() - before)
+    return out
+
+  monkeypatch.setattr(co_llm, "_init_step", counted)
+  co_llm.init_gate(params, data, CONFIG, co_llm.CoLlmTrainConfig(init_epochs=2))
+  assert len(peaks) == 2 * 128 // 8
+  assert max(peaks) < all_hidden / 4, (max(peaks), all_hidden)
+
+
+def test_weak_supervision_labels_are_fixed_from_the_original_base():
+  """The weak baseline's BCE targets come from `data.base_correct` (the original base, scored
+  once), not from the base being trained: told the base is always right, it learns never to
+  defer; told it is always wrong, it defers on the assistant's token class."""
+  params = transformer.init_params(CONFIG, jax.random.key(4))
+  data, _ = _synthetic(64, 4)
+  test, marked = _synthetic(32, 5)
+  cfg = co_llm.CoLlmTrainConfig(train_base="gate", steps=120, batch_size=16,
+                                optim=train_lib.OptimConfig(learning_rate=3e-2))
+  with pytest.raises(ValueError, match="original base's labels"):
+    co_llm.train(params, data, CONFIG, cfg, objective="weak", progress=False)
+  rates = {}
+  for right in (True, False):
+    fixed = data.replace(base_correct=jnp.full_like(data.asst_correct, right))
+    w = co_llm.train(params, fixed, CONFIG, cfg, objective="weak", progress=False).w_defer
+    defer = _gates(params, w, test) > 0
+    rates[right] = (defer[marked].mean(), defer[~marked].mean())
+  assert rates[True][0] < 0.05 and rates[True][1] < 0.05, rates
+  assert rates[False][0] > 0.9 and rates[False][1] < 0.1, rates
+
+
+def test_train_config_counts_epochs_or_takes_steps():
+  cfg = co_llm.CoLlmTrainConfig()  # The reference's: 2 epochs of batch 128.
+  assert (cfg.total_steps(300), cfg.total_steps(7000)) == (5, 110)
+  assert co_llm.CoLlmTrainConfig(steps=7).total_steps(7000) == 7
+  with pytest.raises(ValueError, match="steps > 0 or epochs > 0"):
+    co_llm.CoLlmTrainConfig(epochs=0.0)
+
+
+def test_co_llm_rows_never_mix():
+  from ml_collections import config_dict
+  from single_multi import co_llm_run
+  from single_multi.data import common
+  rows = lambda split, n, q=lambda i: f"q{i}": [
+      common.Example(f"t/{split}/{i}", "t", q(i), targets=("1",)) for i in range(n)]
+  c = config_dict.ConfigDict(dict(val_fraction=0.25, val_examples=100, assistant="",
+                                  assistant_examples=10, train_examples=100, test_examples=100))
+  dev = rows("dev", 40)
+  dev[3] = common.Example("t/dev/3", "t", "bad", problem="line 4: blank line")
+  split = co_llm_run.split_rows(dev, rows("test", 12, lambda i: f"q{30 + i}"), c)
+  assert {k: len(v) for k, v in split.items()} == {"assistant": 10, "train": 19,
+                                                   "validation": 10, "test": 12}
+  ids = [e.id for v in split.values() for e in v]
+  assert len(ids) == len(set(ids)) and "t/dev/3" not in ids
+  # Test questions q30..q41 repeat the wording of dev rows q30..q39 (validation: q30..q39).
+  assert co_llm_run.disjoint_rows(split) == {"validation/test": 10}
+  c.assistant = "hf:some/model"  # A given assistant: no rows go to it.
+  assert co_llm_run.split_rows(dev, [], c)["assistant"] == []
+  with pytest.raises(ValueError, match="t/dev/5 is in both the assistant rows and the test"):
+    co_llm_run.disjoint_rows({"assistant": dev[5:6], "test": dev[5:6]})
 
 
 @pytest.fixture(scope="module")
@@ -187,7 +264,8 @@ def test_co_llm_job_end_to_end_through_main_on_real_bigbench_rows(tmp_path):
 
   c = load_config("co_llm_bigbench.py")
   c.base = "tiny:0"
-  c.assistant_steps, c.train.steps, c.train.batch_size = 3, 3, 4
+  c.assistant_steps, c.train.steps, c.train.batch_size, c.train.init_epochs = 3, 3, 4, 1
+  c.assistant_examples = 8
   c.train_examples, c.val_examples, c.test_examples, c.batch_size = 16, 8, 8, 8
   c.max_new_tokens = 4
   out = main.run(c, str(tmp_path))
@@ -195,12 +273,15 @@ def test_co_llm_job_end_to_end_through_main_on_real_bigbench_rows(tmp_path):
                                  "co_llm"}
   assert out["summary"]["base"]["deferral"] == 0 and out["summary"]["assistant"]["deferral"] == 1
   assert all(r["n"] == 8 for r in out["summary"].values())
+  assert out["rows"] == {"assistant": 8, "train": 16, "validation": 8, "test": 8}
   assert len(out["calibration"]["co_llm"]) == 10
   for name in ("table.txt", "results.json", "traces.jsonl", "traces.html"):
     assert (tmp_path / name).exists()
   params, w, eta = co_llm.load(tmp_path / "checkpoint")
   assert eta == pytest.approx(out["eta"]["co_llm"]) and w.shape == (32,)
-  assert (tmp_path / "assistant" / "config.json").exists()  # The cached specialist.
+  cached = list(tmp_path.glob("assistant-*/config.json"))  # The cached specialist.
+  assert len(cached) == 1
+  assert main.run(c, str(tmp_path))["summary"] == out["summary"]  # Rerun: reused, same result.
 
 
 def test_co_llm_job_fields_are_checked_before_anything_loads(monkeypatch):
@@ -212,7 +293,9 @@ def test_co_llm_job_fields_are_checked_before_anything_loads(monkeypatch):
       ("val_fraction", 1.5, "val_fraction=1.5 is not allowed: give a number in (0, 1)"),
       ("train.base", "fulll", "train.base='fulll' is not allowed: give 'full', 'lora' or 'gate'"),
       ("train.init", "c", "train.init='c' is not allowed: give 'a', 'b' or 'none'"),
-      ("train.steps", 0, "train.steps=0 is not allowed"),
+      ("train.steps", -1, "train.steps=-1 is not allowed: give an integer >= 0 (0: train.epochs)"),
+      ("train.schedule", "cosin", "train.schedule='cosin' is not allowed"),
+      ("assistant_examples", 0, "assistant_examples=0 is not allowed"),
       ("task", "bigbench:", "names no BIG-bench task")]:
     c = load_config("co_llm_bigbench.py")
     *parents, leaf = field.split(".")
