@@ -9,6 +9,11 @@ the base's LM head. Training maximises
 over target tokens with the assistant frozen (its gold-token log-probs precomputed by one scoring
 pass, `score_assistant`). The base trains fully, with LoRA, or not at all (gate only).
 
+Several assistants (the paper's latent variable over the base and M assistants): the gate is M
+rows W [M, D], P(Z_t) = softmax([0, <W_m, h_t>]_m) (the base's logit fixed at 0, so M = 1 is the
+sigmoid above), and log P(x) = sum_t logsumexp_k(log P(Z_t = k) + log p_k(x_t)); pass a list of
+assistants to `make_data`.
+
     data = co_llm.make_data(tokens, mask, loss_mask, assistant_params, config, base_params)
     w0, stats = co_llm.init_gate(base_params, data, config)                # "method a"
     result = co_llm.train(base_params, data, config, CoLlmTrainConfig(), w_init=w0)
@@ -143,21 +148,43 @@ def score_assistant(params, tokens, mask, config: ModelConfig, chunk: int = 8):
 
 def make_data(tokens, mask, loss_mask, assistant_params, config: ModelConfig,
               base_params=None) -> TrainData:
-  """The training rows with the assistant's scoring pass and, given `base_params`, the original
-  base's (for the weak-supervision labels)."""
-  lp, correct = score_assistant(assistant_params, tokens, mask, config)
+  """The training rows with the assistant's scoring pass (a list of assistants: their passes
+  stacked on a last axis [S, T-1, M]) and, given `base_params`, the original base's (for the
+  weak-supervision labels)."""
+  if isinstance(assistant_params, (list, tuple)):
+    passes = [score_assistant(a, tokens, mask, config) for a in assistant_params]
+    lp, correct = (jnp.stack([q[i] for q in passes], axis=-1) for i in (0, 1))
+  else:
+    lp, correct = score_assistant(assistant_params, tokens, mask, config)
   base_correct = (None if base_params is None
                   else score_assistant(base_params, tokens, mask, config)[1])
   return TrainData(jnp.asarray(tokens), jnp.asarray(mask), jnp.asarray(loss_mask), lp, correct,
                    base_correct)
 
 
+def num_assistants(data: TrainData) -> int | None:
+  """None: one assistant, unstacked ([S, T-1]); M: a list of M assistants ([S, T-1, M])."""
+  return None if data.asst_logp.ndim == 2 else data.asst_logp.shape[-1]
+
+
 def marginal_nll(gate_logits, base_logp, asst_logp, weights) -> jax.Array:
-  """-mean_t logsumexp(log sigmoid(-l) + log p_base, log sigmoid(l) + log p_asst) (weighted)."""
-  per = -jnp.logaddexp(jax.nn.log_sigmoid(-gate_logits) + base_logp,
-                       jax.nn.log_sigmoid(gate_logits) + asst_logp)
+  """-mean_t logsumexp_k(log P(Z_t = k) + log p_k(x_t)) (weighted), k over the base and the
+  assistants. One assistant: gate_logits and asst_logp shaped like base_logp, and the sum is
+  logsumexp(log sigmoid(-l) + log p_base, log sigmoid(l) + log p_asst); M assistants: [..., M]."""
+  if gate_logits.ndim == base_logp.ndim:
+    gate_logits, asst_logp = gate_logits[..., None], asst_logp[..., None]
+  choice = token_level.choice_logprobs(gate_logits)
+  per = -jax.nn.logsumexp(
+      choice + jnp.concatenate([base_logp[..., None], asst_logp], axis=-1), axis=-1)
   w = weights.astype(jnp.float32)
   return jnp.sum(per * w) / jnp.maximum(jnp.sum(w), 1.0)
+
+
+def defers(gate_logits, stacked: bool) -> jax.Array:
+  """Where the most probable choice is an assistant (one unstacked assistant: gate logit > 0)."""
+  if not stacked:
+    return gate_logits > 0
+  return jnp.argmax(token_level.choice_logprobs(gate_logits), axis=-1) > 0
 
 
 def weighted_bce(logits, labels, weights, pos_weight: float) -> jax.Array:
@@ -168,13 +195,20 @@ def weighted_bce(logits, labels, weights, pos_weight: float) -> jax.Array:
 
 
 def pseudo_labels(base_correct, asst_correct, method: str = "a") -> jax.Array:
-  """"a": the assistant's argmax is gold and the base's is not; "b": the base's is not."""
-  return (asst_correct & ~base_correct) if method == "a" else ~base_correct
+  """"a": the assistant's argmax is gold and the base's is not; "b": the base's is not.
+  asst_correct [..., M] (several assistants): one binary label per assistant."""
+  if asst_correct.ndim > base_correct.ndim:
+    base_correct = base_correct[..., None]
+  if method == "a":
+    return asst_correct & ~base_correct
+  return jnp.broadcast_to(~base_correct, asst_correct.shape)
 
 
-def mean_head_row(params, config: ModelConfig) -> jax.Array:
+def mean_head_row(params, config: ModelConfig, num_asst: int | None = None) -> jax.Array:
+  """The mean LM-head row [D] (num_asst = M: M copies [M, D]), the reference's start."""
   head = params["embed"] if config.tie_word_embeddings else params["lm_head"].T
-  return jnp.mean(head.astype(jnp.float32), axis=0)
+  row = jnp.mean(head.astype(jnp.float32), axis=0)
+  return row if num_asst is None else jnp.tile(row, (num_asst, 1))
 
 
 # -------------------------------------------------------------------------------------------------
@@ -190,11 +224,14 @@ def _init_step(w, opt_state, base_params, tokens, mask, weights, asst_correct, *
   _, base_correct, hidden = gold_logprobs(base_params, tokens, mask, config)
   hidden = jax.lax.stop_gradient(hidden.astype(jnp.float32))
   labels = pseudo_labels(base_correct, asst_correct, method)
+  weights = jnp.broadcast_to(weights.reshape(weights.shape + (1,) * (labels.ndim - 2)),
+                             labels.shape)
   loss, g = jax.value_and_grad(
-      lambda w: weighted_bce(hidden @ w, labels, weights, pos_weight))(w)
+      lambda w: weighted_bce(hidden @ w.T, labels, weights, pos_weight))(w)
   updates, opt_state = opt.update(g, opt_state, w)
   live = weights > 0
-  counts = jnp.stack([jnp.sum(live), jnp.sum(labels & live), jnp.sum((hidden @ w > 0) & live)])
+  counts = jnp.stack([jnp.sum(live), jnp.sum(labels & live),
+                      jnp.sum((hidden @ w.T > 0) & live)])
   return optax.apply_updates(w, updates), opt_state, loss, counts
 
 
@@ -202,13 +239,14 @@ def init_gate(base_params, data: TrainData, config: ModelConfig,
               cfg: CoLlmTrainConfig = CoLlmTrainConfig(), *, progress: bool = False
               ) -> tuple[jax.Array, dict[str, float]]:
   """w_defer from the mean LM-head row, fitted with class-weighted BCE to the pseudo-labels on the
-  frozen base's hidden states (reference: `search_deferral_initialization_v1`): AdamW without
+  frozen base's hidden states (reference: `search_deferral_initialization_v1`; with M assistants,
+  each row fitted to its own assistant's labels, independently): AdamW without
   weight decay, `cfg.init_epochs` passes over the rows in order, `cfg.init_batch_size` rows a
   step. Streams: each step computes its batch's hidden states and drops them, so memory does not
   grow with the number of rows. Returns (w, {"label_rate", "defer_rate", "loss"}): the pseudo-label
   rate and the deferral rate (gate > 0, before the step) over the target tokens of the last epoch.
   """
-  w = mean_head_row(base_params, config)
+  w = mean_head_row(base_params, config, num_assistants(data))
   if cfg.init == "none":
     return w, {}
   opt = optax.adamw(cfg.init_learning_rate, weight_decay=0.0)
@@ -256,12 +294,13 @@ def _losses(objective: str, cfg: CoLlmTrainConfig, config: ModelConfig):
       lora = None
     base_lp, base_correct, hidden = gold_logprobs(params, batch["tokens"], batch["mask"], config,
                                                   lora)
-    gate = jnp.einsum("BTD,D->BT", hidden.astype(jnp.float32), trainable["w"])
+    gate = hidden.astype(jnp.float32) @ trainable["w"].T  # [B, T] or [B, T, M]
     weights = (batch["loss_mask"][:, 1:] * batch["mask"][:, 1:]).astype(jnp.float32)
     marginal = marginal_nll(gate, base_lp, batch["asst_logp"], weights)
     live = weights > 0
     aux = {"marginal_nll": marginal,
-           "defer_rate": jnp.sum((gate > 0) & live) / jnp.maximum(jnp.sum(live), 1)}
+           "defer_rate": jnp.sum(defers(gate, trainable["w"].ndim == 2) & live)
+           / jnp.maximum(jnp.sum(live), 1)}
     if objective == "co_llm":
       return marginal, aux
     nll = -jnp.sum(base_lp * weights) / jnp.maximum(jnp.sum(weights), 1.0)
@@ -286,11 +325,14 @@ def train(base_params, data: TrainData, config: ModelConfig,
   """
   if objective not in ("co_llm", "weak"):
     raise ValueError(f"objective must be 'co_llm' or 'weak', got {objective!r}")
+  if objective == "weak" and num_assistants(data) is not None:
+    raise ValueError("the weak-supervision baseline is defined for one assistant")
   if objective == "weak" and data.base_correct is None:
     raise ValueError("weak supervision needs the original base's labels: build the data with "
                      "make_data(..., base_params=base_params)")
   # A copy: the step donates the trainable buffers, and the caller may reuse w_init.
-  w = mean_head_row(base_params, config) if w_init is None else jnp.array(w_init, jnp.float32)
+  w = (mean_head_row(base_params, config, num_assistants(data)) if w_init is None
+       else jnp.array(w_init, jnp.float32))
   rng = jax.random.key(cfg.seed)
   trainable: dict[str, Any] = {"w": w}
   frozen: dict[str, Any] = {}

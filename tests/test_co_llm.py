@@ -53,6 +53,82 @@ def test_marginal_nll_equals_enumeration_and_its_gradient_finite_differences(T):
       assert grad[t] == pytest.approx(fd, rel=1e-5, abs=1e-8)
 
 
+def _brute_force_m(l, base_lp, asst_lp):
+  """-(1/T) log sum over all (M+1)^T assignments of prod_t P(z_t) P_z(x_t), P(z_t) =
+  softmax([0, l_t1, ..., l_tM]); l, asst_lp [T, M]."""
+  T, M = l.shape
+  choice = np.exp(np.concatenate([np.zeros((T, 1)), l], 1))
+  choice /= choice.sum(1, keepdims=True)
+  logp = np.concatenate([base_lp[:, None], asst_lp], 1)
+  total = sum(np.prod([choice[t, k] * np.exp(logp[t, k]) for t, k in enumerate(z)])
+              for z in itertools.product(range(M + 1), repeat=T))
+  return -np.log(total) / T
+
+
+@pytest.mark.parametrize("T", [1, 3, 5])
+def test_marginal_nll_over_two_assistants_equals_enumeration_and_finite_differences(T):
+  rng = np.random.default_rng(10 + T)
+  l = rng.normal(0, 2, (T, 2))
+  base_lp = np.log(rng.uniform(0.01, 1, T))
+  asst_lp = np.log(rng.uniform(0.01, 1, (T, 2)))
+  with jax.enable_x64(True):
+    f = lambda x: co_llm.marginal_nll(x, jnp.asarray(base_lp), jnp.asarray(asst_lp), jnp.ones(T))
+    assert float(f(jnp.asarray(l))) == pytest.approx(_brute_force_m(l, base_lp, asst_lp),
+                                                     rel=1e-10)
+    grad = np.asarray(jax.grad(f)(jnp.asarray(l)))
+    eps = 1e-6
+    for t, m in itertools.product(range(T), range(2)):
+      e = np.zeros((T, 2))
+      e[t, m] = eps
+      fd = (_brute_force_m(l + e, base_lp, asst_lp)
+            - _brute_force_m(l - e, base_lp, asst_lp)) / (2 * eps)
+      assert grad[t, m] == pytest.approx(fd, rel=1e-5, abs=1e-8)
+    # One assistant given as a stack of one: the sigmoid form.
+    one = co_llm.marginal_nll(jnp.asarray(l[:, :1]), jnp.asarray(base_lp),
+                              jnp.asarray(asst_lp[:, :1]), jnp.ones(T))
+    assert float(one) == pytest.approx(_brute_force(l[:, 0], base_lp, asst_lp[:, 0]), rel=1e-10)
+
+
+def test_training_with_two_assistants_learns_which_one_to_defer_to():
+  """Two assistants, each right (p 0.99) on half of the marked class only; blocks (3, 4, 5, M)
+  end in a token of the first half, blocks (6, 7, 8, M) in one of the second, so the context says
+  which assistant knows the next token: the gate must learn to pick it per position."""
+  params = transformer.init_params(CONFIG, jax.random.key(0))
+  halves = (MARKED[:5], MARKED[5:])
+
+  def two(n, seed):
+    rng = np.random.default_rng(seed)
+    seqs = []
+    for _ in range(n):
+      s = [1]
+      for _ in range(4):
+        kind = int(rng.integers(2))
+        s += [3 + 3 * kind, 4 + 3 * kind, 5 + 3 * kind, int(rng.choice(halves[kind]))]
+      seqs.append(s)
+    tokens = np.asarray(seqs, np.int32)
+    nxt = tokens[:, 1:]
+    knows = [np.isin(nxt, h) for h in halves]
+    lp = np.stack([np.where(k, np.log(0.99), np.log(1e-3)) for k in knows], -1)
+    ones = jnp.ones(tokens.shape, jnp.int32)
+    data = co_llm.TrainData(jnp.asarray(tokens), ones, ones, jnp.asarray(lp, jnp.float32),
+                            jnp.asarray(np.stack(knows, -1)))
+    return data, knows
+
+  data, _ = two(64, 0)
+  cfg = co_llm.CoLlmTrainConfig(
+      train_base="full", steps=150, batch_size=16, init="none", gate_learning_rate=3e-2,
+      optim=train_lib.OptimConfig(learning_rate=3e-3, warmup_fraction=0.05))
+  result = co_llm.train(params, data, CONFIG, cfg, progress=False)
+  assert result.w_defer.shape == (2, CONFIG.hidden_size)
+  test, knows = two(32, 1)
+  z = _gates(result.params, result.w_defer.T, test)  # [S, T-1, 2]
+  choice = np.argmax(np.concatenate([np.zeros(z.shape[:-1] + (1,)), z], -1), -1)
+  for m, k in enumerate(knows):
+    assert (choice[k] == m + 1).mean() > 0.9, (m, (choice[k] == m + 1).mean())
+  neither = ~(knows[0] | knows[1])
+  assert (choice[neither] == 0).mean() > 0.9
+
+
 def test_pads_are_masked():
   rng = np.random.default_rng(0)
   l, b, a = (jnp.asarray(rng.normal(size=(2, 6))) for _ in range(3))

@@ -128,6 +128,48 @@ def test_co_llm_eta_extremes_and_compose_mixture(pool, batch):
     collab.run(pool, "co_llm", batch, env=env)
 
 
+def test_co_llm_with_two_assistants_picks_the_most_probable_one_above_eta(pool, batch):
+  """Base m0, assistants (m1, m2), gate rows W [2, D]: P(Z) = softmax([0, <W_1, h>, <W_2, h>]).
+  First step by hand (float64): in "defer" mode the token is the argmax of the most probable
+  assistant's distribution where its probability exceeds eta, else the base's; "compose" is
+  log sum_k P(Z = k) P_k."""
+  W = jnp.stack([_gate(pool, 0.5, 3), _gate(pool, 0.5, 4)])
+  env = _env(pool, "co_llm", return_rows=True)
+  Cfg = collab.get("co_llm").Config
+  h, _ = transformer.hidden_states(pool.member(0), batch.prompt, pool.config,
+                                   mask_bt=batch.prompt_mask)
+  z = np.concatenate([np.zeros((h.shape[0], 1)), np.asarray(h[:, -1] @ W.T, np.float64)], -1)
+  choice = np.exp(z - z.max(-1, keepdims=True))
+  choice /= choice.sum(-1, keepdims=True)
+  logits, _ = pool_lib.forward(pool.params, batch.prompt, pool.config, mask_bt=batch.prompt_mask)
+  last = np.asarray(logits[:, :, -1], np.float64)
+  probs = np.exp(last - last.max(-1, keepdims=True))
+  probs /= probs.sum(-1, keepdims=True)  # [3, B, V]
+  pick = 1 + choice[:, 1:].argmax(-1)
+  p_pick = choice[np.arange(len(pick)), pick]
+  eta = float(np.median(p_pick))  # Some rows defer, some do not.
+  out = collab.run(pool, "co_llm", batch, env=env, cfg=Cfg(assistant=(1, 2), eta=eta),
+                   state={"w_defer": W})
+  defer = p_pick > eta
+  assert 0 < defer.sum() < len(defer)
+  want = np.where(defer, probs[pick, np.arange(len(pick))].argmax(-1), probs[0].argmax(-1))
+  assert out.tokens[:, 0].tolist() == want.tolist()
+  assert np.asarray(out.extras["choice"])[:, 0].tolist() == np.where(defer, pick, 0).tolist()
+  np.testing.assert_allclose(out.extras["gate"][:, 0], p_pick, atol=1e-5)
+  comp = collab.run(pool, "co_llm", batch, env=env,
+                    cfg=Cfg(assistant=[1, 2], eta=0.0, mode="compose"), state={"w_defer": W})
+  np.testing.assert_allclose(comp.rows[:, 0], np.log(np.einsum("bk,kbv->bv", choice, probs)),
+                             atol=1e-4)
+  never = collab.run(pool, "co_llm", batch, env=env, cfg=Cfg(assistant=(1, 2), eta=1.0),
+                     state={"w_defer": W})
+  np.testing.assert_array_equal(never.tokens, _decode(pool.member(0), batch, env).tokens)
+  with pytest.raises(collab.StrategyError, match="2 assistants"):
+    collab.run(pool, "co_llm", batch, env=env, cfg=Cfg(assistant=(1, 2)),
+               state={"w_defer": W[0]})
+  with pytest.raises(ValueError, match="other pool members"):
+    Cfg(base=1, assistant=(1, 2))
+
+
 def test_proxy_tuning_without_a_difference_is_the_base(pool, batch):
   env = _env(pool, "proxy_tuning")
   cfg = collab.get("proxy_tuning").Config(base=2, expert=1, anti_expert=1)

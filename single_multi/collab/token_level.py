@@ -58,18 +58,39 @@ def logit_fusion(params_n, batch: core.Batch, rng, *, cfg: LogitFusionConfig, en
 
 @dataclasses.dataclass(frozen=True)
 class CoLlmConfig:
-  """Co-LLM decoding (Shen et al. 2024): defer to the assistant where sigmoid(gate) > eta."""
+  """Co-LLM decoding (Shen et al. 2024): defer to an assistant where its choice probability > eta.
+
+  `assistant`: one pool index, or a tuple of M indices (the paper's latent variable ranges over
+  the base and M assistants): the gate is then M rows, the choice distribution
+  softmax([0, l_1, ..., l_M]) (the base's logit fixed at 0, so M = 1 is sigmoid(l_1)), and the
+  token comes from the most probable assistant when its probability exceeds eta."""
 
   base: int = 0
-  assistant: int = 1
+  assistant: int | tuple[int, ...] = 1
   eta: float = 0.5
-  mode: str = "defer"  # "defer": the assistant's token; "compose": argmax((1-p) P_b + p P_a).
+  mode: str = "defer"  # "defer": the chosen assistant's token; "compose": the choice mixture.
 
   def __post_init__(self):
+    if not isinstance(self.assistant, (int, np.integer)):  # A list from a config: hashable.
+      object.__setattr__(self, "assistant", tuple(int(i) for i in self.assistant))
     if self.mode not in ("defer", "compose"):
       raise ValueError(f"co_llm mode must be 'defer' or 'compose', got {self.mode!r}")
-    if self.base == self.assistant:
-      raise ValueError("co_llm needs two different pool members as base and assistant")
+    if not self.assistants or self.base in self.assistants:
+      raise ValueError("co_llm needs a base and one or more other pool members as assistants")
+    if len(set(self.assistants)) != len(self.assistants):
+      raise ValueError(f"co_llm assistants repeat a pool member: {self.assistants}")
+
+  @property
+  def assistants(self) -> tuple[int, ...]:
+    a = self.assistant
+    return (int(a),) if isinstance(a, (int, np.integer)) else tuple(int(i) for i in a)
+
+
+def choice_logprobs(gate_logits) -> jax.Array:
+  """log P(Z = base, assistant 1..M) [..., M + 1] from the M gate logits [..., M]: the base's
+  logit is 0 (M = 1: log sigmoid(-l), log sigmoid(l))."""
+  zero = jnp.zeros(gate_logits.shape[:-1] + (1,), gate_logits.dtype)
+  return jax.nn.log_softmax(jnp.concatenate([zero, gate_logits], axis=-1), axis=-1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,54 +98,67 @@ class CoLlmCombine:
   """eta rides in the combine state (traced), so a sweep over eta compiles once."""
 
   base: int
-  assistant: int
+  assistants: tuple[int, ...]
   mode: str
   sampler: Any = decoding.Greedy()
 
   def __call__(self, logits_nbv, state, key):
-    vocab = logits_nbv.shape[-1] - 1  # The last column is the base's gate logit.
-    gate = jax.nn.sigmoid(logits_nbv[self.base, :, vocab])
+    M = len(self.assistants)
+    vocab = logits_nbv.shape[-1] - M  # The last M columns are the base's gate logits.
+    choice = choice_logprobs(logits_nbv[self.base, :, vocab:].astype(jnp.float32))  # [B, M+1]
     base = jax.nn.log_softmax(logits_nbv[self.base, :, :vocab])
-    asst = jax.nn.log_softmax(logits_nbv[self.assistant, :, :vocab])
+    asst = jax.nn.log_softmax(logits_nbv[jnp.asarray(self.assistants), :, :vocab])  # [M, B, V]
+    pick = jnp.argmax(choice[:, 1:], axis=-1)  # The most probable assistant.
+    gate = jnp.exp(jnp.take_along_axis(choice[:, 1:], pick[:, None], axis=-1)[:, 0])
     defer = gate > state["eta"]
     if self.mode == "defer":
-      other = asst
+      other = jnp.take_along_axis(asst, pick[None, :, None], axis=0)[0]
     else:
-      other = jnp.logaddexp(jnp.log1p(-gate)[:, None] + base, jnp.log(gate)[:, None] + asst)
+      rows = jnp.concatenate([base[None], asst])  # [M+1, B, V]
+      other = jax.nn.logsumexp(choice.T[:, :, None] + rows, axis=0)
     row = jnp.where(defer[:, None], other, base)
     step = state["step"]
     state = dict(state, step=step + 1, gate=state["gate"].at[:, step].set(gate),
-                 deferred=state["deferred"].at[:, step].set(defer))
+                 deferred=state["deferred"].at[:, step].set(defer),
+                 choice=state["choice"].at[:, step].set(jnp.where(defer, pick + 1, 0)))
     return self.sampler(row, key), row, state
 
 
 def gate_rows(params_n, w_defer, base: int) -> jax.Array:
-  """extra_head [N, 1, D]: w_defer on the base's LM head, zeros elsewhere."""
-  n, d = core.num_models(params_n), w_defer.shape[-1]
-  return jnp.zeros((n, 1, d), w_defer.dtype).at[base, 0].set(w_defer)
+  """extra_head [N, M, D]: the gate's rows (w_defer [D] or [M, D]) on the base's LM head, zeros
+  elsewhere."""
+  w = w_defer.reshape(-1, w_defer.shape[-1])
+  n = core.num_models(params_n)
+  return jnp.zeros((n,) + w.shape, w.dtype).at[base].set(w)
 
 
 @core.register("co_llm", "token", CoLlmConfig, min_models=2)
 def co_llm(params_n, batch: core.Batch, rng, *, cfg: CoLlmConfig, env: core.Env, state=None):
-  """Token-level deferral: the base decodes; where its gate sigmoid(<w_defer, h_t>) > eta the
-  assistant's token (or the composed mixture's) is taken. Both models keep KV caches; every
-  chosen token is fed to both once. state: {"w_defer": [D]} (see `single_multi.co_llm`) and
-  optionally {"eta": []}, which overrides cfg.eta without recompiling."""
+  """Token-level deferral: the base decodes; where the most probable assistant's choice
+  probability exceeds eta, that assistant's token (or the composed mixture's) is taken. Every model
+  keeps its KV cache; every chosen token is fed to all once. state: {"w_defer": [D] or [M, D]}
+  (see `single_multi.co_llm`) and optionally {"eta": []}, which overrides cfg.eta without
+  recompiling. extras: gate (that probability), deferred, choice (0: base, m: assistant m)."""
   if state is None or "w_defer" not in state:
     raise core.StrategyError("co_llm needs a trained gate: state={'w_defer': [hidden]} "
                              "(train it with single_multi.co_llm)")
+  rows = 1 if state["w_defer"].ndim == 1 else state["w_defer"].shape[0]
+  if rows != len(cfg.assistants):
+    raise core.StrategyError(f"co_llm has {len(cfg.assistants)} assistants "
+                             f"{cfg.assistants} but a gate of {rows} rows")
   B = batch.prompt.shape[0]
-  M = env.max_new_tokens
-  init = {"step": jnp.zeros((), jnp.int32), "gate": jnp.zeros((B, M), jnp.float32),
-          "deferred": jnp.zeros((B, M), bool),
+  T = env.max_new_tokens
+  init = {"step": jnp.zeros((), jnp.int32), "gate": jnp.zeros((B, T), jnp.float32),
+          "deferred": jnp.zeros((B, T), bool), "choice": jnp.zeros((B, T), jnp.int32),
           "eta": jnp.asarray(state.get("eta", cfg.eta), jnp.float32)}
-  combine = CoLlmCombine(cfg.base, cfg.assistant, cfg.mode, env.sampler)
+  combine = CoLlmCombine(cfg.base, cfg.assistants, cfg.mode, env.sampler)
   out = pool_lib.decode_combined(params_n, batch.prompt, batch.prompt_mask, rng, init,
                                  combine=combine, return_rows=env.return_rows,
                                  extra_head=gate_rows(params_n, state["w_defer"], cfg.base),
                                  **env.decode_kw)
-  live = jnp.arange(M)[None] < out.lengths[:, None]
-  return _output(out, env, gate=out.state["gate"], deferred=out.state["deferred"] & live)
+  live = jnp.arange(T)[None] < out.lengths[:, None]
+  return _output(out, env, gate=out.state["gate"], deferred=out.state["deferred"] & live,
+                 choice=jnp.where(live, out.state["choice"], 0))
 
 
 @dataclasses.dataclass(frozen=True)
