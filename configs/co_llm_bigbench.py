@@ -23,6 +23,7 @@ def get_config() -> config_dict.ConfigDict:
   c.assistant_learning_rate = 1e-4
   c.task = "bigbench:arithmetic/2_digit_multiplication"
   c.instruction = "Answer with the number only."
+  c.target = "answer"  # Training text: "answer" (gold) or "solution" (worked, where the task has one).
   c.dtype = "float32"
   c.seed = 0
   c.assistant_examples = 96  # Dev rows the specialist assistant is fine-tuned on.

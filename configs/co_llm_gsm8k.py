@@ -12,7 +12,10 @@ def get_config():
   c.base = "hf:meta-llama/Llama-2-7b-hf"
   c.assistant = "hf:EleutherAI/llemma_7b"
   c.task = "gsm8k"
-  c.instruction = "Solve step by step; end with 'The answer is N.'"
+  # The reference trains on GSM8K's full worked solutions (ending "#### N"), not the number;
+  # its instruction (which it puts before the problem; ours follows it).
+  c.instruction = "Please solve the following math problem with detailed steps."
+  c.target = "solution"
   c.dtype = "bfloat16"
   c.train_examples = 7000
   c.val_fraction = 0.05

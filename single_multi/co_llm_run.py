@@ -55,6 +55,7 @@ def _texts(tokenizer, out: core.Output) -> list[str]:
 # Field -> (allowed?, what is allowed): checked before anything loads or trains.
 RANGES: dict[str, tuple[Any, str]] = {
     "val_fraction": (lambda v: 0 < v < 1, "a number in (0, 1)"),
+    "target": (lambda v: v in ("answer", "solution"), "'answer' or 'solution'"),
     "train_examples": (lambda v: v >= 1, "an integer >= 1"),
     "assistant_examples": (lambda v: v >= 1, "an integer >= 1"),
     "val_examples": (lambda v: v >= 1, "an integer >= 1"),
@@ -120,6 +121,19 @@ def split_rows(dev: Sequence[Any], test: Sequence[Any], config) -> dict[str, lis
           "validation": val, "test": [e for e in test if not e.problem][:config.test_examples]}
 
 
+def training_target(kind: str, split: dict[str, list[Any]]):
+  """example -> training text: "answer" (the gold answer) or "solution" (the worked solution,
+  as the reference trains GSM8K; every assistant and gate-training row must have one)."""
+  if kind == "answer":
+    return pipeline.gold_answer
+  missing = [e.id for k in ("assistant", "train") for e in split[k] if not e.solution]
+  if missing:
+    raise ValueError(f"target='solution' but {len(missing)} training rows have no worked "
+                     f"solution (first: {missing[0]}); this task's source has none: use "
+                     "target='answer'")
+  return lambda e: e.solution
+
+
 def train_config(config, lora) -> co_llm.CoLlmTrainConfig:
   """The job's `train.*` fields as a CoLlmTrainConfig."""
   t = config.train
@@ -147,8 +161,9 @@ def run(config: config_dict.ConfigDict, workdir: str | pathlib.Path) -> dict[str
   prompt = pipeline.PromptConfig(k_shot=0, gen_instruction=config.instruction)
   prompter = pipeline.Prompter(tok, prompt)
   eos = decoding.stop_ids_for(base.config, tok)[0]
+  target = training_target(config.target, split)
   tokens, mask, loss_mask = pipeline.sft_rows(prompter, train_rows,
-                                              [pipeline.gold_answer(e) for e in train_rows], eos)
+                                              [target(e) for e in train_rows], eos)
   logging.info("%s: %s rows", task.name, {k: len(v) for k, v in split.items()})
   lora = (lora_lib.LoraConfig(rank=config.train.lora_rank, alpha=config.train.lora_alpha,
                               dropout=0.0) if config.train.base == "lora" else None)
@@ -161,13 +176,14 @@ def run(config: config_dict.ConfigDict, workdir: str | pathlib.Path) -> dict[str
     key = hashlib.sha256(json.dumps(
         [config.base, config.task, config.instruction, config.dtype, config.seed,
          config.assistant_steps, config.assistant_learning_rate, config.train.base,
-         config.train.lora_rank, config.train.batch_size, [e.id for e in split["assistant"]]]
+         config.train.lora_rank, config.train.batch_size, config.target,
+         [e.id for e in split["assistant"]]]
     ).encode()).hexdigest()[:16]
     asst_params = pools.finetuned(
         base, lambda: (split["assistant"], prompter), workdir / f"assistant-{key}",
         steps=config.assistant_steps, batch_size=config.train.batch_size, seed=config.seed,
         optim=dataclasses.replace(cfg.optim, learning_rate=config.assistant_learning_rate),
-        lora=lora, dtype=dtype, desc="assistant (specialist SFT)")
+        lora=lora, dtype=dtype, desc="assistant (specialist SFT)", answer=target)
 
   # 2-3. Scoring passes, gate init, Co-LLM (from the fitted gate) and weak supervision (from the
   # mean row, labels fixed from the original base).

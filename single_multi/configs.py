@@ -114,6 +114,8 @@ FIELDS: dict[str, str] = {
     "assistant_steps": "Optimizer steps of that fine-tune.",
     "assistant_learning_rate": "Its learning rate.",
     "instruction": "Appended to every question.",
+    "target": "Training text of the assistant and gate rows: `answer` (the gold answer) or "
+              "`solution` (the task's worked solution, e.g. GSM8K's, as the reference trains).",
     "assistant_examples": "Dev rows the specialist assistant is fine-tuned on (when no "
                           "assistant is given); never used for the gate.",
     "train_examples": "The next dev rows: gate (and base) training (the last val_fraction of "

@@ -76,11 +76,11 @@ def specialist(base: loading.Model, task_name: str, directory: pathlib.Path, con
 def finetuned(base: loading.Model, rows: Callable[[], tuple[Sequence[Any], pipeline.Prompter]],
               directory: pathlib.Path, *, steps: int, optim: train_lib.OptimConfig,
               batch_size: int, seed: int, lora: lora_lib.LoraConfig | None, dtype,
-              desc: str) -> Any:
+              desc: str, answer: Callable[[Any], str] = pipeline.gold_answer) -> Any:
   """The base fine-tuned on the rows `rows()` gives (prompt -> gold answer, with its prompter;
   built only when nothing is cached), LoRA merged when `lora`, saved as an HF directory and reused
   when `directory` holds one. The loop's specialists and the Co-LLM job's assistant come from
-  here. Batches of min(batch_size, rows)."""
+  here. Batches of min(batch_size, rows); `answer(example)` is the target text."""
   cached = (directory / "config.json").exists()
   # Every process has looked before process 0 may start writing this directory below.
   multihost.sync(f"finetuned {directory.name}")
@@ -90,7 +90,7 @@ def finetuned(base: loading.Model, rows: Callable[[], tuple[Sequence[Any], pipel
   examples, prompter = rows()
   eos = decoding.stop_ids_for(base.config, base.tokenizer)[0]
   tokens, mask, loss_mask = pipeline.sft_rows(prompter, examples,
-                                              [pipeline.gold_answer(e) for e in examples], eos)
+                                              [answer(e) for e in examples], eos)
   params, _ = train_lib.finetune(base.params, tokens, mask, loss_mask, base.config, optim=optim,
                                  steps=steps, batch_size=min(batch_size, len(examples)),
                                  seed=seed, lora=lora, desc=desc)

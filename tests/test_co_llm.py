@@ -2,6 +2,7 @@
 synthetic task where deferral must be learned exactly, gate initialisation, calibration, baselines
 and a checkpoint round trip."""
 
+import dataclasses
 import itertools
 
 import jax
@@ -264,6 +265,13 @@ def test_co_llm_rows_never_mix():
   assert co_llm_run.split_rows(dev, [], c)["assistant"] == []
   with pytest.raises(ValueError, match="t/dev/5 is in both the assistant rows and the test"):
     co_llm_run.disjoint_rows({"assistant": dev[5:6], "test": dev[5:6]})
+  # Training text: the gold answer, or the worked solution where every training row has one.
+  assert co_llm_run.training_target("answer", split)(split["train"][0]) == "1"
+  with pytest.raises(ValueError, match="no worked solution.*use target='answer'"):
+    co_llm_run.training_target("solution", split)
+  worked = {k: [dataclasses.replace(e, solution=f"{e.question} so 1. #### 1") for e in v]
+            for k, v in split.items()}
+  assert co_llm_run.training_target("solution", worked)(worked["train"][0]) == "q11 so 1. #### 1"
 
 
 @pytest.fixture(scope="module")

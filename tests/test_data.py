@@ -333,6 +333,8 @@ def test_gsm8k_from_manual_jsonl(tmp_path):
   got = [(e.id, e.question, e.targets) for e in task.test]  # In the file's line order.
   assert got == [("gsm8k/test/0", "Tom has 3 apples and buys 4. How many?", ("7",)),
                  ("gsm8k/test/1", "A shirt costs $1,200 less $200?", ("1,000",))]
+  # The full worked answer survives storage (the Co-LLM reference trains on it).
+  assert [e.solution for e in task.dev] == ["3+4=<<3+4=7>>7\n#### 7", "So 1,000.\n#### 1,000"]
 
 
 def test_gsm8k_malformed_lines_are_counted_and_named_by_file_and_line(tmp_path):

@@ -54,7 +54,8 @@ class Bigbench(common.TaskBuilder):
   """BIG-bench JSON tasks: multiple-choice and generative, with seeded dev/test splits."""
 
   name = "bigbench"
-  VERSION = tfds.core.Version("1.0.0")
+  VERSION = tfds.core.Version("1.1.0")
+  RELEASE_NOTES = {"1.1.0": "A `solution` feature (a worked solution where the source has one)."}
   HOMEPAGE = "https://github.com/google/BIG-bench"
   BUILDER_CONFIGS = [
       BigbenchConfig(name="bbh", tasks=BBH, description="BIG-Bench Hard tasks present as JSON."),

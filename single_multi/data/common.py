@@ -42,6 +42,7 @@ FEATURES = tfds.features.FeaturesDict({
     "answer": np.int32,
     "targets": tfds.features.Sequence(tfds.features.Text()),
     "problem": tfds.features.Text(),
+    "solution": tfds.features.Text(),
 })
 
 
@@ -59,6 +60,7 @@ class Example:
   targets: tuple[str, ...] = ()
   problem: str = ""
   option_order: tuple[int, ...] = ()
+  solution: str = ""  # A worked solution where the source has one (GSM8K's full answer), else "".
 
   @property
   def is_mc(self) -> bool:
@@ -83,7 +85,8 @@ class Example:
                choices=tuple(_text(c) for c in record["choices"]),
                answer=int(record["answer"]), targets=tuple(_text(t) for t in record["targets"]),
                problem=_text(record["problem"]),
-               option_order=tuple(int(i) for i in record.get("option_order", ())))
+               option_order=tuple(int(i) for i in record.get("option_order", ())),
+               solution=_text(record.get("solution", "")))
 
 
 def validate(ex: Example) -> Example:

@@ -57,7 +57,8 @@ class Mmlu(common.TaskBuilder):
   """MMLU: 57-subject multiple-choice exam questions (4 options)."""
 
   name = "mmlu"
-  VERSION = tfds.core.Version("1.0.0")
+  VERSION = tfds.core.Version("1.1.0")
+  RELEASE_NOTES = {"1.1.0": "A `solution` feature (a worked solution where the source has one)."}
   HOMEPAGE = "https://github.com/hendrycks/test"
   BUILDER_CONFIGS = [
       MmluConfig(name="all", description="All subjects."),

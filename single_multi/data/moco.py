@@ -200,7 +200,8 @@ class Moco(common.TaskBuilder):
   """The MoCo toolkit's task files: published dev/test splits, every task type."""
 
   name = "moco"
-  VERSION = tfds.core.Version("1.0.0")
+  VERSION = tfds.core.Version("1.1.0")
+  RELEASE_NOTES = {"1.1.0": "A `solution` feature (a worked solution where the source has one)."}
   HOMEPAGE = "https://github.com/BunsenFeng/model_collaboration"
 
   def _split_generators(self, dl_manager: tfds.download.DownloadManager):
