@@ -9,6 +9,7 @@ unless that workdir already holds its results.json, then writes the table (per s
 
 import argparse
 import json
+import shutil
 import pathlib
 import subprocess
 import sys
@@ -29,21 +30,33 @@ def main():
     subprocess.run([sys.executable, "-m", "single_multi.main", f"--config={args.config}",
                     f"--workdir={args.workdir}"], cwd=ROOT, check=True)
   out = json.loads(results.read_text())
-  rows = [f"| {name} | {s['accuracy']:.3f} [{s['ci95'][0]:.3f}, {s['ci95'][1]:.3f}] | "
+  rows = [f"| {name} | {s['score']:.3f} [{s['ci95'][0]:.3f}, {s['ci95'][1]:.3f}] | "
           f"{s['deferral']:.1%} | {s['n']} |" for name, s in out["summary"].items()]
+  paired = "\n".join(f"| {k.replace('_vs_', ' minus ')} | {v['delta']:+.3f} "
+                     f"[{v['ci95'][0]:+.3f}, {v['ci95'][1]:+.3f}] |"
+                     for k, v in out["paired"].items())
+  png = pathlib.Path(args.output).parent / "co_llm_calibration.png"
+  shutil.copyfile(pathlib.Path(args.workdir) / "calibration.png", png)
   sweep = ", ".join(f"{r['rate']:.0%}: {r['score']:.3f}" for r in out["calibration"]["co_llm"])
   page = f"""## Co-LLM on the embedded models (made by `python scripts/co_llm_table.py`)
 
 `configs/co_llm_bigbench.py`: SmolLM2-135M-Instruct as the base, a SmolLM2 specialist fine-tuned
-on {out['task']} as the assistant; options shown in the loader's seeded order. Test rows, greedy
+on {out['task']} as the assistant; options shown in the loader's seeded order. Rows (disjoint,
+checked by id): {", ".join(f"{k} {v}" for k, v in out["rows"].items())}. Test rows, greedy
 decoding; deferral = share of generated tokens written by the assistant. 95% CIs: percentile
-bootstrap over the rows.
+bootstrap over the rows; differences: paired bootstrap over the same test rows.
 
 | system | score [95% CI] | deferral | n |
 |---|---|---:|---:|
 """ + "\n".join(rows) + f"""
 
+| difference | delta [paired 95% CI] |
+|---|---|
+""" + paired + """
+
 Validation sweep (deferral rate: score) that picked eta {out['eta']['co_llm']:.6g}: {sweep}.
+
+![score against deferral rate on the validation rows](co_llm_calibration.png)
 """
   write_section(pathlib.Path(args.output), "co_llm", page)
   print(page)

@@ -16,8 +16,9 @@
    reference's defaults; the embedded config states where it deviates).
 4. Calibration on the validation rows: deferral rates 0%..90%, best eta kept; the same rate is
    used for the random-deferral baseline.
-5. Test: base, assistant, random deferral, weak supervision, Co-LLM: accuracy with a bootstrap
-   95% CI and deferral frequency; results.json, table.txt, traces.jsonl/html, the checkpoint.
+5. Test: base, assistant, random deferral, weak supervision, Co-LLM: score with a bootstrap
+   95% CI and deferral frequency, and Co-LLM minus each of the others on the same rows (paired
+   bootstrap); results.json, table.txt, calibration.png, traces.jsonl/html, the checkpoint.
 Rows never mix (`disjoint_rows` checks the ids before anything trains): the dev split's last
 `val_fraction` is validation (calibration); of the rest, the first `assistant_examples` train the
 specialist assistant (none when an assistant is configured) and the next `train_examples` train
@@ -237,28 +238,52 @@ def run(config: config_dict.ConfigDict, workdir: str | pathlib.Path) -> dict[str
       "co_llm": lambda b: co_llm.decode(results["co_llm"]["pair"], b, results["co_llm"]["w"],
                                         eta=results["co_llm"]["eta"], env=env),
   }
-  summary, lines = {}, []
+  summary, lines, per_row = {}, [], {}
   for name, fn in systems.items():
     outs = [fn(b) for b, _ in test_batches]
     mean, scores = accuracy(outs, rows)
     lo, hi = evaluate.bootstrap_ci(scores, seed=config.seed)
     live = sum(int(np.asarray(o.lengths).sum()) for o in outs)
     deferral = sum(int(np.asarray(o.extras["deferred"]).sum()) for o in outs) / max(live, 1)
-    summary[name] = {"accuracy": mean, "ci95": [lo, hi], "deferral": deferral, "n": len(scores)}
+    summary[name] = {"score": mean, "ci95": [lo, hi], "deferral": deferral, "n": len(scores)}
+    per_row[name] = scores
     lines.append(f"{name:18s} {mean:6.3f} [{lo:.3f}, {hi:.3f}]  deferral {deferral:6.1%}")
     if name == "co_llm":
       traces = []
       for out, (_, r) in zip(outs, test_batches):
         traces += co_llm.deferral_traces(tok, out, [e.id for e in r])
       co_llm.write_traces(traces, workdir)
+  paired = {}
+  for other in ("base", "assistant", "random_deferral", "weak_supervision"):
+    d = np.asarray(per_row["co_llm"]) - np.asarray(per_row[other])
+    lo, hi = evaluate.paired_bootstrap_ci(per_row["co_llm"], per_row[other], seed=config.seed)
+    paired[f"co_llm_vs_{other}"] = {"delta": float(d.mean()), "ci95": [lo, hi]}
+    lines.append(f"co_llm - {other:16s} {d.mean():+6.3f} [{lo:+.3f}, {hi:+.3f}] (paired)")
   table = (f"{task.name} test ({len(test)} rows), eta {results['co_llm']['eta']:.6g} "
            f"(calibrated deferral {rate:.0%}):\n" + "\n".join(lines))
   print(table)
   (workdir / "table.txt").write_text(table + "\n")
   out = {"task": task.name, "rows": {k: len(v) for k, v in split.items()},
-         "same_question_text": same_text, "summary": summary, "init": init_stats,
+         "same_question_text": same_text, "summary": summary, "paired": paired,
+         "init": init_stats,
          "calibration": {k: v["calibration"] for k, v in results.items()},
          "eta": {k: v["eta"] for k, v in results.items()},
          "train_history": {"co_llm": trained.history, "weak_supervision": weak.history}}
   (workdir / "results.json").write_text(json.dumps(out, indent=1))
+  plot_calibration(out["calibration"], workdir / "calibration.png")
   return out
+
+
+def plot_calibration(calibration: dict[str, list[dict[str, float]]], path: pathlib.Path) -> None:
+  """Validation score against the measured deferral rate, one line per trained gate."""
+  from matplotlib.figure import Figure
+  fig = Figure(figsize=(5, 3.5))
+  ax = fig.subplots()
+  for name, table in calibration.items():
+    ax.plot([r["deferral"] for r in table], [r["score"] for r in table], "o-", label=name)
+  ax.set_xlabel("deferral rate (share of tokens from the assistant)")
+  ax.set_ylabel("validation score")
+  ax.set_ylim(-0.02, 1.02)
+  ax.legend()
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)

@@ -358,8 +358,12 @@ def test_co_llm_job_end_to_end_through_main_on_real_bigbench_rows(tmp_path):
   assert out["summary"]["base"]["deferral"] == 0 and out["summary"]["assistant"]["deferral"] == 1
   assert all(r["n"] == 8 for r in out["summary"].values())
   assert out["rows"] == {"assistant": 8, "train": 16, "validation": 8, "test": 8}
+  for other in ("base", "assistant", "random_deferral", "weak_supervision"):
+    d = out["paired"][f"co_llm_vs_{other}"]
+    want = out["summary"]["co_llm"]["score"] - out["summary"][other]["score"]
+    assert d["delta"] == pytest.approx(want) and d["ci95"][0] <= d["delta"] <= d["ci95"][1]
   assert len(out["calibration"]["co_llm"]) == 10
-  for name in ("table.txt", "results.json", "traces.jsonl", "traces.html"):
+  for name in ("table.txt", "results.json", "traces.jsonl", "traces.html", "calibration.png"):
     assert (tmp_path / name).exists()
   params, w, eta = co_llm.load(tmp_path / "checkpoint")
   assert eta == pytest.approx(out["eta"]["co_llm"]) and w.shape == (32,)
