@@ -278,6 +278,25 @@ def check_finite(losses: np.ndarray, first_step: int = 0) -> None:
         "rows.")
 
 
+def collapsed(first: np.ndarray, current: np.ndarray, vocab_size: int) -> np.ndarray:
+  """[N] members whose loss is at least 1 nat above its first value and at 0.9 ln(V) or more
+  (predictions near uniform over the vocabulary)."""
+  return (current >= first + 1.0) & (current >= 0.9 * np.log(vocab_size))
+
+
+def check_step(first: np.ndarray, loss: np.ndarray, step: int, vocab_size: int,
+               learning_rate: float) -> None:
+  """The per-step half of the guard (the weight-norm half runs at the end of a stage): stops at
+  the first step whose loss [N] has `collapsed` from the stage's first loss."""
+  bad = np.flatnonzero(collapsed(first, loss, vocab_size))
+  if bad.size:
+    raise Diverged(
+        f"distillation diverged at step {step}: loss of model(s) {bad.tolist()} rose from "
+        f"{first[bad].round(4).tolist()} to {loss[bad].round(4).tolist()} (ln(vocabulary) = "
+        f"{np.log(vocab_size):.4f}); stopping before anything is saved, so the last good "
+        f"checkpoint stays the latest. Lower distill.learning_rate (now {learning_rate:g}).")
+
+
 def param_norms(params_n) -> np.ndarray:
   """[N] each pool member's global parameter norm."""
   squares = [jnp.sum(jnp.square(x.astype(jnp.float32)).reshape(x.shape[0], -1), axis=1)
@@ -294,8 +313,7 @@ def check_converging(losses: np.ndarray, norms_before: np.ndarray, norms_after: 
   losses = np.asarray(losses, np.float64).reshape(len(losses), -1)
   ratio = np.asarray(norms_after) / np.maximum(np.asarray(norms_before), 1e-30)
   uniform = np.log(vocab_size)
-  collapsed = (losses[-1] >= losses[0] + 1.0) & (losses[-1] >= 0.9 * uniform)
-  bad = np.flatnonzero((ratio > growth) | collapsed)
+  bad = np.flatnonzero((ratio > growth) | collapsed(losses[0], losses[-1], vocab_size))
   if bad.size:
     detail = "; ".join(f"model {i}: weight norm {norms_before[i]:.3g} -> {norms_after[i]:.3g}, "
                        f"loss {losses[0, i]:.4f} -> {losses[-1, i]:.4f}" for i in bad)
@@ -350,6 +368,8 @@ def distill(params_n, data: dict[str, np.ndarray], config: ModelConfig, cfg: Dis
       state = DistillState(trainable, opt_state, step + 1)
       loss = np.asarray(metrics["loss"])
       check_finite(loss[None], first_step=step)
+      first = loss if not history else np.asarray(history[0]["loss"])
+      check_step(first, loss, step, config.vocab_size, cfg.optim.learning_rate)
       history.append({"step": step, "loss": loss.tolist()})
       bar.set_postfix(loss=f"{loss.mean():.3f}")
       if on_step is not None:

@@ -129,3 +129,28 @@ def test_distillation_lowers_the_loss_on_the_outputs_and_resumes():
   resumed, state2, _ = distill.distill(params_n, data, CONFIG, cfg, progress=False, state=mid)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), state.trainable,
                state2.trainable)
+
+
+def test_a_loss_collapsing_to_uniform_stops_at_its_step():
+  """Trained to a low loss, then a step size that wrecks the weights: the guard stops at the
+  first step whose loss rose 1 nat above the stage's first and reached 0.9 ln(V), before the
+  stage ends (nothing after it runs), naming the step and the learning rate."""
+  params_n = pool_lib.stack([transformer.init_params(CONFIG, jax.random.key(s)) for s in (0, 1)])
+  data = _data(8)
+  good = distill.DistillConfig(lora=None, batch_size=4, epochs=10.0,
+                               optim=train_lib.OptimConfig(learning_rate=1e-2))
+  trained, _, history = distill.distill(params_n, data, CONFIG, good, progress=False)
+  assert max(history[-1]["loss"]) < 0.9 * np.log(CONFIG.vocab_size) - 1.0
+  wild = distill.DistillConfig(lora=None, batch_size=4, epochs=10.0,
+                               optim=train_lib.OptimConfig(learning_rate=30.0, clip_norm=0.0,
+                                                           warmup_fraction=0.0))
+  steps = []
+  with pytest.raises(distill.Diverged, match=r"diverged at step \d+: .*learning_rate \(now 30\)"):
+    distill.distill(trained, data, CONFIG, wild, progress=False,
+                    on_step=lambda s: steps.append(s.step))
+  assert 0 < len(steps) < distill.num_steps(8, wild), steps
+  # The rule by hand: 1 nat above the first loss and at 0.9 ln(V) or more (V = 260: 5.005).
+  first = np.asarray([1.0, 4.5])
+  distill.check_step(first, np.asarray([1.9, 5.4]), 3, 260, 1e-4)
+  with pytest.raises(distill.Diverged, match=r"step 3: loss of model\(s\) \[1\]"):
+    distill.check_step(first, np.asarray([1.9, 5.6]), 3, 260, 1e-4)
