@@ -49,6 +49,8 @@ def main():
   parser.add_argument("--strategies", default="")
   parser.add_argument("--workdir", default="/tmp/single_multi_strategies")
   parser.add_argument("--output", default=str(ROOT / "docs" / "results.md"))
+  parser.add_argument("--note", default="", help="a sentence appended to the page (e.g. how the "
+                      "machine was shared while the table was made)")
   parser.add_argument("--page_only", action="store_true",
                       help="write the page from <workdir>/strategy_table.json, run nothing")
   args = parser.parse_args()
@@ -167,6 +169,8 @@ def main():
               "bias (the most given letter column), not the task."]
   lines += ["", "Not in the table: " + "; ".join(f"`{k}` ({v})" for k, v in SKIP.items())
             + "".join(f"; `{n}` (not run yet)" for n in not_run) + "."]
+  if args.note:
+    lines += ["", args.note]
   page = "\n".join(lines)
   sys.path.insert(0, str(ROOT / "scripts"))
   from doc_sections import write_section
