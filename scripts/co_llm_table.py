@@ -48,11 +48,11 @@ bootstrap over the rows; differences: paired bootstrap over the same test rows.
 
 | system | score [95% CI] | deferral | n |
 |---|---|---:|---:|
-""" + "\n".join(rows) + f"""
+""" + "\n".join(rows) + """
 
 | difference | delta [paired 95% CI] |
 |---|---|
-""" + paired + """
+""" + paired + f"""
 
 Validation sweep (deferral rate: score) that picked eta {out['eta']['co_llm']:.6g}: {sweep}.
 
