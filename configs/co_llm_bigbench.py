@@ -21,7 +21,10 @@ def get_config() -> config_dict.ConfigDict:
   c.assistant = ""  # A model source; "": fine-tune the base into a specialist (cached).
   c.assistant_steps = 60
   c.assistant_learning_rate = 1e-4
-  c.task = "bigbench:arithmetic/2_digit_multiplication"
+  # Two families; the assistant specialises in one (its rows come only from it), the gate and
+  # the base train on both: where the assistant's skill is needed it should defer, elsewhere not.
+  c.task = "bigbench:arithmetic/2_digit_multiplication,arithmetic/2_digit_addition"
+  c.assistant_subjects = ("arithmetic/2_digit_multiplication",)
   c.instruction = "Answer with the number only."
   c.target = "answer"  # Training text: "answer" (gold) or "solution" (worked, where the task has one).
   c.dtype = "float32"
@@ -29,8 +32,8 @@ def get_config() -> config_dict.ConfigDict:
   c.assistant_examples = 96  # Dev rows the specialist assistant is fine-tuned on.
   c.train_examples = 256  # The next dev rows: the gate's (and base's) training rows.
   c.val_fraction = 0.3
-  c.val_examples = 48
-  c.test_examples = 96
+  c.val_examples = 64
+  c.test_examples = 240  # Balanced: 120 per family.
   c.batch_size = 16
   c.max_new_tokens = 8
   c.train = config_dict.ConfigDict()

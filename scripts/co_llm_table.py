@@ -22,6 +22,8 @@ def main():
   parser.add_argument("--workdir", default="/tmp/co_llm_demo")
   parser.add_argument("--config", default=str(ROOT / "configs" / "co_llm_bigbench.py"))
   parser.add_argument("--output", default=str(ROOT / "docs" / "results.md"))
+  parser.add_argument("--note", default="", help="a paragraph added under the description "
+                      "(how the setting was chosen, what the run shared the machine with)")
   args = parser.parse_args()
   from doc_sections import write_section
 
@@ -38,14 +40,21 @@ def main():
   png = pathlib.Path(args.output).parent / "co_llm_calibration.png"
   shutil.copyfile(pathlib.Path(args.workdir) / "calibration.png", png)
   sweep = ", ".join(f"{r['rate']:.0%}: {r['score']:.3f}" for r in out["calibration"]["co_llm"])
+  cfg = f"\n{args.note}\n" if args.note else ""
+  families = ", ".join(f"{k} {v}" for k, v in out["composition"]["test"].items())
+  asst_rows = ", ".join(f"{k} {v}" for k, v in out["composition"]["assistant"].items())
+  validation = ", ".join(f"{k} {v:.3f}" for k, v in out["validation"].items())
   page = f"""## Co-LLM on the embedded models (made by `python scripts/co_llm_table.py`)
 
-`configs/co_llm_bigbench.py`: SmolLM2-135M-Instruct as the base, a SmolLM2 specialist fine-tuned
-on {out['task']} as the assistant; options shown in the loader's seeded order. Rows (disjoint,
-checked by id): {", ".join(f"{k} {v}" for k, v in out["rows"].items())}. Test rows, greedy
-decoding; deferral = share of generated tokens written by the assistant. 95% CIs: percentile
+`configs/co_llm_bigbench.py` on {out['task']}: SmolLM2-135M-Instruct as the base, a SmolLM2
+specialist fine-tuned on dev rows of one family ({asst_rows}) as the assistant; Co-LLM trains the
+base and the gate on both families. Rows (disjoint, checked by id): {", ".join(f"{k} {v}" for k, v in out["rows"].items())};
+test rows per family: {families}. Options shown in the loader's seeded order; greedy decoding;
+deferral = share of generated tokens written by the assistant. `base`: the original base;
+`trained_base`: the base as Co-LLM trained it, never deferring; `random_deferral`: base and
+assistant with each token deferred at random at Co-LLM's calibrated rate. 95% CIs: percentile
 bootstrap over the rows; differences: paired bootstrap over the same test rows.
-
+{cfg}
 | system | score [95% CI] | deferral | n |
 |---|---|---:|---:|
 """ + "\n".join(rows) + """
@@ -55,6 +64,7 @@ bootstrap over the rows; differences: paired bootstrap over the same test rows.
 """ + paired + f"""
 
 Validation sweep (deferral rate: score) that picked eta {out['eta']['co_llm']:.6g}: {sweep}.
+Every system on the validation rows (the only scores the setting was chosen on): {validation}.
 
 ![score against deferral rate on the validation rows](co_llm_calibration.png)
 """

@@ -16,14 +16,17 @@
    reference's defaults; the embedded config states where it deviates).
 4. Calibration on the validation rows: deferral rates 0%..90%, best eta kept; the same rate is
    used for the random-deferral baseline.
-5. Test: base, assistant, random deferral, weak supervision, Co-LLM: score with a bootstrap
+5. Test: base, assistant, random deferral, the trained base alone (Co-LLM's base, never
+   deferring), weak supervision, Co-LLM: score with a bootstrap
    95% CI and deferral frequency, and Co-LLM minus each of the others on the same rows (paired
    bootstrap); results.json, table.txt, calibration.png, traces.jsonl/html, the checkpoint.
-Rows never mix (`disjoint_rows` checks the ids before anything trains): the dev split's last
-`val_fraction` is validation (calibration); of the rest, the first `assistant_examples` train the
-specialist assistant (none when an assistant is configured) and the next `train_examples` train
-the gate and the base; the test split is evaluation. Questions whose text repeats across those
-sets (different rows, same wording) are counted in results.json.
+Rows never mix (`disjoint_rows` checks the ids before anything trains): per task family, the
+last `val_fraction` of its dev rows is validation (calibration); of the rest, `assistant_examples`
+rows (of the `assistant_subjects` families, all when empty) train the specialist assistant (none
+when an assistant is configured) and `train_examples` others train the gate and the base; the test
+split is evaluation. Every draw is balanced over the families and seeded (`split_rows`).
+Questions whose text repeats across those sets (different rows, same wording) are counted in
+results.json.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ import dataclasses
 import hashlib
 import json
 import pathlib
+import time
 from typing import Any, Sequence
 
 import jax
@@ -43,7 +47,7 @@ from ml_collections import config_dict
 from single_multi import co_llm, collab, decoding, evaluate, pool as pool_lib, pools
 from single_multi import train as train_lib
 from single_multi.collab import core
-from single_multi.data import pipeline, tasks
+from single_multi.data import common, pipeline, tasks
 from single_multi.models import lora as lora_lib, loading
 
 
@@ -110,16 +114,40 @@ def disjoint_rows(named: dict[str, Sequence[Any]]) -> dict[str, int]:
 
 
 def split_rows(dev: Sequence[Any], test: Sequence[Any], config) -> dict[str, list[Any]]:
-  """{assistant, train, validation, test} rows as the module docstring says (problem rows out)."""
-  dev = [e for e in dev if not e.problem]
-  n_val = max(1, int(round(len(dev) * config.val_fraction)))
-  rest, val = dev[:len(dev) - n_val], dev[len(dev) - n_val:][:config.val_examples]
+  """{assistant, train, validation, test} rows as the module docstring says (problem rows out).
+
+  Per task family (subject), the last `val_fraction` of its dev rows are validation; the rest are
+  training rows, of which the assistant takes `assistant_examples` from the families named in
+  `assistant_subjects` (all when empty) and the gate the next `train_examples`. Every draw is
+  `common.balanced`: even over the families, in a seeded order fixed by the row ids."""
+  by: dict[str, list[Any]] = {}
+  for e in dev:
+    if not e.problem:
+      by.setdefault(e.subject, []).append(e)
+  rest, val = [], []
+  for rows in by.values():
+    n_val = max(1, int(round(len(rows) * config.val_fraction)))
+    rest += rows[:len(rows) - n_val]
+    val += rows[len(rows) - n_val:]
+  wanted = tuple(config.get("assistant_subjects") or ())
+  unknown = sorted(set(wanted) - set(by))
+  if unknown:
+    raise ValueError(f"assistant_subjects {unknown} are not task families of this task "
+                     f"(families: {sorted(by)})")
   n_asst = 0 if config.assistant else config.assistant_examples
-  if not config.assistant and len(rest) < n_asst + 1:
-    raise ValueError(f"{len(rest)} dev rows outside validation: too few for "
-                     f"assistant_examples={n_asst} and any gate-training rows")
-  return {"assistant": rest[:n_asst], "train": rest[n_asst:][:config.train_examples],
-          "validation": val, "test": [e for e in test if not e.problem][:config.test_examples]}
+  pool = [e for e in rest if not wanted or e.subject in wanted]
+  asst = common.balanced(pool, n_asst, config.seed) if n_asst else []
+  if len(asst) < n_asst:
+    raise ValueError(f"{len(asst)} dev rows outside validation for the assistant: too few for "
+                     f"assistant_examples={n_asst}")
+  taken = {e.id for e in asst}
+  gate = common.balanced([e for e in rest if e.id not in taken], config.train_examples,
+                         config.seed)
+  if not gate:
+    raise ValueError(f"no dev rows left for gate training after assistant_examples={n_asst}")
+  return {"assistant": asst, "train": gate,
+          "validation": common.balanced(val, config.val_examples, config.seed),
+          "test": common.balanced(test, config.test_examples, config.seed)}
 
 
 def training_target(kind: str, split: dict[str, list[Any]]):
@@ -149,6 +177,7 @@ def train_config(config, lora) -> co_llm.CoLlmTrainConfig:
 
 
 def run(config: config_dict.ConfigDict, workdir: str | pathlib.Path) -> dict[str, Any]:
+  start = time.perf_counter()
   validate(config)
   workdir = pathlib.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
@@ -231,6 +260,9 @@ def run(config: config_dict.ConfigDict, workdir: str | pathlib.Path) -> dict[str
       "assistant": lambda b: co_llm.decode(pair0, b, jnp.zeros_like(w0), eta=0.0, env=env),
       "random_deferral": lambda b: co_llm.decode_random(pair0, b, jax.random.key(config.seed),
                                                         rate=rate, env=env),
+      # The base as Co-LLM trained it, never deferring: what deferral adds beyond the training.
+      "trained_base": lambda b: co_llm.decode(results["co_llm"]["pair"], b,
+                                              results["co_llm"]["w"], eta=1.0, env=env),
       "weak_supervision": lambda b: co_llm.decode(results["weak_supervision"]["pair"], b,
                                                   results["weak_supervision"]["w"],
                                                   eta=results["weak_supervision"]["eta"],
@@ -238,6 +270,10 @@ def run(config: config_dict.ConfigDict, workdir: str | pathlib.Path) -> dict[str
       "co_llm": lambda b: co_llm.decode(results["co_llm"]["pair"], b, results["co_llm"]["w"],
                                         eta=results["co_llm"]["eta"], env=env),
   }
+  # Every system on the validation rows too: what a choice of setting may look at (test is not).
+  validation = {name: accuracy([fn(b) for b, _ in val], [r for _, r in val])[0]
+                for name, fn in systems.items()}
+  logging.info("validation scores: %s", validation)
   summary, lines, per_row = {}, [], {}
   for name, fn in systems.items():
     outs = [fn(b) for b, _ in test_batches]
@@ -245,7 +281,11 @@ def run(config: config_dict.ConfigDict, workdir: str | pathlib.Path) -> dict[str
     lo, hi = evaluate.bootstrap_ci(scores, seed=config.seed)
     live = sum(int(np.asarray(o.lengths).sum()) for o in outs)
     deferral = sum(int(np.asarray(o.extras["deferred"]).sum()) for o in outs) / max(live, 1)
-    summary[name] = {"score": mean, "ci95": [lo, hi], "deferral": deferral, "n": len(scores)}
+    families: dict[str, list[float]] = {}
+    for e, sc in zip((e for r in rows for e in r), scores):
+      families.setdefault(e.subject, []).append(sc)
+    summary[name] = {"score": mean, "ci95": [lo, hi], "deferral": deferral, "n": len(scores),
+                     "per_task": {k: float(np.mean(v)) for k, v in families.items()}}
     per_row[name] = scores
     lines.append(f"{name:18s} {mean:6.3f} [{lo:.3f}, {hi:.3f}]  deferral {deferral:6.1%}")
     if name == "co_llm":
@@ -254,18 +294,21 @@ def run(config: config_dict.ConfigDict, workdir: str | pathlib.Path) -> dict[str
         traces += co_llm.deferral_traces(tok, out, [e.id for e in r])
       co_llm.write_traces(traces, workdir)
   paired = {}
-  for other in ("base", "assistant", "random_deferral", "weak_supervision"):
+  for other in ("base", "assistant", "trained_base", "random_deferral", "weak_supervision"):
     d = np.asarray(per_row["co_llm"]) - np.asarray(per_row[other])
     lo, hi = evaluate.paired_bootstrap_ci(per_row["co_llm"], per_row[other], seed=config.seed)
     paired[f"co_llm_vs_{other}"] = {"delta": float(d.mean()), "ci95": [lo, hi]}
     lines.append(f"co_llm - {other:16s} {d.mean():+6.3f} [{lo:+.3f}, {hi:+.3f}] (paired)")
   table = (f"{task.name} test ({len(test)} rows), eta {results['co_llm']['eta']:.6g} "
            f"(calibrated deferral {rate:.0%}):\n" + "\n".join(lines))
+  table += "\nvalidation rows: " + ", ".join(f"{k} {v:.3f}" for k, v in validation.items())
   print(table)
   (workdir / "table.txt").write_text(table + "\n")
   out = {"task": task.name, "rows": {k: len(v) for k, v in split.items()},
-         "same_question_text": same_text, "summary": summary, "paired": paired,
-         "init": init_stats,
+         "composition": {k: common.composition(v) for k, v in split.items()},
+         "same_question_text": same_text, "validation": validation, "summary": summary,
+         "paired": paired,
+         "init": init_stats, "seconds": time.perf_counter() - start,
          "calibration": {k: v["calibration"] for k, v in results.items()},
          "eta": {k: v["eta"] for k, v in results.items()},
          "train_history": {"co_llm": trained.history, "weak_supervision": weak.history}}

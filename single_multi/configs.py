@@ -118,8 +118,11 @@ FIELDS: dict[str, str] = {
               "`solution` (the task's worked solution, e.g. GSM8K's, as the reference trains).",
     "assistant_examples": "Dev rows the specialist assistant is fine-tuned on (when no "
                           "assistant is given); never used for the gate.",
-    "train_examples": "The next dev rows: gate (and base) training (the last val_fraction of "
-                      "dev is validation).",
+    "assistant_subjects": "Task families the specialist assistant's rows come from (empty: "
+                          "all); a mixture task with one family here makes a one-skill "
+                          "specialist.",
+    "train_examples": "Dev rows for gate (and base) training, balanced over the families "
+                      "(each family's last val_fraction is validation).",
     "val_fraction": "Share of dev kept for validation (calibrating eta).",
     "val_examples": "Validation rows used for calibration.",
     "train.base": "`full`, `lora` or `gate` (base frozen): what trains with the gate.",

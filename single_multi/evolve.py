@@ -436,10 +436,13 @@ def _round_program(params_n, dev, test, order, keys, state, students=None, *, st
                                                 out.lengths)
     data, tail = {"tokens": tokens, "mask": mask, "loss_mask": loss_mask,
                   "teacher": out.rows}, None
-  else:
+  elif dcfg.method in ("supervised_kd", "multi_student_kd"):
     tokens, mask, loss_mask = rows_with_eos(dev.prompt, dev.prompt_mask, out.tokens,
                                             out.lengths, env.stop_ids, eos)
     data, tail = {"tokens": tokens, "mask": mask, "loss_mask": loss_mask}, env.max_new_tokens + 1
+  else:  # A method added to distill.METHODS must say here how its rows are built.
+    raise NotImplementedError(f"the fused round builds no rows for distill.method="
+                              f"{dcfg.method!r}; run it with fused_round=False")
   if students is not None:  # multi_student_kd.
     s_tokens, s_lengths, best, own = students
     chosen = (jnp.where(own[None, :, None], s_tokens, s_tokens[best][None]),

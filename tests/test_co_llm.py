@@ -250,7 +250,7 @@ def test_co_llm_rows_never_mix():
   from single_multi.data import common
   rows = lambda split, n, q=lambda i: f"q{i}": [
       common.Example(f"t/{split}/{i}", "t", q(i), targets=("1",)) for i in range(n)]
-  c = config_dict.ConfigDict(dict(val_fraction=0.25, val_examples=100, assistant="",
+  c = config_dict.ConfigDict(dict(val_fraction=0.25, val_examples=100, assistant="", seed=0,
                                   assistant_examples=10, train_examples=100, test_examples=100))
   dev = rows("dev", 40)
   dev[3] = common.Example("t/dev/3", "t", "bad", problem="line 4: blank line")
@@ -271,7 +271,36 @@ def test_co_llm_rows_never_mix():
     co_llm_run.training_target("solution", split)
   worked = {k: [dataclasses.replace(e, solution=f"{e.question} so 1. #### 1") for e in v]
             for k, v in split.items()}
-  assert co_llm_run.training_target("solution", worked)(worked["train"][0]) == "q11 so 1. #### 1"
+  first = worked["train"][0]
+  assert co_llm_run.training_target("solution", worked)(first) == f"{first.question} so 1. #### 1"
+
+
+def test_co_llm_rows_of_a_mixture_are_balanced_and_the_assistant_keeps_to_its_families():
+  from ml_collections import config_dict
+  from single_multi import co_llm_run
+  from single_multi.data import common
+  rows = lambda split, subject, n: [common.Example(f"{subject}/{split}/{i}", subject,
+                                                   f"{subject} q{split}{i}", targets=("1",))
+                                    for i in range(n)]
+  dev = rows("dev", "mul", 40) + rows("dev", "add", 20)  # Grouped by family, as builders store.
+  c = config_dict.ConfigDict(dict(val_fraction=0.25, val_examples=8, assistant="", seed=0,
+                                  assistant_examples=12, assistant_subjects=("mul",),
+                                  train_examples=16, test_examples=10))
+  split = co_llm_run.split_rows(dev, rows("test", "mul", 30) + rows("test", "add", 30), c)
+  per = {k: common.composition(v) for k, v in split.items()}
+  assert per == {"assistant": {"mul": 12}, "train": {"add": 8, "mul": 8},
+                 "validation": {"add": 4, "mul": 4}, "test": {"add": 5, "mul": 5}}
+  # Validation is each family's last quarter (mul rows 30..39, add rows 15..19), never trained on.
+  assert {e.id for e in split["validation"]} <= (
+      {f"mul/dev/{i}" for i in range(30, 40)} | {f"add/dev/{i}" for i in range(15, 20)})
+  co_llm_run.disjoint_rows(split)  # Raises on a shared id.
+  # The same seed draws the same rows; another seed others.
+  assert co_llm_run.split_rows(dev, [], c)["train"] == split["train"]
+  c.seed = 1
+  assert co_llm_run.split_rows(dev, [], c)["train"] != split["train"]
+  c.assistant_subjects = ("div",)
+  with pytest.raises(ValueError, match=r"\['div'\] are not task families.*'add', 'mul'"):
+    co_llm_run.split_rows(dev, [], c)
 
 
 @pytest.fixture(scope="module")
@@ -354,11 +383,12 @@ def test_co_llm_job_end_to_end_through_main_on_real_bigbench_rows(tmp_path):
   c.max_new_tokens = 4
   out = main.run(c, str(tmp_path))
   assert set(out["summary"]) == {"base", "assistant", "random_deferral", "weak_supervision",
-                                 "co_llm"}
+                                 "trained_base", "co_llm"}
   assert out["summary"]["base"]["deferral"] == 0 and out["summary"]["assistant"]["deferral"] == 1
+  assert out["summary"]["trained_base"]["deferral"] == 0
   assert all(r["n"] == 8 for r in out["summary"].values())
   assert out["rows"] == {"assistant": 8, "train": 16, "validation": 8, "test": 8}
-  for other in ("base", "assistant", "random_deferral", "weak_supervision"):
+  for other in ("base", "assistant", "trained_base", "random_deferral", "weak_supervision"):
     d = out["paired"][f"co_llm_vs_{other}"]
     want = out["summary"]["co_llm"]["score"] - out["summary"][other]["score"]
     assert d["delta"] == pytest.approx(want) and d["ci95"][0] <= d["delta"] <= d["ci95"][1]
