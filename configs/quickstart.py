@@ -57,6 +57,7 @@ def get_config() -> config_dict.ConfigDict:
   c.distill.accumulation = 1
   c.distill.epochs = 1.0
   c.distill.correctness_filter = False
+  c.distill.max_norm_growth = 10.0  # Divergence guard: a weight norm x this since a stage's start.
   c.mesh = config_dict.ConfigDict({"data": -1})
   c.keep_checkpoints = 2
   # Fields allowed to differ from the workdir's recorded config when a run resumes, e.g.

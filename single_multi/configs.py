@@ -85,6 +85,10 @@ FIELDS: dict[str, str] = {
     "distill.accumulation": "Micro-batches per optimizer step (a `lax.scan`).",
     "distill.epochs": "Passes over the round's training rows.",
     "distill.correctness_filter": "Keep only dev outputs scored correct (off in the reference).",
+    "distill.max_norm_growth": "Divergence guard: a member whose weight norm exceeds this factor "
+                               "of its norm after a stage's first step stops the run, checked "
+                               "every step (the fused round: at its end), the last good "
+                               "checkpoint kept.",
     "mesh": "Mesh axis sizes ({axis: size} over model/data/fsdp/tensor, one may be -1) the loop "
             "runs on with more than one device, params and optimizer states placed by "
             "sharding.RULES (one process: the whole loop; several: distillation); `--dry_run` "

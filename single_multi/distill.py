@@ -48,10 +48,15 @@ class DistillConfig:
   epochs: float = 1.0
   correctness_filter: bool = False
   seed: int = 0
+  # Divergence guard: a member whose weight norm grows beyond this factor of its norm after the
+  # first step of a stage (checked every step) stops the run (`check_step`).
+  max_norm_growth: float = 10.0
 
   def __post_init__(self):
     if self.method not in METHODS:
       raise ValueError(f"unknown distillation method {self.method!r}; choose one of {METHODS}")
+    if not self.max_norm_growth > 1.0:
+      raise ValueError(f"max_norm_growth={self.max_norm_growth!r}: give a factor > 1")
 
 
 # -------------------------------------------------------------------------------------------------
@@ -133,8 +138,10 @@ def make_pool_step(loss_fn, optimizer: optax.GradientTransformation, accumulatio
     loss, aux, grads = train_lib.accumulated_grads(loss_fn, trainable, frozen, batch, key,
                                                    accumulation)
     updates, opt_state = optimizer.update(grads, opt_state, trainable)
-    return (optax.apply_updates(trainable, updates), opt_state,
-            {"loss": loss, "grad_norm": optax.global_norm(grads), **aux})
+    trainable = optax.apply_updates(trainable, updates)
+    # The model's weight norm (with LoRA: base and adapters together), for the divergence guard.
+    return trainable, opt_state, {"loss": loss, "grad_norm": optax.global_norm(grads),
+                                  "param_norm": optax.global_norm((trainable, frozen)), **aux}
 
   def step(trainable_n, opt_state_n, frozen_n, batch, rng):
     if not jax.dtypes.issubdtype(rng.dtype, jax.dtypes.prng_key):
@@ -285,16 +292,25 @@ def collapsed(first: np.ndarray, current: np.ndarray, vocab_size: int) -> np.nda
 
 
 def check_step(first: np.ndarray, loss: np.ndarray, step: int, vocab_size: int,
-               learning_rate: float) -> None:
-  """The per-step half of the guard (the weight-norm half runs at the end of a stage): stops at
-  the first step whose loss [N] has `collapsed` from the stage's first loss."""
+               learning_rate: float, first_norm: np.ndarray | None = None,
+               norm: np.ndarray | None = None, growth: float = 10.0) -> None:
+  """The per-step guard: stops at the first step whose loss [N] has `collapsed` from the stage's
+  first loss, or whose weight norm [N] is more than `growth` times the first step's."""
+  tail = ("; stopping before anything is saved, so the last good checkpoint stays the latest. "
+          f"Lower distill.learning_rate (now {learning_rate:g}).")
   bad = np.flatnonzero(collapsed(first, loss, vocab_size))
   if bad.size:
     raise Diverged(
         f"distillation diverged at step {step}: loss of model(s) {bad.tolist()} rose from "
         f"{first[bad].round(4).tolist()} to {loss[bad].round(4).tolist()} (ln(vocabulary) = "
-        f"{np.log(vocab_size):.4f}); stopping before anything is saved, so the last good "
-        f"checkpoint stays the latest. Lower distill.learning_rate (now {learning_rate:g}).")
+        f"{np.log(vocab_size):.4f})" + tail)
+  if norm is not None:
+    bad = np.flatnonzero(np.asarray(norm) > growth * np.asarray(first_norm))
+    if bad.size:
+      raise Diverged(
+          f"distillation diverged at step {step}: weight norm of model(s) {bad.tolist()} grew "
+          f"from {np.asarray(first_norm)[bad].tolist()} to {np.asarray(norm)[bad].tolist()}, "
+          f"more than distill.max_norm_growth={growth:g} times" + tail)
 
 
 def param_norms(params_n) -> np.ndarray:
@@ -368,9 +384,12 @@ def distill(params_n, data: dict[str, np.ndarray], config: ModelConfig, cfg: Dis
       state = DistillState(trainable, opt_state, step + 1)
       loss = np.asarray(metrics["loss"])
       check_finite(loss[None], first_step=step)
+      norm = np.asarray(metrics["param_norm"], np.float64)
       first = loss if not history else np.asarray(history[0]["loss"])
-      check_step(first, loss, step, config.vocab_size, cfg.optim.learning_rate)
-      history.append({"step": step, "loss": loss.tolist()})
+      first_norm = norm if not history else np.asarray(history[0]["param_norm"])
+      check_step(first, loss, step, config.vocab_size, cfg.optim.learning_rate, first_norm, norm,
+                 cfg.max_norm_growth)
+      history.append({"step": step, "loss": loss.tolist(), "param_norm": norm.tolist()})
       bar.set_postfix(loss=f"{loss.mean():.3f}")
       if on_step is not None:
         on_step(state)

@@ -98,7 +98,7 @@ def distill_config(config: config_dict.ConfigDict) -> distill.DistillConfig:
                                 clip_norm=d.clip_norm, weight_decay=d.weight_decay)
   return distill.DistillConfig(method=d.method, lora=lora, optim=optim, batch_size=d.batch_size,
                                epochs=d.epochs, correctness_filter=d.correctness_filter,
-                               seed=config.seed)
+                               seed=config.seed, max_norm_growth=d.max_norm_growth)
 
 
 def sampler_of(config) -> Any:
@@ -166,6 +166,7 @@ RANGES: dict[str, tuple[Any, str]] = {
     "distill.warmup_fraction": (lambda v: 0 <= v < 1, "a number in [0, 1)"),
     "distill.clip_norm": (lambda v: _finite(v) and v >= 0, "a finite number >= 0 (0: no clip)"),
     "distill.weight_decay": (lambda v: _finite(v) and v >= 0, "a finite number >= 0"),
+    "distill.max_norm_growth": (lambda v: _finite(v) and v > 1, "a finite factor > 1"),
     "compile_prompt_length": (lambda v: v >= 1, "an integer >= 1"),
 }
 
@@ -532,7 +533,7 @@ def fused_round(loop: Loop, pool, out_dir):
   distill.check_finite(losses)
   distill.check_converging(losses, distill.param_norms(pool.params),
                            distill.param_norms(res["params"]), pool.config.vocab_size,
-                           dcfg.optim.learning_rate)
+                           dcfg.optim.learning_rate, dcfg.max_norm_growth)
   pool = dataclasses.replace(pool, params=res["params"])
   scored(dev_data, loop.dev, (config.strategy,), res["dev"], "dev",
          out_dir / "collaboration_dev")
@@ -669,7 +670,7 @@ def _run(config, workdir, pool, lock, *, progress: bool, stop_after: int | None)
                                              mesh=mesh)
           distill.check_converging(np.asarray([h["loss"] for h in dhist]), before,
                                    distill.param_norms(params), pool.config.vocab_size,
-                                   dcfg.optim.learning_rate)
+                                   dcfg.optim.learning_rate, dcfg.max_norm_growth)
           pool = dataclasses.replace(pool, params=params)
           distill_stats[str(r)] = distill.loss_stats([h["loss"] for h in dhist], dcfg)
           arrays = {}

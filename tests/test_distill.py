@@ -154,3 +154,29 @@ def test_a_loss_collapsing_to_uniform_stops_at_its_step():
   distill.check_step(first, np.asarray([1.9, 5.4]), 3, 260, 1e-4)
   with pytest.raises(distill.Diverged, match=r"step 3: loss of model\(s\) \[1\]"):
     distill.check_step(first, np.asarray([1.9, 5.6]), 3, 260, 1e-4)
+  # The weight-norm half: more than max_norm_growth times the first step's norm (10 here).
+  norm0 = np.asarray([2.0, 3.0])
+  distill.check_step(first, first, 4, 260, 1e-4, norm0, np.asarray([20.0, 29.9]), 10.0)
+  with pytest.raises(distill.Diverged, match=r"step 4: weight norm of model\(s\) \[1\] grew from "
+                     r"\[3.0\] to \[30.5\], more than distill.max_norm_growth=10 times"):
+    distill.check_step(first, first, 4, 260, 1e-4, norm0, np.asarray([20.0, 30.5]), 10.0)
+  with pytest.raises(ValueError, match="max_norm_growth=1.0: give a factor > 1"):
+    distill.DistillConfig(max_norm_growth=1.0)
+
+
+def test_the_step_reports_each_models_weight_norm():
+  """The step's `param_norm` metric is each member's global norm after its update (with LoRA:
+  base and adapters together), against a norm taken by hand from the returned params."""
+  params_n = pool_lib.stack([transformer.init_params(CONFIG, jax.random.key(s)) for s in (0, 1)])
+  cfg = distill.DistillConfig(lora=None, batch_size=4, epochs=1.0,
+                              optim=train_lib.OptimConfig(learning_rate=1e-2))
+  trained, _, history = distill.distill(params_n, _data(8), CONFIG, cfg, progress=False)
+  by_hand = [np.sqrt(sum(float(np.sum(np.square(np.asarray(x[i], np.float64))))
+                         for x in jax.tree.leaves(trained))) for i in range(2)]
+  np.testing.assert_allclose(history[-1]["param_norm"], by_hand, rtol=1e-5)
+  lora = distill.DistillConfig(batch_size=4, epochs=1.0)  # LoRA: the base's norm plus adapters.
+  _, state, history = distill.distill(params_n, _data(8), CONFIG, lora, progress=False)
+  base = distill.param_norms(params_n)
+  adapters = distill.param_norms(state.trainable)
+  np.testing.assert_allclose(history[-1]["param_norm"], np.sqrt(base**2 + adapters**2),
+                             rtol=1e-5)
