@@ -86,7 +86,7 @@ FIELDS: dict[str, str] = {
     "distill.epochs": "Passes over the round's training rows.",
     "distill.correctness_filter": "Keep only dev outputs scored correct (off in the reference).",
     "distill.max_norm_growth": "Divergence guard: a member whose weight norm exceeds this factor "
-                               "of its norm after a stage's first step stops the run, checked "
+                               "of its norm at a stage's start stops the run, checked "
                                "every step (the fused round: at its end), the last good "
                                "checkpoint kept.",
     "mesh": "Mesh axis sizes ({axis: size} over model/data/fsdp/tensor, one may be -1) the loop "

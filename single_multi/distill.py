@@ -48,8 +48,8 @@ class DistillConfig:
   epochs: float = 1.0
   correctness_filter: bool = False
   seed: int = 0
-  # Divergence guard: a member whose weight norm grows beyond this factor of its norm after the
-  # first step of a stage (checked every step) stops the run (`check_step`).
+  # Divergence guard: a member whose weight norm grows beyond this factor of its norm at the
+  # stage's start (checked every step) stops the run (`check_step`).
   max_norm_growth: float = 10.0
 
   def __post_init__(self):
@@ -291,11 +291,16 @@ def collapsed(first: np.ndarray, current: np.ndarray, vocab_size: int) -> np.nda
   return (current >= first + 1.0) & (current >= 0.9 * np.log(vocab_size))
 
 
+def _g(values) -> str:
+  return "[" + ", ".join(f"{v:.4g}" for v in values) + "]"
+
+
 def check_step(first: np.ndarray, loss: np.ndarray, step: int, vocab_size: int,
                learning_rate: float, first_norm: np.ndarray | None = None,
                norm: np.ndarray | None = None, growth: float = 10.0) -> None:
   """The per-step guard: stops at the first step whose loss [N] has `collapsed` from the stage's
-  first loss, or whose weight norm [N] is more than `growth` times the first step's."""
+  first loss, or whose weight norm [N] is more than `growth` times `first_norm` (the norm before
+  the stage's first step)."""
   tail = ("; stopping before anything is saved, so the last good checkpoint stays the latest. "
           f"Lower distill.learning_rate (now {learning_rate:g}).")
   bad = np.flatnonzero(collapsed(first, loss, vocab_size))
@@ -309,7 +314,7 @@ def check_step(first: np.ndarray, loss: np.ndarray, step: int, vocab_size: int,
     if bad.size:
       raise Diverged(
           f"distillation diverged at step {step}: weight norm of model(s) {bad.tolist()} grew "
-          f"from {np.asarray(first_norm)[bad].tolist()} to {np.asarray(norm)[bad].tolist()}, "
+          f"from {_g(np.asarray(first_norm)[bad])} to {_g(np.asarray(norm)[bad])}, "
           f"more than distill.max_norm_growth={growth:g} times" + tail)
 
 
@@ -368,6 +373,11 @@ def distill(params_n, data: dict[str, np.ndarray], config: ModelConfig, cfg: Dis
   step_fn = make_pool_step(make_loss(config, cfg.method, cfg.lora, tail), optimizer,
                            cfg.optim.accumulation, per_model_batch, place)
   order = step_order(rows, cfg)
+  # Each member's weight norm before this call's first step: the divergence guard's reference.
+  start_norm = np.asarray(jax.jit(
+      jax.vmap(lambda t, f: optax.global_norm((t, f)), in_axes=(0, None if frozen is None else 0)),
+      out_shardings=None if place is None else place.replicated)(state.trainable, frozen),
+      np.float64)
   history = []
   bar = tqdm.trange(state.step, total, desc=f"distill ({cfg.method})", disable=not progress,
                     initial=state.step, total=total)
@@ -386,8 +396,7 @@ def distill(params_n, data: dict[str, np.ndarray], config: ModelConfig, cfg: Dis
       check_finite(loss[None], first_step=step)
       norm = np.asarray(metrics["param_norm"], np.float64)
       first = loss if not history else np.asarray(history[0]["loss"])
-      first_norm = norm if not history else np.asarray(history[0]["param_norm"])
-      check_step(first, loss, step, config.vocab_size, cfg.optim.learning_rate, first_norm, norm,
+      check_step(first, loss, step, config.vocab_size, cfg.optim.learning_rate, start_norm, norm,
                  cfg.max_norm_growth)
       history.append({"step": step, "loss": loss.tolist(), "param_norm": norm.tolist()})
       bar.set_postfix(loss=f"{loss.mean():.3f}")

@@ -154,7 +154,7 @@ def test_a_loss_collapsing_to_uniform_stops_at_its_step():
   distill.check_step(first, np.asarray([1.9, 5.4]), 3, 260, 1e-4)
   with pytest.raises(distill.Diverged, match=r"step 3: loss of model\(s\) \[1\]"):
     distill.check_step(first, np.asarray([1.9, 5.6]), 3, 260, 1e-4)
-  # The weight-norm half: more than max_norm_growth times the first step's norm (10 here).
+  # The weight-norm half: more than max_norm_growth times the stage's starting norm (10 here).
   norm0 = np.asarray([2.0, 3.0])
   distill.check_step(first, first, 4, 260, 1e-4, norm0, np.asarray([20.0, 29.9]), 10.0)
   with pytest.raises(distill.Diverged, match=r"step 4: weight norm of model\(s\) \[1\] grew from "
