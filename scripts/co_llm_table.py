@@ -32,31 +32,47 @@ def main():
     subprocess.run([sys.executable, "-m", "single_multi.main", f"--config={args.config}",
                     f"--workdir={args.workdir}"], cwd=ROOT, check=True)
   out = json.loads(results.read_text())
+  if "baselines" not in out:  # A results.json from before the job wrote them: same rows, no model.
+    sys.path.insert(0, str(ROOT))
+    from single_multi import co_llm_run, configs, evaluate
+    from single_multi.data import tasks
+    config = configs.load(args.config)
+    task = tasks.from_config(config.task, config)
+    split = co_llm_run.split_rows(task.dev, task.test, config)
+    out["baselines"] = evaluate.baselines(split["test"], split["train"], "train")
+  b = out["baselines"]
+  chance = (f"Without reading the questions ({b['mc_rows']} multiple-choice test rows): chance "
+            f"{b['chance']:.3f}, majority class {b['majority_class']['rate']:.3f}, position "
+            f"baseline (the training rows' most common gold letter) "
+            f"{b['position']['accuracy']:.3f}.") if b else ""
+  fams = list(out["composition"]["test"])
   rows = [f"| {name} | {s['score']:.3f} [{s['ci95'][0]:.3f}, {s['ci95'][1]:.3f}] | "
-          f"{s['deferral']:.1%} | {s['n']} |" for name, s in out["summary"].items()]
+          + "".join(f"{s['per_task'][f]:.3f} | " for f in fams)
+          + f"{s['deferral']:.1%} | {s['n']} |" for name, s in out["summary"].items()]
   paired = "\n".join(f"| {k.replace('_vs_', ' minus ')} | {v['delta']:+.3f} "
                      f"[{v['ci95'][0]:+.3f}, {v['ci95'][1]:+.3f}] |"
                      for k, v in out["paired"].items())
   png = pathlib.Path(args.output).parent / "co_llm_calibration.png"
   shutil.copyfile(pathlib.Path(args.workdir) / "calibration.png", png)
   sweep = ", ".join(f"{r['rate']:.0%}: {r['score']:.3f}" for r in out["calibration"]["co_llm"])
-  cfg = f"\n{args.note}\n" if args.note else ""
+  note = f"\n{args.note}\n" if args.note else ""
   families = ", ".join(f"{k} {v}" for k, v in out["composition"]["test"].items())
   asst_rows = ", ".join(f"{k} {v}" for k, v in out["composition"]["assistant"].items())
   validation = ", ".join(f"{k} {v:.3f}" for k, v in out["validation"].items())
+  rows_used = ", ".join(f"{k} {v}" for k, v in out["rows"].items())
   page = f"""## Co-LLM on the embedded models (made by `python scripts/co_llm_table.py`)
 
 `configs/co_llm_bigbench.py` on {out['task']}: SmolLM2-135M-Instruct as the base, a SmolLM2
 specialist fine-tuned on dev rows of one family ({asst_rows}) as the assistant; Co-LLM trains the
-base and the gate on both families. Rows (disjoint, checked by id): {", ".join(f"{k} {v}" for k, v in out["rows"].items())};
+base and the gate on both families. Rows (disjoint, checked by id): {rows_used};
 test rows per family: {families}. Options shown in the loader's seeded order; greedy decoding;
 deferral = share of generated tokens written by the assistant. `base`: the original base;
 `trained_base`: the base as Co-LLM trained it, never deferring; `random_deferral`: base and
 assistant with each token deferred at random at Co-LLM's calibrated rate. 95% CIs: percentile
-bootstrap over the rows; differences: paired bootstrap over the same test rows.
-{cfg}
-| system | score [95% CI] | deferral | n |
-|---|---|---:|---:|
+bootstrap over the rows; differences: paired bootstrap over the same test rows. {chance}
+{note}
+| system | score [95% CI] | """ + "".join(f"{f} | " for f in fams) + """deferral | n |
+|---|---|""" + "---:|" * len(fams) + """---:|---:|
 """ + "\n".join(rows) + """
 
 | difference | delta [paired 95% CI] |
@@ -64,7 +80,7 @@ bootstrap over the rows; differences: paired bootstrap over the same test rows.
 """ + paired + f"""
 
 Validation sweep (deferral rate: score) that picked eta {out['eta']['co_llm']:.6g}: {sweep}.
-Every system on the validation rows (the only scores the setting was chosen on): {validation}.
+Every system on the validation rows: {validation}. Wall time of the job: {out['seconds'] / 60:.1f} min.
 
 ![score against deferral rate on the validation rows](co_llm_calibration.png)
 """

@@ -302,11 +302,18 @@ def run(config: config_dict.ConfigDict, workdir: str | pathlib.Path) -> dict[str
   table = (f"{task.name} test ({len(test)} rows), eta {results['co_llm']['eta']:.6g} "
            f"(calibrated deferral {rate:.0%}):\n" + "\n".join(lines))
   table += "\nvalidation rows: " + ", ".join(f"{k} {v:.3f}" for k, v in validation.items())
+  base_rates = evaluate.baselines(test, split["train"], "train")
+  if base_rates:
+    table += (f"\nwithout reading the questions ({base_rates['mc_rows']} multiple-choice rows): "
+              f"chance {base_rates['chance']:.3f}, majority class "
+              f"{base_rates['majority_class']['rate']:.3f}, position baseline "
+              f"{base_rates['position']['accuracy']:.3f}")
   print(table)
   (workdir / "table.txt").write_text(table + "\n")
   out = {"task": task.name, "rows": {k: len(v) for k, v in split.items()},
          "composition": {k: common.composition(v) for k, v in split.items()},
-         "same_question_text": same_text, "validation": validation, "summary": summary,
+         "same_question_text": same_text, "validation": validation, "baselines": base_rates,
+         "summary": summary,
          "paired": paired,
          "init": init_stats, "seconds": time.perf_counter() - start,
          "calibration": {k: v["calibration"] for k, v in results.items()},
