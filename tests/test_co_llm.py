@@ -372,7 +372,7 @@ def test_co_llm_job_end_to_end_through_main_on_real_bigbench_rows(tmp_path):
   """The job as `main` runs it, at toy sizes on the config's real BIG-bench rows (2-digit
   multiplication and addition): a tiny random base (byte tokenizer, `tiny:0`) and its 3-step
   specialist. (The real SmolLM2 pair runs the Co-LLM decode in the notebook test; the full
-  embedded job takes about an hour on 2 cores: docs/results.md.)"""
+  embedded job takes well over an hour on 2 cores: configs/co_llm_bigbench.py.)"""
   from configs_loader import load_config
   from single_multi import main
 
