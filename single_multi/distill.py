@@ -310,7 +310,10 @@ def check_step(first: np.ndarray, loss: np.ndarray, step: int, vocab_size: int,
         f"{first[bad].round(4).tolist()} to {loss[bad].round(4).tolist()} (ln(vocabulary) = "
         f"{np.log(vocab_size):.4f})" + tail)
   if norm is not None:
-    bad = np.flatnonzero(np.asarray(norm) > growth * np.asarray(first_norm))
+    # Finite norms only: weights that overflowed make the next step's loss non-finite, which
+    # `check_finite` reports (and the stage-end check catches an overflow at the last step).
+    norm = np.asarray(norm)
+    bad = np.flatnonzero(np.isfinite(norm) & (norm > growth * np.asarray(first_norm)))
     if bad.size:
       raise Diverged(
           f"distillation diverged at step {step}: weight norm of model(s) {bad.tolist()} grew "
