@@ -39,7 +39,13 @@ def main():
   parser.add_argument("--rows", type=int, default=200)
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--max_new_tokens", type=int, default=512)
-  parser.add_argument("--batch_size", type=int, default=32)
+  parser.add_argument("--batch_size", type=int, default=32,
+                      help="the most rows per batch; fewer where prompts are long (--memory_gb)")
+  parser.add_argument("--memory_gb", type=float, default=8.0,
+                      help="what one batch's attention may take: a task whose longest prompt + "
+                           "--max_new_tokens is L tokens runs batches of at most memory_gb / "
+                           "(160 B x L^2) rows (a power of two; 160 B per score: the heads' fp32 "
+                           "scores and their copies, measured by the OOM of agieval at 32 rows)")
   parser.add_argument("--workdir", default="/tmp/single_multi_moco_baselines")
   parser.add_argument("--output", default=str(ROOT / "docs" / "results.md"))
   parser.add_argument("--page_only", action="store_true",
@@ -69,12 +75,16 @@ def main():
     valid = [e for e in task.test if not e.problem]
     sample = sorted(valid, key=lambda e: common.split_fraction(e.id, args.seed))[:args.rows]
     dev = task.dev
+    longest = max(len(prompter.ids(e)) for e in sample) + args.max_new_tokens
+    batch_size = args.batch_size
+    while batch_size > 1 and batch_size * 160 * longest ** 2 > args.memory_gb * 2**30:
+      batch_size //= 2
     out_dir = pathlib.Path(args.workdir) / name
     t0 = time.perf_counter()
     gen = evaluate.evaluate(model, sample, prompter=prompter, task_name=task.name, metric="moco",
-                            batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
+                            batch_size=batch_size, max_new_tokens=args.max_new_tokens,
                             reference=dev, output_dir=out_dir / "generate", seed=args.seed)
-    entry = {"type": _kind(name), "rows": len(sample),
+    entry = {"type": _kind(name), "rows": len(sample), "batch_size": batch_size,
              "generate": gen.summary["models"][model.source]["score"],
              "generate_seconds": time.perf_counter() - t0,
              "baselines": {k: v for k, v in gen.summary["baselines"].items() if k != "by_subject"},
@@ -82,7 +92,7 @@ def main():
     if sample and sample[0].is_mc:
       t1 = time.perf_counter()
       ll = evaluate.evaluate(model, sample, prompter=prompter, task_name=task.name,
-                             method="loglik", batch_size=args.batch_size, reference=dev,
+                             method="loglik", batch_size=batch_size, reference=dev,
                              output_dir=out_dir / "loglik", seed=args.seed)
       entry["loglik"] = ll.summary["models"][model.source]["accuracy"]
       entry["loglik_norm"] = ll.summary["models"][model.source]["accuracy_norm"]
@@ -151,7 +161,10 @@ match: about 0), the majority class (MC: the most common gold letter's rate; oth
 common gold answer's rate), the position baseline (always the dev split's most common gold
 letter). Most given letter (multiple choice): the option letter the generated answers name most
 often, with its share of the rows; far above the gold letters' rates it is a position bias, not
-a reading of the questions. human_interest is left out: it is scored by a reward model. CPU (2 cores), fp32.
+a reading of the questions. human_interest is left out: it is scored by a reward model. CPU (2 cores), fp32;
+batches of {args.batch_size} rows, halved for tasks with long prompts so that one batch's
+attention fits in {args.memory_gb:g} GB (the batch size changes greedy answers only through
+float rounding).
 Total time {total / 60:.1f} min
 (the sum of the per-task times).
 

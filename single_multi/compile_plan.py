@@ -161,7 +161,7 @@ class Program:
 
 def programs(config, arch, n: int, mesh, tokenizer=None) -> list[Program]:
   """Every program a round of `config` runs, with abstract inputs placed on `mesh`."""
-  from single_multi import evolve
+  from single_multi import evolve, rows, spec as spec_lib
 
   dtype = jnp.dtype(config.dtype)
   params = pools.abstract_pool(arch, n, mesh, dtype)
@@ -171,11 +171,12 @@ def programs(config, arch, n: int, mesh, tokenizer=None) -> list[Program]:
   if tokenizer is None:
     tokenizer, note = _LengthTokenizer(), "templates' lengths estimated (no tokenizer loaded)"
   stand_in = pool_lib.Pool(arch, params, tuple(f"m{i}" for i in range(n)), tokenizer)
-  dcfg = evolve.distill_config(config)
-  scfg = evolve.strategy_config(config)
+  dcfg = spec_lib.distill_config(config)
+  method = rows.method(dcfg.method)
+  scfg = spec_lib.strategy_config(config)
   env = collab.make_env(stand_in, config.strategy, scfg, max_new_tokens=M,
-                        sampler=evolve.sampler_of(config),
-                        return_rows=dcfg.method == "logit_kd")
+                        sampler=spec_lib.sampler_of(config),
+                        return_rows=method.returns_rows)
   prompt, mask = rows_struct(mesh, (B, P)), rows_struct(mesh, (B, P))
   batch = collab.Batch(prompt, mask, rows_struct(mesh, (B, P)), rows_struct(mesh, (B, P)))
   rng = key_struct(mesh, B)
@@ -190,16 +191,15 @@ def programs(config, arch, n: int, mesh, tokenizer=None) -> list[Program]:
                      dict(name=config.strategy, cfg=scfg, env=env), c_note))
   # One distillation step: per_step rows of prompt + output (+ the eos the rows end with).
   per_step = dcfg.batch_size * dcfg.optim.accumulation
-  per_model = dcfg.method in ("on_policy_kd", "multi_student_kd")
+  per_model = method.per_model
   lead = (n,) if per_model else ()
   T = P + M
   data = {k: rows_struct(mesh, lead + (per_step, T), pool=per_model)
           for k in ("tokens", "mask", "loss_mask")}
-  tail = M + 1
-  if dcfg.method in ("logit_kd", "on_policy_kd"):
+  tail = rows.traced_tail(method, M)
+  if method.teacher:
     data["teacher"] = rows_struct(mesh, lead + (per_step, M, arch.vocab_size), jnp.float32,
                                   pool=per_model)
-    tail = None
   trainable, opt, optimizer, t_shard = pools.abstract_training(arch, n, mesh, params, dcfg, 1000)
   shardings = lambda tree: jax.tree.map(lambda s: s.sharding, tree)  # noqa: E731
   place = distill.Placement(mesh, None if dcfg.lora is None else shardings(params), t_shard,
@@ -226,7 +226,7 @@ def programs(config, arch, n: int, mesh, tokenizer=None) -> list[Program]:
             "test_singles": key_struct(mesh, Q), "test_collab": key_struct(mesh, Q)}
     out.append(Program("round", evolve.round_program, (params, dev, test, order, keys, None),
                        dict(strategy=config.strategy, cfg=scfg, env=env, dcfg=dcfg, eos=eos,
-                            evaluate_test=True, policy_sampler=evolve.policy_sampler(config)),
+                            evaluate_test=True, policy_sampler=spec_lib.policy_sampler(config)),
                        f"{R} dev rows, {Q} test rows, {steps} optimizer steps"
                        + ("; without multi_student_kd's own-answer rows"
                           if dcfg.method == "multi_student_kd" else "")))

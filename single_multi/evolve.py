@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import time
 from typing import Any, Sequence
@@ -49,15 +50,16 @@ from ml_collections import config_dict
 
 from single_multi import collab, configs, decoding, distill, evaluate, multihost, pool as pool_lib
 from single_multi import reward as reward_lib
-from single_multi import sharding
-from single_multi import train as train_lib
+from single_multi import rows as rows_lib, sharding
 from single_multi.data import common, pipeline, tasks
 from single_multi.collab import merge as merge_lib, token_level
 from single_multi.configs import ConfigError
 from single_multi.report import (collapsed, format_paired, format_round, round_metrics,
                                  run_summary, write_metrics)
 from single_multi.workdir import Checkpoints, check_workdir_config, workdir_lock
-from single_multi.models import lora as lora_lib, loading
+from single_multi.models import loading
+from single_multi.rows import own_half
+from single_multi.spec import RunSpec, sample_key, strategy_config
 
 STAGES = ("collaborate", "distill", "evaluate")
 
@@ -67,59 +69,6 @@ def stage_list(rounds: int, fused: bool = False) -> list[tuple[int, str]]:
   one "round" stage when each round is one program (`config.fused_round`)."""
   per_round = ("round",) if fused else STAGES
   return [(0, "evaluate")] + [(r, s) for r in range(1, rounds + 1) for s in per_round]
-
-
-# -------------------------------------------------------------------------------------------------
-# Config -> objects.
-
-
-def _dataclass_from(cls, overrides: dict[str, Any]):
-  """A frozen config dataclass with overrides; unknown keys are an error naming the valid ones."""
-  names = {f.name for f in dataclasses.fields(cls)}
-  unknown = set(overrides) - names
-  if unknown:
-    raise ValueError(f"{cls.__name__} has no field(s) {sorted(unknown)}; valid: {sorted(names)}")
-  values = {k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()}
-  return cls(**values)
-
-
-def strategy_config(config: config_dict.ConfigDict):
-  spec = collab.get(config.strategy)
-  overrides = config.strategy_config.to_dict() if "strategy_config" in config else {}
-  return _dataclass_from(spec.Config, overrides)
-
-
-def distill_config(config: config_dict.ConfigDict) -> distill.DistillConfig:
-  d = config.distill
-  lora = (lora_lib.LoraConfig(rank=d.lora_rank, alpha=d.lora_alpha, dropout=d.lora_dropout,
-                              targets=tuple(d.lora_targets)) if d.lora_rank else None)
-  optim = train_lib.OptimConfig(learning_rate=d.learning_rate, accumulation=d.accumulation,
-                                warmup_fraction=d.warmup_fraction, schedule=d.schedule,
-                                clip_norm=d.clip_norm, weight_decay=d.weight_decay)
-  return distill.DistillConfig(method=d.method, lora=lora, optim=optim, batch_size=d.batch_size,
-                               epochs=d.epochs, correctness_filter=d.correctness_filter,
-                               seed=config.seed, max_norm_growth=d.max_norm_growth)
-
-
-def sampler_of(config) -> Any:
-  """The config's sampler, used by every decode of the loop (temperature 0: greedy)."""
-  return decoding.make_sampler(config.temperature, config.top_p)
-
-
-# What a sampling key is for; with the seed and the round it names every decode of the loop, and
-# each row folds in its example id (`evaluate.example_keys`), so a sample depends on neither the
-# batch size, the length bucket, the process count nor the round mode (staged or fused).
-PURPOSES = ("test_singles", "test_collab", "dev_singles", "dev_collab", "policy")
-
-
-def sample_key(seed: int, round_: int, purpose: str) -> jax.Array:
-  return jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), round_),
-                            PURPOSES.index(purpose))
-
-
-def policy_sampler(config) -> decoding.Sampling:
-  """How each student samples its own answers for on_policy_kd (temperature at least 0.7)."""
-  return decoding.Sampling(temperature=max(config.temperature, 0.7), top_p=config.top_p)
 
 
 def runtime_mesh(config: config_dict.ConfigDict):
@@ -199,8 +148,8 @@ def _validate(config: config_dict.ConfigDict) -> None:
                       f"the pool will have {size}" + (" (one per specialist)"
                                                       if config.specialists else "")
                       + ": give more models, or use strategy='single'")
-  scfg = strategy_config(config)
-  distill_config(config)
+  run_spec = RunSpec.of(config)  # The strategy's and the distillation's own field checks.
+  scfg, method = run_spec.scfg, rows_lib.method(config.distill.method)
   level = spec.level
   if (level == "weight" and scfg.method in merge_lib.NEEDS_BASE and not config.get("merge_base")
       and not config.specialists):
@@ -208,20 +157,25 @@ def _validate(config: config_dict.ConfigDict) -> None:
                       "base is unknown: set --config.merge_base=<model source> (the model the "
                       "members were fine-tuned from), build the pool with `specialists` (their "
                       "base is pool[0]), or use strategy='linear'")
-  if config.get("fused_round", False) and config.distill.correctness_filter:
+  if run_spec.fused and config.distill.correctness_filter:
     raise ConfigError("fused_round: the correctness filter scores the collaboration's dev answers "
                      "as text between collaborating and distilling, which one program cannot; "
                      "set fused_round=False or distill.correctness_filter=False")
-  if config.get("fused_round", False) and spec.select is not None:
+  if run_spec.fused and method.traced is None:
+    fused = sorted(n for n, m in rows_lib.METHODS.items() if m.traced is not None)
+    raise ConfigError(f"fused_round: distill.method={config.distill.method!r} has no row builder "
+                      f"inside the round program (rows.METHODS); set fused_round=False, or use "
+                      f"one of {fused}")
+  if run_spec.fused and spec.select is not None:
     raise ConfigError(f"fused_round: {config.strategy} votes on answers extracted from text on "
                       "the host (the reference's rule), which one program cannot; set "
                       "fused_round=False")
-  if config.distill.method == "on_policy_kd" and spec.combine is None:
+  if method.needs_combine and spec.combine is None:
     raise ConfigError(f"on_policy_kd scores the students' samples with the collaboration token "
                       f"by token; {config.strategy} cannot score given tokens: use one of "
                       f"{token_level.scoring_strategies()}, or distill.method='logit_kd' / "
                       "'supervised_kd'")
-  if config.distill.method in ("logit_kd", "on_policy_kd") and level not in ("logit", "token"):
+  if method.teacher and level not in ("logit", "token"):
     rowed = sorted(n for n, x in collab.REGISTRY.items() if x.level in ("logit", "token"))
     raise ConfigError(f"{config.distill.method} needs per-token teacher rows, which only logit- "
                       f"and token-level strategies produce; {config.strategy} is {level}-level: "
@@ -245,12 +199,17 @@ class Loop:
   merge_base: Any = None  # Task-vector merges: the base params, fixed across rounds.
   round_: int = 0  # The round being run (the driver sets it): part of every sampling key.
 
+  @functools.cached_property
+  def spec(self) -> RunSpec:
+    """The config's strategy / distillation configs and samplers, parsed once."""
+    return RunSpec.of(self.config)
+
   @property
   def kw(self) -> dict[str, Any]:
     return dict(prompter=self.prompter, task_name=self.task.name, metric=self.task.spec.metric,
                 batch_size=self.config.batch_size, max_new_tokens=self.config.max_new_tokens,
                 progress=self.progress, seed=self.config.seed, reference=self.dev,
-                reward_model=self.reward_model, sampler=sampler_of(self.config))
+                reward_model=self.reward_model, sampler=self.spec.sampler)
 
   def key(self, purpose: str) -> jax.Array:
     """The sampling key of (seed, round, purpose); rows fold in their example ids."""
@@ -265,7 +224,7 @@ class Loop:
     spec = collab.get(self.config.strategy)
     if spec.fit is None:
       return None
-    env = collab.make_env(pool, self.config.strategy, strategy_config(self.config),
+    env = collab.make_env(pool, self.config.strategy, self.spec.scfg,
                           max_new_tokens=self.config.max_new_tokens)
     data = next(iter(pipeline.generation_batches(self.dev, self.prompter,
                                                  batch_size=len(self.dev))))
@@ -273,8 +232,7 @@ class Loop:
     scores = None if dev_scores is None else dev_scores[:, order]
     dev = collab.DevData(collab.batch_from(data), scores, self._dev_evaluator(pool))
     kw = {"base": self.merge_base} if spec.level == "weight" else {}
-    return collab.fit(pool, self.config.strategy, dev, env=env, cfg=strategy_config(self.config),
-                      **kw)
+    return collab.fit(pool, self.config.strategy, dev, env=env, cfg=self.spec.scfg, **kw)
 
   def _dev_evaluator(self, pool):
     def score(params):
@@ -286,7 +244,7 @@ class Loop:
 
   def needs_dev_singles(self) -> bool:
     return (collab.get(self.config.strategy).fit is not None
-            or self.config.distill.method == "multi_student_kd")
+            or rows_lib.method(self.config.distill.method).own_answers)
 
   def evaluate_test(self, pool, out_dir):
     """Singles and the collaboration on test, the strategy fitted on dev with these models
@@ -302,7 +260,7 @@ class Loop:
     """The strategy's answers to `examples`, scored (an EvalResult under the strategy's name)."""
     return evaluate.evaluate(pool, examples, split=split, method="generate",
                              strategy=self.config.strategy,
-                             strategy_cfg=strategy_config(self.config), strategy_state=state,
+                             strategy_cfg=self.spec.scfg, strategy_state=state,
                              output_dir=out_dir, key=self.key(f"{split}_collab"), **self.kw)
 
 
@@ -328,132 +286,28 @@ def _scores_matrix(result: evaluate.EvalResult, names: Sequence[str], examples) 
   return np.asarray([[by[(n, ex.id)] for ex in examples] for n in names], np.float32)
 
 
-def training_rows(loop: Loop, pool, outputs: dict[str, str],
-                  keep: np.ndarray | None = None) -> dict[str, np.ndarray]:
-  """Dev training rows: prompt exactly as generated + the output text + eos (`sft_rows`)."""
-  rows = [ex for i, ex in enumerate(loop.dev) if keep is None or keep[i]]
-  if not rows:
-    raise common.DataError("no training rows: every collaborative dev output was filtered out")
-  eos = decoding.stop_ids_for(pool.config, pool.tokenizer)[0]
-  tokens, mask, loss_mask = pipeline.sft_rows(loop.prompter, rows, [outputs[e.id] for e in rows],
-                                              eos)
-  return {"tokens": tokens, "mask": mask, "loss_mask": loss_mask}
-
-
-# -------------------------------------------------------------------------------------------------
-# Teacher rows (logit_kd, on_policy_kd).
-
-
-def teacher_rows(loop: Loop, pool, state, on_policy: bool) -> dict[str, np.ndarray]:
-  """Dev rows with the collaboration's per-token rows: its own outputs (logit_kd), or each
-  student's samples scored by the collaboration (on_policy_kd: arrays [N, R, ...])."""
-  cfg = strategy_config(loop.config)
-  env = collab.make_env(pool, loop.config.strategy, cfg, max_new_tokens=loop.config.max_new_tokens,
-                        sampler=sampler_of(loop.config), return_rows=True)
-  per_batch = []
-  for data in pipeline.generation_batches(loop.dev, loop.prompter,
-                                          batch_size=loop.config.batch_size):
-    live = data["index"] >= 0
-    batch = collab.batch_from(data)
-    rows_of = [loop.dev[i] if i >= 0 else None for i in data["index"]]
-    if not on_policy:
-      out = collab.run(pool, loop.config.strategy, batch, env=env, cfg=cfg, state=state,
-                       rng=evaluate.example_keys(loop.key("dev_collab"), rows_of))
-      tokens, mask, loss = distill.sequences(batch.prompt, batch.prompt_mask, out.tokens,
-                                             out.lengths)
-      per_batch.append({"tokens": tokens[live], "mask": mask[live], "loss_mask": loss[live],
-                        "teacher": out.rows[live]})
-      continue
-    combine = token_level.combine_for(loop.config.strategy, cfg, state=state)
-    sample = pool_lib.decode_each(pool.params, batch.prompt, batch.prompt_mask,
-                                  evaluate.example_keys(loop.key("policy"), rows_of),
-                                  sampler=policy_sampler(loop.config), **env.decode_kw)
-    rows = []
-    for i in range(pool.size):
-      tokens, mask, loss = distill.sequences(batch.prompt, batch.prompt_mask, sample.tokens[i],
-                                             sample.lengths[i])
-      teacher = token_level.teacher_forced_rows(pool.params, tokens, mask, env.max_new_tokens,
-                                                combine, env)
-      rows.append({"tokens": tokens[live], "mask": mask[live], "loss_mask": loss[live],
-                   "teacher": teacher[live]})
-    per_batch.append({k: jnp.stack([r[k] for r in rows]) for k in rows[0]})
-  width = max(b["tokens"].shape[-1] for b in per_batch)
-  axis = 1 if on_policy else 0
-
-  def pad(x, key):  # Left-pad the sequence axis to a common width (teacher rows untouched).
-    if key == "teacher":
-      return np.asarray(x)
-    extra = width - x.shape[-1]
-    return np.pad(np.asarray(x), [(0, 0)] * (x.ndim - 1) + [(extra, 0)])
-
-  return {k: np.concatenate([pad(b[k], k) for b in per_batch], axis=axis) for k in per_batch[0]}
-
-
 # -------------------------------------------------------------------------------------------------
 # One round as one program (config.fused_round).
 
 
-def rows_with_eos(prompt, prompt_mask, tokens, lengths, stop_ids: Sequence[int], eos: int):
-  """Training rows in token space: the prompt as generated, then the output tokens exactly as
-  generated, ending in eos (a final stop token becomes eos; an answer cut off at the token limit
-  gets one). Rows [B, P + M + 1]; the loss covers the output and its eos."""
-  B = tokens.shape[0]
-  tokens = jnp.pad(tokens, ((0, 0), (0, 1)))
-  last = jnp.take_along_axis(tokens, jnp.maximum(lengths - 1, 0)[:, None], axis=1)[:, 0]
-  stopped = (lengths > 0) & jnp.isin(last, jnp.asarray(stop_ids, tokens.dtype))
-  at = jnp.where(stopped, lengths - 1, lengths)
-  tokens = tokens.at[jnp.arange(B), at].set(eos)
-  return distill.sequences(prompt, prompt_mask, tokens, at + 1)
-
-
 def _round_program(params_n, dev, test, order, keys, state, students=None, *, strategy, cfg, env,
                    dcfg, eos, evaluate_test, policy_sampler=None):
-  """keys: per-row sampling keys {"dev_collab", "policy": [R]; "test_singles", "test_collab":
-  [T]} (`Loop.key`, as the staged stages use them). Collaborate on all dev rows -> rows -> every optimizer step of the vmapped pool distillation
-  (`distill.program`) -> [the distilled singles and the collaboration answer all test rows].
-  on_policy_kd: every model samples its own answers to the dev rows (`policy_sampler`) and the
-  collaboration scores each sample token by token; each model trains on its own rows.
-  multi_student_kd: `students` = (the singles' dev tokens [N, R, M], lengths [N, R], the best
-  student's index, own [R]: rows where a model learns its own answer, else the best student's);
-  each model trains on the collaboration's rows and then those [N, 2R, ...]."""
+  """Collaborate on all dev rows -> the method's rows (`rows.METHODS[...].traced`) -> every
+  optimizer step of the vmapped pool distillation (`distill.program`) -> [the distilled singles
+  and the collaboration answer all test rows]. keys: per-row sampling keys {"dev_collab",
+  "policy": [R]; "test_singles", "test_collab": [T]} (`Loop.key`, as the staged stages use
+  them). students: multi_student_kd's singles' dev answers (`rows.TracedInputs`);
+  policy_sampler: on_policy_kd's students' sampler."""
   run = collab.get(strategy).run
   out = run(params_n, dev, keys["dev_collab"], cfg=cfg, env=env, state=state)
-  per_model = dcfg.method == "on_policy_kd"
-  if per_model:
-    sample = pool_lib.decode_each(params_n, dev.prompt, dev.prompt_mask, keys["policy"],
-                                  sampler=policy_sampler, **env.decode_kw)
-    combine = token_level.combine_for(strategy, cfg, state=state)
-
-    def own_rows(tokens, lengths):  # One model's samples, scored by the collaboration.
-      t, m, lm = distill.sequences(dev.prompt, dev.prompt_mask, tokens, lengths)
-      teacher = token_level.teacher_forced_rows(params_n, t, m, env.max_new_tokens, combine, env)
-      return {"tokens": t, "mask": m, "loss_mask": lm, "teacher": teacher}
-
-    data = jax.tree.map(lambda *x: jnp.stack(x), *[
-        own_rows(sample.tokens[i], sample.lengths[i]) for i in range(sample.tokens.shape[0])])
-    tail = None
-  elif dcfg.method == "logit_kd":  # Rows end with the output; the teacher row of each its token.
-    tokens, mask, loss_mask = distill.sequences(dev.prompt, dev.prompt_mask, out.tokens,
-                                                out.lengths)
-    data, tail = {"tokens": tokens, "mask": mask, "loss_mask": loss_mask,
-                  "teacher": out.rows}, None
-  elif dcfg.method in ("supervised_kd", "multi_student_kd"):
-    tokens, mask, loss_mask = rows_with_eos(dev.prompt, dev.prompt_mask, out.tokens,
-                                            out.lengths, env.stop_ids, eos)
-    data, tail = {"tokens": tokens, "mask": mask, "loss_mask": loss_mask}, env.max_new_tokens + 1
-  else:  # A method added to distill.METHODS must say here how its rows are built.
+  method = rows_lib.method(dcfg.method)
+  if method.traced is None:  # `validate` refuses this before anything loads.
     raise NotImplementedError(f"the fused round builds no rows for distill.method="
                               f"{dcfg.method!r}; run it with fused_round=False")
-  if students is not None:  # multi_student_kd.
-    s_tokens, s_lengths, best, own = students
-    chosen = (jnp.where(own[None, :, None], s_tokens, s_tokens[best][None]),
-              jnp.where(own[None], s_lengths, s_lengths[best][None]))
-    mine = jax.vmap(lambda t, n: dict(zip(("tokens", "mask", "loss_mask"), rows_with_eos(
-        dev.prompt, dev.prompt_mask, t, n, env.stop_ids, eos))))(*chosen)
-    n = s_tokens.shape[0]
-    data = {k: jnp.concatenate([jnp.broadcast_to(v, (n, *v.shape)), mine[k]], axis=1)
-            for k, v in data.items()}
-    per_model = True
+  data = method.traced(rows_lib.TracedInputs(params_n, dev, out, keys, state, students, strategy,
+                                             cfg, env, eos, policy_sampler))
+  tail = rows_lib.traced_tail(method, env.max_new_tokens)
+  per_model = data["tokens"].ndim == 3  # [N, R, T]: each model trains on its own rows.
   params_n, losses = distill.program(params_n, data, order, env.config, dcfg, tail, per_model)
   result = {"params": params_n, "losses": losses, "data": data,
             "dev": (out.tokens, out.lengths)}
@@ -479,10 +333,10 @@ def fused_round(loop: Loop, pool, out_dir):
   (`Loop.singles` / `Loop.collaboration`). Returns (the distilled pool, singles and
   collaboration test results, distillation losses [steps, N]); the dev collaboration's records go
   to out_dir/collaboration_dev, the singles' dev answers (when decoded) to out_dir/singles_dev."""
-  config, dcfg = loop.config, distill_config(loop.config)
-  env = collab.make_env(pool, config.strategy, strategy_config(config),
-                        max_new_tokens=config.max_new_tokens, sampler=sampler_of(config),
-                        return_rows=dcfg.method == "logit_kd")
+  config, spec = loop.config, loop.spec
+  dcfg, method = spec.dcfg, rows_lib.method(spec.dcfg.method)
+  env = collab.make_env(pool, config.strategy, spec.scfg, max_new_tokens=config.max_new_tokens,
+                        sampler=spec.sampler, return_rows=method.returns_rows)
   dev_data = next(iter(pipeline.generation_batches(loop.dev, loop.prompter,
                                                    batch_size=len(loop.dev))))
   test_data = next(iter(pipeline.generation_batches(loop.test, loop.prompter,
@@ -511,7 +365,7 @@ def fused_round(loop: Loop, pool, out_dir):
                                **env.decode_kw)
     scores = _scores_matrix(scored(dev_data, loop.dev, pool.names, (out.tokens, out.lengths),
                                    "dev", out_dir / "singles_dev"), pool.names, loop.dev)
-    if dcfg.method == "multi_student_kd":
+    if method.own_answers:
       students = (out.tokens, out.lengths, jnp.asarray(np.argmax(scores.mean(axis=1))),
                   jnp.asarray(own_half(loop)[dev_data["index"]]))  # In the batch's row order.
   state = loop.fit(pool, scores)
@@ -524,11 +378,10 @@ def fused_round(loop: Loop, pool, out_dir):
           "test_collab": keys_for(test_data, loop.test, "test_collab")}
   res = round_program(pool.params, dev_batch, collab.batch_from(test_data),
                       jnp.asarray(order), keys, state, students, strategy=config.strategy,
-                      cfg=strategy_config(config), env=env, dcfg=dcfg,
+                      cfg=spec.scfg, env=env, dcfg=dcfg,
                       eos=decoding.stop_ids_for(pool.config, pool.tokenizer)[0],
                       evaluate_test=not refit,
-                      policy_sampler=(policy_sampler(config) if dcfg.method == "on_policy_kd"
-                                      else None))
+                      policy_sampler=spec.policy_sampler if method.needs_combine else None)
   losses = np.asarray(res["losses"])
   distill.check_finite(losses)
   distill.check_converging(losses, distill.param_norms(pool.params),
@@ -588,9 +441,8 @@ def _run(config, workdir, pool, lock, *, progress: bool, stop_after: int | None)
   loop = Loop(config, pool, task, dev, test, prompter, progress,
               reward_lib.for_rows(dev + test, task.spec.metric, config.get("reward_model")),
               merge_base_params(config, pool))
-  dcfg = distill_config(config)
-  fused = bool(config.get("fused_round", False))
-  stages = stage_list(config.rounds, fused)
+  dcfg, method = loop.spec.dcfg, rows_lib.method(loop.spec.dcfg.method)
+  stages = stage_list(config.rounds, loop.spec.fused)
   ckpt = Checkpoints(workdir / "checkpoints", config.keep_checkpoints)
   history: list[dict[str, Any]] = []
   distill_stats: dict[str, Any] = {}
@@ -651,22 +503,12 @@ def _run(config, workdir, pool, lock, *, progress: bool, stop_after: int | None)
           dev_singles = loop.singles(pool, dev, "dev") if loop.needs_dev_singles() else None
           scores = None if dev_singles is None else _scores_matrix(dev_singles, pool.names, dev)
           state = loop.fit(pool, scores)
-          if dcfg.method in ("logit_kd", "on_policy_kd"):
-            arrays = teacher_rows(loop, pool, state, dcfg.method == "on_policy_kd")
-          else:
-            res = loop.collaboration(pool, dev, "dev", state, out_dir / "collaboration_dev")
-            outputs = {x["id"]: x["output"] for x in res.records}
-            keep = None
-            if dcfg.correctness_filter:
-              keep = np.asarray([x["score"] > 0 for x in res.records])
-            arrays = training_rows(loop, pool, outputs, keep=keep)
-            if dcfg.method == "multi_student_kd":
-              arrays = multi_student_rows(loop, pool, dev_singles, scores, arrays, keep)
+          arrays = method.host(rows_lib.HostInputs(loop, pool, state, dev_singles, scores,
+                                                   out_dir))
         else:  # distill
-          per_model = dcfg.method in ("multi_student_kd", "on_policy_kd")
           before = distill.param_norms(pool.params)
           params, _, dhist = distill.distill(pool.params, arrays, pool.config, dcfg,
-                                             per_model_batch=per_model, progress=progress,
+                                             per_model_batch=method.per_model, progress=progress,
                                              mesh=mesh)
           distill.check_converging(np.asarray([h["loss"] for h in dhist]), before,
                                    distill.param_norms(params), pool.config.vocab_size,
@@ -689,26 +531,3 @@ def _run(config, workdir, pool, lock, *, progress: bool, stop_after: int | None)
     (workdir / "summary.json").write_text(json.dumps(summary, indent=1))
     print(format_paired(summary))
   return history
-
-
-def own_half(loop: Loop) -> np.ndarray:
-  """[R] bool: the dev rows on which multi_student_kd trains each model on its own answer (the
-  others on the best student's); a seeded half by example id."""
-  return np.asarray([common.split_fraction(ex.id, loop.config.seed) < 0.5 for ex in loop.dev])
-
-
-def multi_student_rows(loop: Loop, pool, dev_singles, scores, collab_rows, keep):
-  """Per model: half the dev rows with its own previous outputs, half with the best student's
-  (best by dev score), plus the collaboration's rows: arrays [N, R, T]."""
-  best = int(np.argmax(scores.mean(axis=1)))
-  by = {(x["model"], x["id"]): x["output"] for x in dev_singles.records}
-  half = own_half(loop)
-  per_model = []
-  for i, name in enumerate(pool.names):
-    texts = {ex.id: by[(name if half[k] else pool.names[best], ex.id)]
-             for k, ex in enumerate(loop.dev)}
-    per_model.append(training_rows(loop, pool, texts, keep=keep))
-  width = max(max(r["tokens"].shape[1] for r in per_model), collab_rows["tokens"].shape[1])
-  pad = lambda x: np.pad(x, [(0, 0), (width - x.shape[1], 0)])
-  return {k: np.stack([np.concatenate([pad(collab_rows[k]), pad(r[k])]) for r in per_model])
-          for k in collab_rows}

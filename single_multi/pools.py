@@ -25,7 +25,7 @@ import numpy as np
 from absl import logging
 
 from single_multi import assets, decoding, distill, multihost, pool as pool_lib, sharding
-from single_multi import train as train_lib
+from single_multi import spec as spec_lib, train as train_lib
 from single_multi.data import pipeline, tasks
 from single_multi.models import lora as lora_lib, loading, transformer
 from single_multi.models.config import ModelConfig
@@ -171,8 +171,6 @@ def abstract_training(arch, n: int, mesh, params, dcfg: distill.DistillConfig, t
 
 def dry_run(config) -> dict[str, Any]:
   """Prints and returns the plan: per leaf shape / spec, totals, bytes per device."""
-  from single_multi import evolve
-
   configs = [architecture(s) for s in config.pool]
   arch = configs[0]
   if any(c != arch for c in configs[1:]):
@@ -182,7 +180,7 @@ def dry_run(config) -> dict[str, Any]:
   mesh = sharding.make_mesh(dict(config.mesh))
   dtype = jnp.dtype(config.dtype)
   params = abstract_pool(arch, n, mesh, dtype)
-  dcfg = evolve.distill_config(config)
+  dcfg = spec_lib.distill_config(config)
   trainable, opt_state, _, _ = abstract_training(arch, n, mesh, params, dcfg, 1000)
   trees = {"params": params}
   if dcfg.lora is not None:
