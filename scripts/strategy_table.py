@@ -86,7 +86,7 @@ def main():
 
     base_loop = loop_for("logit_fusion")
     dev_singles = base_loop.singles(pool, dev, "dev")
-    scores = evolve._scores_matrix(dev_singles, pool.names, dev)
+    scores = evaluate.scores_matrix(dev_singles, pool.names, dev)
     if meta is None:
       singles = base_loop.singles(pool, test, "test")
       meta = {"by_model": {m: [r["score"] for r in singles.records if r["model"] == m]

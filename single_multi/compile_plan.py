@@ -20,7 +20,7 @@ Programs (the ones `evolve.run` calls, with the config's shapes):
                    otherwise the line says so)
   train_step       one optimizer step of the vmapped pool distillation (`distill.make_pool_step`):
                    distill.batch_size x accumulation rows of prompt + output tokens
-  round            with `fused_round`: the whole round (`evolve.round_program`) over
+  round            with `fused_round`: the whole round (`fused.round_program`) over
                    dev_examples dev rows and test_examples test rows
 
 Per program it also reports the large (>= 1 MiB per device) arguments the compiled program keeps
@@ -161,7 +161,7 @@ class Program:
 
 def programs(config, arch, n: int, mesh, tokenizer=None) -> list[Program]:
   """Every program a round of `config` runs, with abstract inputs placed on `mesh`."""
-  from single_multi import evolve, rows, spec as spec_lib
+  from single_multi import fused, rows, spec as spec_lib
 
   dtype = jnp.dtype(config.dtype)
   params = pools.abstract_pool(arch, n, mesh, dtype)
@@ -224,7 +224,7 @@ def programs(config, arch, n: int, mesh, tokenizer=None) -> list[Program]:
     eos = env.stop_ids[0] if env.stop_ids else 0
     keys = {"dev_collab": key_struct(mesh, R), "policy": key_struct(mesh, R),
             "test_singles": key_struct(mesh, Q), "test_collab": key_struct(mesh, Q)}
-    out.append(Program("round", evolve.round_program, (params, dev, test, order, keys, None),
+    out.append(Program("round", fused.round_program, (params, dev, test, order, keys, None),
                        dict(strategy=config.strategy, cfg=scfg, env=env, dcfg=dcfg, eos=eos,
                             evaluate_test=True, policy_sampler=spec_lib.policy_sampler(config)),
                        f"{R} dev rows, {Q} test rows, {steps} optimizer steps"

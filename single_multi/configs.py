@@ -100,7 +100,7 @@ FIELDS: dict[str, str] = {
                     "changes under a run.",
     "fused_round": "Each round as one `jax.jit` program (collaborate on all dev rows, token-space "
                    "rows, every distillation step in a `lax.scan`, test decodes), one checkpoint "
-                   "per round; every distillation method, not the correctness filter (evolve.py).",
+                   "per round; every distillation method, not the correctness filter (fused.py).",
     "compile_topology": "With `--dry_run`: a TPU topology (`v5e:2x2`, `v5p:2x2x2`, ...; "
                         "compile_plan.TOPOLOGIES) to compile every program of a round for, "
                         "ahead of time on this host (needs `pip install -e \".[tpu]\"`); prints "

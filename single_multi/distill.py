@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from single_multi import multihost, sharding, train as train_lib
+from single_multi import multihost, pool as pool_lib, sharding, train as train_lib
 from single_multi.models import lora as lora_lib
 from single_multi.models.config import ModelConfig
 
@@ -126,6 +126,12 @@ def make_loss(config: ModelConfig, method: str, lora_cfg: lora_lib.LoraConfig | 
 # The vmapped pool step.
 
 
+def weight_norm(trainable, frozen) -> jax.Array:
+  """One model's weight norm, the divergence guard's measure: with LoRA the frozen base and the
+  adapters together, else the trained params (frozen is None)."""
+  return optax.global_norm((trainable, frozen))
+
+
 def make_pool_step(loss_fn, optimizer: optax.GradientTransformation, accumulation: int,
                    per_model_batch: bool, place: Placement | None = None):
   """step(trainable_n, opt_state_n, frozen_n, batch, rng) -> same + metrics [N]; every model
@@ -139,9 +145,8 @@ def make_pool_step(loss_fn, optimizer: optax.GradientTransformation, accumulatio
                                                    accumulation)
     updates, opt_state = optimizer.update(grads, opt_state, trainable)
     trainable = optax.apply_updates(trainable, updates)
-    # The model's weight norm (with LoRA: base and adapters together), for the divergence guard.
     return trainable, opt_state, {"loss": loss, "grad_norm": optax.global_norm(grads),
-                                  "param_norm": optax.global_norm((trainable, frozen)), **aux}
+                                  "param_norm": weight_norm(trainable, frozen), **aux}
 
   def step(trainable_n, opt_state_n, frozen_n, batch, rng):
     if not jax.dtypes.issubdtype(rng.dtype, jax.dtypes.prng_key):
@@ -203,7 +208,7 @@ class DistillState:
 
 
 def init_state(params_n, config: ModelConfig, cfg: DistillConfig, total_steps: int):
-  n = params_n["embed"].shape[0]
+  n = pool_lib.num_models(params_n)
   if cfg.lora is None:
     trainable = jax.tree.map(jnp.copy, params_n)
   else:
@@ -378,7 +383,7 @@ def distill(params_n, data: dict[str, np.ndarray], config: ModelConfig, cfg: Dis
   order = step_order(rows, cfg)
   # Each member's weight norm before this call's first step: the divergence guard's reference.
   start_norm = np.asarray(jax.jit(
-      jax.vmap(lambda t, f: optax.global_norm((t, f)), in_axes=(0, None if frozen is None else 0)),
+      jax.vmap(weight_norm, in_axes=(0, None if frozen is None else 0)),
       out_shardings=None if place is None else place.replicated)(state.trainable, frozen),
       np.float64)
   history = []

@@ -294,6 +294,12 @@ def example_number(ex: common.Example | None) -> int:
   return 0 if ex is None else zlib.crc32(ex.id.encode()) & 0x7FFFFFFF
 
 
+def scores_matrix(result: EvalResult, names: Sequence[str], examples) -> np.ndarray:
+  """[N, Q] per-model scores of an evaluation, in the order of `examples`."""
+  by = {(r["model"], r["id"]): r["score"] for r in result.records}
+  return np.asarray([[by[(n, ex.id)] for ex in examples] for n in names], np.float32)
+
+
 def example_keys(key: jax.Array, examples: Sequence[common.Example | None]) -> jax.Array:
   """[B] per-row sampling keys: fold_in(key, example_number(example))."""
   return decoding.row_keys(key, [example_number(e) for e in examples])

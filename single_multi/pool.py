@@ -53,6 +53,11 @@ class Pool:
     return jax.tree.map(lambda x: x[i], self.params)
 
 
+def num_models(params_n) -> int:
+  """How many models a stacked pool's params hold (their leading axis)."""
+  return params_n["embed"].shape[0]
+
+
 def stack(trees: Sequence[Params]) -> Params:
   return jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
 
@@ -145,7 +150,7 @@ def _decode(params_n, prompt_bt, prompt_mask_bt, rng, choose, choose_state, *,
   """
   decoding.check_max_new_tokens(max_new_tokens)
   params_n = decoding.unstack_for_loop(params_n, unstack, layer_axis=1)
-  n = params_n["embed"].shape[0]
+  n = num_models(params_n)
   B, P = prompt_bt.shape[-2:]
   cache = init_cache(config, n, B, P + max_new_tokens, params_n["embed"].dtype)
   logits, cache = forward(params_n, prompt_bt, config, mask_bt=prompt_mask_bt, cache=cache,

@@ -5,8 +5,8 @@
 
 Every method of `distill.METHODS` has one `Method` row here: `host` builds its training arrays
 on the host between the staged loop's collaborate and distill stages (dev rows only); `traced`
-builds the same rows inside `evolve.round_program` from the collaboration's token output (None:
-the method cannot run fused, and `evolve.validate` refuses `fused_round` for it before anything
+builds the same rows inside `fused.round_program` from the collaboration's token output (None:
+the method cannot run fused, and `spec.validate` refuses `fused_round` for it before anything
 loads). The staged and fused loops train on the same rows: tests/test_evolve.py compares their
 records for every method. The loss of each method is `distill.make_loss`.
 

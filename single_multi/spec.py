@@ -1,6 +1,7 @@
 """The run spec: what a loop config means, parsed once.
 
-    spec = RunSpec.of(config)     # frozen; ValueError for a bad strategy / distillation field
+    validate(config)              # ConfigError (a ValueError) naming the field and what is allowed
+    spec = RunSpec.of(config)     # frozen
     spec.scfg, spec.dcfg, spec.sampler, spec.policy_sampler, spec.fused
 
 The loop (`evolve.Loop.spec`), the row builders (`rows.py`), the compile plan and the dry run
@@ -16,10 +17,14 @@ import dataclasses
 from typing import Any
 
 import jax
+import numpy as np
 from ml_collections import config_dict
 
-from single_multi import collab, decoding, distill
+from single_multi import collab, configs, decoding, distill, rows as rows_lib
 from single_multi import train as train_lib
+from single_multi.collab import merge as merge_lib, token_level
+from single_multi.configs import ConfigError
+from single_multi.data import tasks
 from single_multi.models import lora as lora_lib
 
 
@@ -88,3 +93,103 @@ class RunSpec:
     return cls(config.strategy, strategy_config(config), distill_config(config),
                sampler_of(config), policy_sampler(config),
                bool(config.get("fused_round", False)), int(config.seed))
+
+
+# -------------------------------------------------------------------------------------------------
+# Validation: every check that needs no compute.
+
+
+def _finite(v) -> bool:
+  return isinstance(v, (int, float)) and np.isfinite(v)
+
+
+# Field -> (allowed?, what is allowed): checked before anything loads.
+RANGES: dict[str, tuple[Any, str]] = {
+    "batch_size": (lambda v: v >= 1, "an integer >= 1"),
+    "max_new_tokens": (lambda v: v >= 1, "an integer >= 1"),
+    "k_shot": (lambda v: 0 <= v <= 64, "an integer in [0, 64]"),
+    "dev_examples": (lambda v: v >= 1, "an integer >= 1"),
+    "test_examples": (lambda v: v >= 1, "an integer >= 1"),
+    "rounds": (lambda v: v >= 0, "an integer >= 0"),
+    "keep_checkpoints": (lambda v: v >= 1, "an integer >= 1 (0 would keep nothing to resume "
+                                           "from)"),
+    "temperature": (lambda v: _finite(v) and v >= 0, "a finite number >= 0 (0: greedy)"),
+    "top_p": (lambda v: _finite(v) and 0 < v <= 1, "a number in (0, 1]"),
+    "specialist_steps": (lambda v: v >= 1, "an integer >= 1"),
+    "specialist_examples": (lambda v: v >= 1, "an integer >= 1"),
+    "specialist_learning_rate": (lambda v: _finite(v) and v > 0, "a finite number > 0"),
+    "distill.batch_size": (lambda v: v >= 1, "an integer >= 1"),
+    "distill.accumulation": (lambda v: v >= 1, "an integer >= 1"),
+    "distill.epochs": (lambda v: _finite(v) and v > 0, "a finite number > 0"),
+    "distill.learning_rate": (lambda v: _finite(v) and v > 0, "a finite number > 0"),
+    "distill.lora_rank": (lambda v: v >= 0, "an integer >= 0 (0: full fine-tuning)"),
+    "distill.lora_alpha": (lambda v: _finite(v) and v > 0, "a finite number > 0"),
+    "distill.lora_dropout": (lambda v: 0 <= v < 1, "a number in [0, 1)"),
+    "distill.warmup_fraction": (lambda v: 0 <= v < 1, "a number in [0, 1)"),
+    "distill.clip_norm": (lambda v: _finite(v) and v >= 0, "a finite number >= 0 (0: no clip)"),
+    "distill.weight_decay": (lambda v: _finite(v) and v >= 0, "a finite number >= 0"),
+    "distill.max_norm_growth": (lambda v: _finite(v) and v > 1, "a finite factor > 1"),
+    "compile_prompt_length": (lambda v: v >= 1, "an integer >= 1"),
+}
+
+
+def validate(config: config_dict.ConfigDict) -> None:
+  """Every check that needs no compute, so a bad config fails before any model loads; each
+  failure is a ConfigError (a ValueError) naming the field, the value and what is allowed."""
+  try:
+    _validate(config)
+  except ConfigError:
+    raise
+  except ValueError as e:  # The dataclasses' own checks (strategy, distillation, optimizer).
+    raise ConfigError(str(e)) from e
+
+
+def _validate(config: config_dict.ConfigDict) -> None:
+  fields = configs.leaves(config)
+  for name, (ok, allowed) in RANGES.items():
+    value = fields.get(name)
+    if value is not None and not ok(value):
+      raise ConfigError(f"{name}={value!r} is not allowed: give {allowed}")
+  if not config.pool:
+    raise ConfigError("pool is empty: give at least one model source")
+  for name in [config.task, *config.specialists]:
+    tasks.parse_name(name)  # Raises for an unknown task.
+  spec = collab.get(config.strategy)
+  size = len(config.specialists) if config.specialists else len(config.pool)
+  if size < spec.min_models:
+    raise ConfigError(f"strategy={config.strategy!r} needs at least {spec.min_models} models; "
+                      f"the pool will have {size}" + (" (one per specialist)"
+                                                      if config.specialists else "")
+                      + ": give more models, or use strategy='single'")
+  run_spec = RunSpec.of(config)  # The strategy's and the distillation's own field checks.
+  scfg, method = run_spec.scfg, rows_lib.method(config.distill.method)
+  level = spec.level
+  if (level == "weight" and scfg.method in merge_lib.NEEDS_BASE and not config.get("merge_base")
+      and not config.specialists):
+    raise ConfigError(f"strategy={config.strategy!r} merges task vectors (member - base) and the "
+                      "base is unknown: set --config.merge_base=<model source> (the model the "
+                      "members were fine-tuned from), build the pool with `specialists` (their "
+                      "base is pool[0]), or use strategy='linear'")
+  if run_spec.fused and config.distill.correctness_filter:
+    raise ConfigError("fused_round: the correctness filter scores the collaboration's dev answers "
+                     "as text between collaborating and distilling, which one program cannot; "
+                     "set fused_round=False or distill.correctness_filter=False")
+  if run_spec.fused and method.traced is None:
+    fused = sorted(n for n, m in rows_lib.METHODS.items() if m.traced is not None)
+    raise ConfigError(f"fused_round: distill.method={config.distill.method!r} has no row builder "
+                      f"inside the round program (rows.METHODS); set fused_round=False, or use "
+                      f"one of {fused}")
+  if run_spec.fused and spec.select is not None:
+    raise ConfigError(f"fused_round: {config.strategy} votes on answers extracted from text on "
+                      "the host (the reference's rule), which one program cannot; set "
+                      "fused_round=False")
+  if method.needs_combine and spec.combine is None:
+    raise ConfigError(f"on_policy_kd scores the students' samples with the collaboration token "
+                      f"by token; {config.strategy} cannot score given tokens: use one of "
+                      f"{token_level.scoring_strategies()}, or distill.method='logit_kd' / "
+                      "'supervised_kd'")
+  if method.teacher and level not in ("logit", "token"):
+    rowed = sorted(n for n, x in collab.REGISTRY.items() if x.level in ("logit", "token"))
+    raise ConfigError(f"{config.distill.method} needs per-token teacher rows, which only logit- "
+                      f"and token-level strategies produce; {config.strategy} is {level}-level: "
+                      f"use one of {rowed}, or distill.method='supervised_kd'")

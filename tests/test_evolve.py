@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from configs_loader import load_config
 
-from single_multi import assets, evolve, pool as pool_lib, report, rows, spec
+from single_multi import assets, evolve, fused, pool as pool_lib, report, rows, spec
 from single_multi import workdir as wd
 from single_multi.data import tasks
 
@@ -94,11 +94,12 @@ def test_every_refusal_names_the_alternatives_and_loads_nothing(monkeypatch):
   refused = {}
   for name in collab.REGISTRY:
     for method in distill.METHODS:
-      for fused in (False, True):
+      for one_program in (False, True):
         try:
-          evolve.validate(_config(strategy=name, fused_round=fused, **{"distill.method": method}))
+          evolve.validate(_config(strategy=name, fused_round=one_program,
+                                  **{"distill.method": method}))
         except evolve.ConfigError as e:
-          refused[name, method, fused] = str(e)
+          refused[name, method, one_program] = str(e)
   for combo, message in refused.items():
     assert re.search(r"\buse\b|\bset\b|\bgive\b", message), (combo, message)
   assert ("co_llm", "on_policy_kd", False) in refused  # No per-token combine: refused up front.
@@ -411,7 +412,7 @@ def test_fused_round_program_equals_its_parts_run_as_separate_programs(tiny_pool
   order = distill.step_order(8, dcfg)
   keys = {k: jax.random.split(jax.random.key(i), 8) for i, k in enumerate(
       ("dev_collab", "policy", "test_singles", "test_collab"))}
-  res = evolve.round_program(tiny_pool.params, dev_b, test_b, order, keys, None,
+  res = fused.round_program(tiny_pool.params, dev_b, test_b, order, keys, None,
                              strategy=c.strategy, cfg=cfg, env=env, dcfg=dcfg, eos=1,
                              evaluate_test=True)
   k_dev, k_single, k_test = keys["dev_collab"], keys["test_singles"], keys["test_collab"]
@@ -458,7 +459,7 @@ def test_fused_on_policy_round_trains_each_model_on_its_own_scored_samples(tiny_
   order = distill.step_order(8, dcfg)
   keys = {k: jax.random.split(jax.random.key(i), 8) for i, k in enumerate(
       ("dev_collab", "policy", "test_singles", "test_collab"))}
-  res = evolve.round_program(tiny_pool.params, dev_b, test_b, order, keys, None,
+  res = fused.round_program(tiny_pool.params, dev_b, test_b, order, keys, None,
                              strategy=c.strategy, cfg=cfg, env=env, dcfg=dcfg, eos=1,
                              evaluate_test=False, policy_sampler=spec.policy_sampler(c))
   data = {k: np.asarray(v) for k, v in res["data"].items()}
@@ -535,14 +536,14 @@ def test_fused_multi_student_round_trains_on_dev_answers_only(tiny_pool, tmp_pat
   scores), every prompt a dev prompt."""
   c = _config(fused_round=True, **{"distill.method": "multi_student_kd"})
   seen = {}
-  real = evolve.round_program
+  real = fused.round_program
 
   def spy(params, dev, test, order, rng, state, students, **kw):
     seen.update(dev=dev, test=test, students=students, order=order)
     seen["res"] = real(params, dev, test, order, rng, state, students, **kw)
     return seen["res"]
 
-  monkeypatch.setattr(evolve, "round_program", spy)
+  monkeypatch.setattr(fused, "round_program", spy)
   history = evolve.run(c, tmp_path, tiny_pool, progress=False)
   assert [m["round"] for m in history] == [0, 1]
   s_tokens, s_lengths, best, own = (np.asarray(x) for x in seen["students"])

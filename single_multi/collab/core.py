@@ -191,10 +191,6 @@ def member(params_n, index) -> Any:
   return jax.tree.map(lambda x: x[index], params_n)
 
 
-def num_models(params_n) -> int:
-  return params_n["embed"].shape[0]
-
-
 @dataclasses.dataclass
 class DevData:
   """What `fit` learns from (the dev split only): the prompts, each model's dev scores [N, Q] (of

@@ -44,7 +44,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from single_multi import decoding
+from single_multi import decoding, pool as pool_lib
 from single_multi.collab import core
 
 # method -> (sparsification, consensus, normalize, rescale): mergekit's registry defaults.
@@ -222,7 +222,7 @@ def _weights(cfg: MergeConfig, state, n: int):
 
 
 def _run(params_n, batch: core.Batch, rng, *, cfg: MergeConfig, env: core.Env, state=None):
-  n = core.num_models(params_n)
+  n = pool_lib.num_models(params_n)
   base = None if state is None else state.get("base")
   merged = merge_params(params_n, _weights(cfg, state, n), base, key=jax.random.key(cfg.seed),
                         **cfg.options)

@@ -56,7 +56,7 @@ def _exchange_rounds(params_n, batch, rng, env, rounds: int, template: str):
   """All models answer; then `rounds` times each model answers again from `template` filled with
   the previous answers in its order (`templates.order_answers`). Returns the last answers, every
   round's, the last prompts."""
-  n = core.num_models(params_n)
+  n = pool_lib.num_models(params_n)
   question = _question(batch)
   rng, key = decoding.split_keys(rng)
   out = _answer_all(params_n, batch.prompt, batch.prompt_mask, key, env)
@@ -186,7 +186,7 @@ def llm_blender(params_n, batch: core.Batch, rng, *, cfg: BlenderConfig, env: co
                 state=None):
   """All answer; the ranker compares every ordered pair of candidates; the top-k, best first, go
   to the fuser, which writes the final answer."""
-  n = core.num_models(params_n)
+  n = pool_lib.num_models(params_n)
   question = _question(batch)
   rng, key = decoding.split_keys(rng)
   out = _answer_all(params_n, batch.prompt, batch.prompt_mask, key, env)

@@ -128,7 +128,7 @@ def gate_rows(params_n, w_defer, base: int) -> jax.Array:
   """extra_head [N, M, D]: the gate's rows (w_defer [D] or [M, D]) on the base's LM head, zeros
   elsewhere."""
   w = w_defer.reshape(-1, w_defer.shape[-1])
-  n = core.num_models(params_n)
+  n = pool_lib.num_models(params_n)
   return jnp.zeros((n,) + w.shape, w.dtype).at[base].set(w)
 
 
