@@ -12,9 +12,10 @@ prompt, each option as the reply). Each score has its 95% bootstrap CI; beside i
 the mean share of correct options), the majority class (MC: the most common gold letter's rate
 among the rows; exact-match tasks: the most common gold answer's rate), the position baseline
 (always the dev split's most common gold letter) and the wall time. Writes its section of
-docs/results.md, the records under --workdir, and prints a JSON summary on its last line.
-Resumable: a rerun with the same --workdir, --rows, --seed and --max_new_tokens keeps the tasks
-already in <workdir>/summary.json (written after each task).
+docs/results.md, the per-row records under --workdir, the per-task figures to --summary
+(docs/moco_baselines.json, kept in the repository), and prints a JSON summary on its last line.
+Resumable, also on another machine: a rerun with the same --rows, --seed and --max_new_tokens
+keeps the tasks already in --summary (written after each task) and runs the others.
 """
 
 import argparse
@@ -42,14 +43,16 @@ def main():
   parser.add_argument("--batch_size", type=int, default=32,
                       help="the most rows per batch; fewer where prompts are long (--memory_gb)")
   parser.add_argument("--memory_gb", type=float, default=8.0,
-                      help="what one batch's attention may take: a task whose longest prompt + "
+                      help="what one batch may take: a task whose longest prompt + "
                            "--max_new_tokens is L tokens runs batches of at most memory_gb / "
-                           "(160 B x L^2) rows (a power of two; 160 B per score: the heads' fp32 "
-                           "scores and their copies, measured by the OOM of agieval at 32 rows)")
+                           "(160 B x L^2) rows (a power of two). A conservative rule: 160 B per "
+                           "(row, token^2) is what agieval's out-of-memory at 32 rows implied "
+                           "before long prefills attended in query blocks")
   parser.add_argument("--workdir", default="/tmp/single_multi_moco_baselines")
   parser.add_argument("--output", default=str(ROOT / "docs" / "results.md"))
+  parser.add_argument("--summary", default=str(ROOT / "docs" / "moco_baselines.json"))
   parser.add_argument("--page_only", action="store_true",
-                      help="rewrite the docs section from <workdir>/summary.json; run nothing")
+                      help="rewrite the docs section from --summary; run nothing")
   args = parser.parse_args()
   sys.path.insert(0, str(ROOT))
   import single_multi as sm
@@ -59,8 +62,8 @@ def main():
 
   model = sm.load("embedded:smollm2-135m-instruct")
   prompter = pipeline.Prompter(model.tokenizer, pipeline.PromptConfig(style="moco"))
-  # Resumable: tasks already in <workdir>/summary.json (same rows, seed and token budget) are kept.
-  summary_path = pathlib.Path(args.workdir) / "summary.json"
+  # Resumable: tasks already in --summary (same rows, seed and token budget) are kept.
+  summary_path = pathlib.Path(args.summary)
   settings = {"rows": args.rows, "seed": args.seed, "max_new_tokens": args.max_new_tokens}
   summary = {}
   if summary_path.exists():
@@ -104,7 +107,7 @@ def main():
     summary[name] = entry
     print(_row(name, entry), flush=True)
     # The page and the summary are rewritten after every task: a killed run loses one task.
-    rows_out = [_row(n, summary[n]) for n in args.tasks.split(",") if n in summary]
+    rows_out = [_row(n, summary[n]) for n in TASKS if n in summary]
     total = sum(e["generate_seconds"] + e.get("loglik_seconds", 0.0) for e in summary.values())
     missing = [n for n in TASKS if n not in summary]
     write_section(pathlib.Path(args.output), "moco_baselines",
@@ -112,7 +115,7 @@ def main():
     summary_path.write_text(json.dumps({"settings": settings, "tasks": summary}, indent=1))
   total = sum(e["generate_seconds"] + e.get("loglik_seconds", 0.0) for e in summary.values())
   if args.page_only:
-    rows_out = [_row(n, summary[n]) for n in args.tasks.split(",") if n in summary]
+    rows_out = [_row(n, summary[n]) for n in TASKS if n in summary]
     write_section(pathlib.Path(args.output), "moco_baselines",
                   _page(rows_out, args, total, [n for n in TASKS if n not in summary]))
   print(json.dumps({"tasks": len(summary), "total_seconds": round(total, 1),

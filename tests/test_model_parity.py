@@ -106,3 +106,26 @@ def test_init_params_structure_matches_loaded_checkpoint(hf_dir):
   fresh = sm.init_params(model.config, jax.random.key(0))
   assert jax.tree.structure(fresh) == jax.tree.structure(model.params)
   assert jax.tree.map(jnp.shape, fresh) == jax.tree.map(jnp.shape, model.params)
+
+
+@pytest.mark.parametrize("name", ["llama_gqa_untied", "mistral_sliding", "qwen2_sliding_layers"])
+def test_attention_in_query_blocks_matches_transformers(name, hf_dir, monkeypatch):
+  """Long prefills attend a block of queries at a time (`transformer.SCORES_LIMIT`); forced on
+  here (blocks of 8 queries), the logits still match transformers on a left-padded batch with
+  sliding windows, both in one forward and in a cached prefill of 16 tokens then 8 more."""
+  monkeypatch.setattr(transformer, "SCORES_LIMIT", 0)
+  monkeypatch.setattr(transformer, "QUERY_BLOCKS", (8,))
+  ref_model, path = hf_dir(name)
+  model = sm.load(str(path), tokenizer=False)
+  ids, mask = left_padded_batch(seed=5, length=40)
+  real = mask.astype(bool)
+  ref = hf_logits(ref_model, ids, mask)
+  jax.clear_caches()  # The module constants are read at trace time.
+  assert np.abs(_ours(model, ids, mask) - ref)[real].max() <= FP32_TOL
+  cache = sm.init_cache(model.config, ids.shape[0], ids.shape[1])
+  pieces = []
+  for chunk in (slice(0, 16), slice(16, 24), slice(24, 40)):
+    logits, cache = sm.forward(model.params, jnp.asarray(ids[:, chunk]), model.config,
+                               mask_bt=jnp.asarray(mask[:, chunk]), cache=cache)
+    pieces.append(np.asarray(logits))
+  assert np.abs(np.concatenate(pieces, axis=1) - ref)[real].max() <= FP32_TOL
