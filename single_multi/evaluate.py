@@ -431,9 +431,12 @@ def generation_records(examples, rows: Sequence[int], names: Sequence[str], toke
   for n, name in enumerate(names):
     for b, i in enumerate(rows):
       ex = examples[i]
-      text = tokenizer.decode(tokens[n, b, :lengths[n, b]], skip_special_tokens=True)
+      ids = tokens[n, b, :lengths[n, b]]
+      text = tokenizer.decode(ids, skip_special_tokens=True)
+      # output_ids: the answer exactly as generated (with its stop token), what distillation
+      # trains on (`rows.answer_rows`); the text is for scoring and reading.
       records.append({"model": name, **_asked(ex), "output": text,
-                      **score_generated(ex, text, metric)})
+                      "output_ids": [int(t) for t in ids], **score_generated(ex, text, metric)})
   return records
 
 

@@ -7,8 +7,11 @@ Every method of `distill.METHODS` has one `Method` row here: `host` builds its t
 on the host between the staged loop's collaborate and distill stages (dev rows only); `traced`
 builds the same rows inside `fused.round_program` from the collaboration's token output (None:
 the method cannot run fused, and `spec.validate` refuses `fused_round` for it before anything
-loads). The staged and fused loops train on the same rows: tests/test_evolve.py compares their
-records for every method. The loss of each method is `distill.make_loss`.
+loads). Both build rows from the answers' tokens exactly as generated (never their text
+re-tokenised), in the same row order, so the staged and fused loops train on the same arrays:
+tests/test_evolve.py compares their records for supervised_kd, multi_student_kd and logit_kd
+(on_policy_kd's fused rows are checked against teacher-forced scoring). The loss of each method
+is `distill.make_loss`.
 
   supervised_kd     the collaboration's dev answers: prompt as generated + answer + eos
   multi_student_kd  per model: those rows, then half the dev rows with its own previous answer
@@ -62,26 +65,43 @@ class HostInputs:
   out_dir: Any
 
 
-def training_rows(loop, pool, outputs: dict[str, str],
-                  keep: np.ndarray | None = None) -> dict[str, np.ndarray]:
-  """Dev training rows: prompt exactly as generated + the output text + eos (`sft_rows`)."""
-  rows = [ex for i, ex in enumerate(loop.dev) if keep is None or keep[i]]
-  if not rows:
+def dev_batch(loop) -> dict[str, np.ndarray]:
+  """All dev rows as one generation batch (longest first): the prompts exactly as generated, in
+  the row order of the fused round's dev batch, so both round modes build the same rows."""
+  return next(iter(pipeline.generation_batches(loop.dev, loop.prompter,
+                                               batch_size=len(loop.dev))))
+
+
+def answer_rows(loop, pool, data, answers: dict[str, Sequence[int]],
+                keep: np.ndarray | None = None) -> dict[str, np.ndarray]:
+  """Training rows in token space from generated answers (their `output_ids`, exactly as
+  generated): `rows_with_eos` on `data`'s prompts, as the fused round builds them. keep [R]
+  (by dev row): the rows to train on (the correctness filter)."""
+  index = data["index"]
+  width = loop.config.max_new_tokens
+  tokens = np.zeros((len(index), width), np.int32)
+  lengths = np.zeros((len(index),), np.int32)
+  for b, i in enumerate(index):
+    if i >= 0:
+      ids = answers[loop.dev[i].id]
+      tokens[b, :len(ids)], lengths[b] = ids, len(ids)
+  stop_ids = decoding.stop_ids_for(pool.config, pool.tokenizer)
+  rows = rows_with_eos(data["tokens"], data["mask"], tokens, lengths, stop_ids, stop_ids[0])
+  live = (index >= 0) & (True if keep is None else keep[np.maximum(index, 0)])
+  if not live.any():
     raise common.DataError("no training rows: every collaborative dev output was filtered out")
-  eos = decoding.stop_ids_for(pool.config, pool.tokenizer)[0]
-  tokens, mask, loss_mask = pipeline.sft_rows(loop.prompter, rows, [outputs[e.id] for e in rows],
-                                              eos)
-  return {"tokens": tokens, "mask": mask, "loss_mask": loss_mask}
+  return {k: np.asarray(v)[live] for k, v in zip(("tokens", "mask", "loss_mask"), rows)}
 
 
 def _collaboration_rows(x: HostInputs) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
   """The collaboration's dev answers as rows, and the correctness filter's keep mask."""
   res = x.loop.collaboration(x.pool, x.loop.dev, "dev", x.state, x.out_dir / "collaboration_dev")
-  outputs = {r["id"]: r["output"] for r in res.records}
+  by_id = {r["id"]: r for r in res.records}
   keep = None
   if x.loop.spec.dcfg.correctness_filter:
-    keep = np.asarray([r["score"] > 0 for r in res.records])
-  return training_rows(x.loop, x.pool, outputs, keep=keep), keep
+    keep = np.asarray([by_id[ex.id]["score"] > 0 for ex in x.loop.dev])
+  answers = {i: r["output_ids"] for i, r in by_id.items()}
+  return answer_rows(x.loop, x.pool, dev_batch(x.loop), answers, keep), keep
 
 
 def _supervised_host(x: HostInputs) -> dict[str, np.ndarray]:
@@ -95,20 +115,19 @@ def own_half(loop) -> np.ndarray:
 
 
 def multi_student_rows(loop, pool, dev_singles, scores, collab_rows, keep):
-  """Per model: half the dev rows with its own previous outputs, half with the best student's
-  (best by dev score), plus the collaboration's rows: arrays [N, R, T]."""
+  """Per model: the collaboration's rows, then half the dev rows with its own previous answer
+  and half with the best student's (best by dev score): arrays [N, 2R, T]."""
   best = int(np.argmax(scores.mean(axis=1)))
-  by = {(x["model"], x["id"]): x["output"] for x in dev_singles.records}
+  by = {(x["model"], x["id"]): x["output_ids"] for x in dev_singles.records}
   half = own_half(loop)
+  data = dev_batch(loop)
   per_model = []
   for name in pool.names:
-    texts = {ex.id: by[(name if half[k] else pool.names[best], ex.id)]
-             for k, ex in enumerate(loop.dev)}
-    per_model.append(training_rows(loop, pool, texts, keep=keep))
-  width = max(max(r["tokens"].shape[1] for r in per_model), collab_rows["tokens"].shape[1])
-  pad = lambda x: np.pad(x, [(0, 0), (width - x.shape[1], 0)])  # noqa: E731
-  return {k: np.stack([np.concatenate([pad(collab_rows[k]), pad(r[k])]) for r in per_model])
-          for k in collab_rows}
+    answers = {ex.id: by[(name if half[k] else pool.names[best], ex.id)]
+               for k, ex in enumerate(loop.dev)}
+    own = answer_rows(loop, pool, data, answers, keep)
+    per_model.append({k: np.concatenate([collab_rows[k], own[k]]) for k in collab_rows})
+  return {k: np.stack([r[k] for r in per_model]) for k in collab_rows}
 
 
 def _multi_student_host(x: HostInputs) -> dict[str, np.ndarray]:

@@ -484,19 +484,23 @@ def test_fused_on_policy_round_trains_each_model_on_its_own_scored_samples(tiny_
   np.testing.assert_allclose(np.asarray(res["losses"]), [h["loss"] for h in hist], rtol=2e-5)
 
 
-@pytest.mark.parametrize("temperature", [0.0, 0.7])
-def test_fused_logit_kd_loop_equals_the_staged_loop_and_resumes(tiny_pool, tmp_path,
-                                                                temperature):
-  """logit_kd's staged rows are the program's rows and every decode samples with the config's
-  sampler and the same per-row keys (seed, round, purpose, example id): the fused loop reproduces
-  the staged loop's metrics and records, greedy and at temperature 0.7 / top-p 0.9; killed after
-  round 0, it resumes to the same history."""
+@pytest.mark.parametrize("method,temperature", [("logit_kd", 0.0), ("logit_kd", 0.7),
+                                                ("supervised_kd", 0.7),
+                                                ("multi_student_kd", 0.7)])
+def test_fused_loop_equals_the_staged_loop_and_resumes(tiny_pool, tmp_path, method,
+                                                       temperature):
+  """Each method's staged rows are the program's rows (one `rows.METHODS` entry; the answers'
+  tokens exactly as generated, not their text re-tokenised) and every decode samples with the
+  config's sampler and the same per-row keys (seed, round, purpose, example id): the fused loop
+  reproduces the staged loop's metrics and records, greedy and at temperature 0.7 / top-p 0.9;
+  killed after round 0, it resumes to the same history."""
   c = _config(temperature=temperature, top_p=0.9,
-              **{"distill.method": "logit_kd", "distill.learning_rate": 1e-3})
+              **{"distill.method": method, "distill.learning_rate": 1e-3})
   staged = evolve.run(c, tmp_path / "staged", tiny_pool, progress=False)
   c.fused_round = True
   fused = evolve.run(c, tmp_path / "fused", tiny_pool, progress=False)
-  assert [m["round"] for m in fused] == [0, 1] and fused[1]["distill"]["steps"] == 2
+  steps = 4 if method == "multi_student_kd" else 2  # 2R rows: the collaboration's, then own.
+  assert [m["round"] for m in fused] == [0, 1] and fused[1]["distill"]["steps"] == steps
   for a, b in zip(staged, fused):
     da, db = a.pop("distill", None), b.pop("distill", None)
     assert a == b
