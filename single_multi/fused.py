@@ -75,8 +75,7 @@ def fused_round(loop: Loop, pool, out_dir):
   dcfg, method = spec.dcfg, rows_lib.method(spec.dcfg.method)
   env = collab.make_env(pool, config.strategy, spec.scfg, max_new_tokens=config.max_new_tokens,
                         sampler=spec.sampler, return_rows=method.returns_rows)
-  dev_data = next(iter(pipeline.generation_batches(loop.dev, loop.prompter,
-                                                   batch_size=len(loop.dev))))
+  dev_data = rows_lib.dev_batch(loop)
   test_data = next(iter(pipeline.generation_batches(loop.test, loop.prompter,
                                                     batch_size=len(loop.test))))
   dev_batch = collab.batch_from(dev_data)

@@ -93,19 +93,20 @@ def answer_rows(loop, pool, data, answers: dict[str, Sequence[int]],
   return {k: np.asarray(v)[live] for k, v in zip(("tokens", "mask", "loss_mask"), rows)}
 
 
-def _collaboration_rows(x: HostInputs) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
-  """The collaboration's dev answers as rows, and the correctness filter's keep mask."""
+def _collaboration_rows(x: HostInputs, data) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
+  """The collaboration's dev answers as rows of `data` (`dev_batch`), and the correctness
+  filter's keep mask."""
   res = x.loop.collaboration(x.pool, x.loop.dev, "dev", x.state, x.out_dir / "collaboration_dev")
   by_id = {r["id"]: r for r in res.records}
   keep = None
   if x.loop.spec.dcfg.correctness_filter:
     keep = np.asarray([by_id[ex.id]["score"] > 0 for ex in x.loop.dev])
   answers = {i: r["output_ids"] for i, r in by_id.items()}
-  return answer_rows(x.loop, x.pool, dev_batch(x.loop), answers, keep), keep
+  return answer_rows(x.loop, x.pool, data, answers, keep), keep
 
 
 def _supervised_host(x: HostInputs) -> dict[str, np.ndarray]:
-  return _collaboration_rows(x)[0]
+  return _collaboration_rows(x, dev_batch(x.loop))[0]
 
 
 def own_half(loop) -> np.ndarray:
@@ -114,13 +115,12 @@ def own_half(loop) -> np.ndarray:
   return np.asarray([common.split_fraction(ex.id, loop.config.seed) < 0.5 for ex in loop.dev])
 
 
-def multi_student_rows(loop, pool, dev_singles, scores, collab_rows, keep):
+def multi_student_rows(loop, pool, data, dev_singles, scores, collab_rows, keep):
   """Per model: the collaboration's rows, then half the dev rows with its own previous answer
   and half with the best student's (best by dev score): arrays [N, 2R, T]."""
   best = int(np.argmax(scores.mean(axis=1)))
   by = {(x["model"], x["id"]): x["output_ids"] for x in dev_singles.records}
   half = own_half(loop)
-  data = dev_batch(loop)
   per_model = []
   for name in pool.names:
     answers = {ex.id: by[(name if half[k] else pool.names[best], ex.id)]
@@ -131,8 +131,9 @@ def multi_student_rows(loop, pool, dev_singles, scores, collab_rows, keep):
 
 
 def _multi_student_host(x: HostInputs) -> dict[str, np.ndarray]:
-  collab_rows, keep = _collaboration_rows(x)
-  return multi_student_rows(x.loop, x.pool, x.dev_singles, x.scores, collab_rows, keep)
+  data = dev_batch(x.loop)
+  collab_rows, keep = _collaboration_rows(x, data)
+  return multi_student_rows(x.loop, x.pool, data, x.dev_singles, x.scores, collab_rows, keep)
 
 
 def teacher_rows(loop, pool, state, on_policy: bool) -> dict[str, np.ndarray]:

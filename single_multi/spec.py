@@ -86,13 +86,12 @@ class RunSpec:
   sampler: Any  # Every decode of the loop (temperature 0: greedy).
   policy_sampler: decoding.Sampling  # on_policy_kd's students sampling their own answers.
   fused: bool  # config.fused_round: each round r >= 1 is one program.
-  seed: int
 
   @classmethod
   def of(cls, config: config_dict.ConfigDict) -> RunSpec:
     return cls(config.strategy, strategy_config(config), distill_config(config),
                sampler_of(config), policy_sampler(config),
-               bool(config.get("fused_round", False)), int(config.seed))
+               bool(config.get("fused_round", False)))
 
 
 # -------------------------------------------------------------------------------------------------
