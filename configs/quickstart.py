@@ -20,6 +20,8 @@ def get_config() -> config_dict.ConfigDict:
   # The pool: model sources (dir, .gguf, hf:org/name, embedded:...). With `specialists`, the
   # first source is the base each specialist is fine-tuned from (one per task family).
   c.pool = ("embedded:smollm2-135m-instruct",)
+  # "stacked": one architecture and tokenizer; "heterogeneous": groups exchanging text.
+  c.pool_kind = "stacked"
   c.specialists = ("bigbench:arithmetic/2_digit_addition", "bigbench:date_understanding",
                    "bigbench:sports_understanding")
   c.specialist_steps = 6

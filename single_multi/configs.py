@@ -51,8 +51,13 @@ FIELDS: dict[str, str] = {
                     "(`moco:human_interest`), loaded only when the task has such rows; empty: "
                     "the reference's `hf:Skywork/Skywork-Reward-Llama-3.1-8B-v0.2`.",
     # evolve.
-    "pool": "Model sources (HF dir, `.gguf`, `hf:org/name`, `embedded:<name>`, `tiny:<seed>`). "
-            "With `specialists`, the first is the base they are fine-tuned from.",
+    "pool": "Model sources (HF dir, `.gguf`, `hf:org/name`, `embedded:<name>`, `tiny:<seed>`, "
+            "`tiny-qwen2:<seed>`). With `specialists`, the first is the base they are fine-tuned "
+            "from.",
+    "pool_kind": "`stacked`: one architecture and tokenizer, the members stacked on a leading "
+                 "axis (every strategy). `heterogeneous`: members grouped by architecture and "
+                 "tokenizer, each group stacked; the groups exchange text (text-level strategies "
+                 "but the routers; supervised_kd / multi_student_kd; hetero_loop.py).",
     "specialists": "Task specs, one per specialist: the base fine-tuned (LoRA r=8, merged) on "
                    "that task's dev rows becomes a pool member; cached under the workdir.",
     "specialist_steps": "Optimizer steps per specialist fine-tune.",
@@ -147,7 +152,8 @@ FIELDS: dict[str, str] = {
     "train.init_learning_rate": "Gate-init AdamW learning rate (reference: 2e-5).",
 }
 
-SECTIONS = (("evolve", ("quickstart.py", "tiny.py", "mmlu.py", "paper.py", "bbh.py")),
+SECTIONS = (("evolve", ("quickstart.py", "tiny.py", "mmlu.py", "paper.py", "bbh.py",
+                        "tiny_hetero.py", "hetero.py")),
             ("co_llm", ("co_llm_bigbench.py", "co_llm_gsm8k.py")),
             ("chat", ("chat.py",)))
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 from typing import Any
 
 import jax
@@ -162,6 +163,31 @@ def make_pool_step(loss_fn, optimizer: optax.GradientTransformation, accumulatio
                                      place.replicated),
                  out_shardings=(place.trainable, place.opt_state, place.replicated),
                  donate_argnums=(0, 1))
+
+
+@functools.lru_cache(maxsize=16)
+def _cached_pool_step(config: ModelConfig, method: str, lora_cfg, tail, optim, total: int,
+                      per_model_batch: bool):
+  """The one-device pool step of a (model, loss, optimizer schedule), built (and so compiled)
+  once: its loss and optimizer are pure functions of these arguments."""
+  return make_pool_step(make_loss(config, method, lora_cfg, tail),
+                        train_lib.make_optimizer(optim, total), optim.accumulation,
+                        per_model_batch)
+
+
+def _norms(trainable_n, frozen_n):
+  return jax.vmap(weight_norm, in_axes=(0, None if frozen_n is None else 0))(trainable_n,
+                                                                            frozen_n)
+
+
+_norms_jit = jax.jit(_norms)
+
+
+def _pool_norms(trainable_n, frozen_n, out_sharding=None):
+  """[N] each member's weight norm (`weight_norm`), replicated on `out_sharding` when given."""
+  if out_sharding is None:
+    return _norms_jit(trainable_n, frozen_n)
+  return jax.jit(_norms, out_shardings=out_sharding)(trainable_n, frozen_n)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -378,14 +404,16 @@ def distill(params_n, data: dict[str, np.ndarray], config: ModelConfig, cfg: Dis
     state = DistillState(place.put(state.trainable, place.trainable),
                          place.put(state.opt_state, place.opt_state), state.step)
     frozen = place.put(frozen, place.frozen)
-  step_fn = make_pool_step(make_loss(config, cfg.method, cfg.lora, tail), optimizer,
-                           cfg.optim.accumulation, per_model_batch, place)
+  if place is None:  # Compiled once per (model, recipe, step count): every round reuses it.
+    step_fn = _cached_pool_step(config, cfg.method, cfg.lora, tail, cfg.optim, total,
+                                per_model_batch)
+  else:
+    step_fn = make_pool_step(make_loss(config, cfg.method, cfg.lora, tail), optimizer,
+                             cfg.optim.accumulation, per_model_batch, place)
   order = step_order(rows, cfg)
   # Each member's weight norm before this call's first step: the divergence guard's reference.
-  start_norm = np.asarray(jax.jit(
-      jax.vmap(weight_norm, in_axes=(0, None if frozen is None else 0)),
-      out_shardings=None if place is None else place.replicated)(state.trainable, frozen),
-      np.float64)
+  start_norm = np.asarray(_pool_norms(state.trainable, frozen, None if place is None
+                                      else place.replicated), np.float64)
   history = []
   bar = tqdm.trange(state.step, total, desc=f"distill ({cfg.method})", disable=not progress,
                     initial=state.step, total=total)
@@ -421,3 +449,17 @@ def distill(params_n, data: dict[str, np.ndarray], config: ModelConfig, cfg: Dis
   return (multihost.gather(out), DistillState(*multihost.gather((state.trainable,
                                                                  state.opt_state)), state.step),
           history)
+
+
+def train_pool(params_n, data: dict[str, np.ndarray], config: ModelConfig, cfg: DistillConfig, *,
+               per_model_batch: bool = False, progress: bool = True, mesh=None):
+  """One round's distillation of a stacked pool as the loop runs it: `distill` on `data`, then
+  `check_converging` (raises `Diverged` before the caller saves anything). Returns (params_n,
+  per-step losses [steps, N])."""
+  before = param_norms(params_n)
+  params, _, history = distill(params_n, data, config, cfg, per_model_batch=per_model_batch,
+                               progress=progress, mesh=mesh)
+  losses = np.asarray([h["loss"] for h in history])
+  check_converging(losses, before, param_norms(params), config.vocab_size,
+                   cfg.optim.learning_rate, cfg.max_norm_growth)
+  return params, losses

@@ -213,7 +213,7 @@ def _as_pool(model: pool_lib.Pool | Model) -> pool_lib.Pool:
   return pool_lib.from_models([model], [model.source])
 
 
-def _asked(ex: common.Example) -> dict[str, Any]:
+def asked(ex: common.Example) -> dict[str, Any]:
   """What a record shows of its example: the question and, for multiple choice, the options in
   the order they were shown (and their source positions where the loader reordered them)."""
   fields = {"id": ex.id, "subject": ex.subject, "input": ex.question}
@@ -387,7 +387,7 @@ def evaluate(model: pool_lib.Pool | Model, examples: Sequence[common.Example], *
           ex = examples[i]
           scores = [lp[n, column[b, c]] for c in range(len(ex.choices))]
           raw, norm = metrics.mc_loglik_predictions(scores, [len(c) for c in ex.choices])
-          records.append({"model": name, **_asked(ex), "output": [float(s) for s in scores],
+          records.append({"model": name, **asked(ex), "output": [float(s) for s in scores],
                           "prediction": metrics.LETTERS[raw], "prediction_norm":
                           metrics.LETTERS[norm], "target": metrics.LETTERS[ex.answer],
                           "score": float(raw in ex.correct),
@@ -435,7 +435,7 @@ def generation_records(examples, rows: Sequence[int], names: Sequence[str], toke
       text = tokenizer.decode(ids, skip_special_tokens=True)
       # output_ids: the answer exactly as generated (with its stop token), what distillation
       # trains on (`rows.answer_rows`); the text is for scoring and reading.
-      records.append({"model": name, **_asked(ex), "output": text,
+      records.append({"model": name, **asked(ex), "output": text,
                       "output_ids": [int(t) for t in ids], **score_generated(ex, text, metric)})
   return records
 

@@ -15,6 +15,10 @@ program per batch), then text scoring on the host. After every stage the state i
 every stage being deterministic given its inputs, ends with the same metrics as an uninterrupted
 run. (Interrupting inside a stage redoes that stage.)
 
+`config.pool_kind="heterogeneous"` (members of different architectures or tokenizers): the pool
+is a `pool.Groups`, the stages exchange text between its groups and each group distils its own
+rows (`hetero_loop.py`, whose collaborate and distill stages replace the table's).
+
 `config.fused_round`: each round r >= 1 is one `jax.jit` program instead (`fused.py`), one
 checkpoint per round. What each distillation method trains on is one entry of `rows.METHODS`,
 used by both round modes; the config is parsed and validated once (`spec.py`).
@@ -47,7 +51,8 @@ from absl import logging
 from etils import epath
 from ml_collections import config_dict
 
-from single_multi import collab, distill, evaluate, fused, multihost, pool as pool_lib
+from single_multi import collab, distill, evaluate, fused, hetero_loop, multihost
+from single_multi import pool as pool_lib
 from single_multi import reward as reward_lib
 from single_multi import rows as rows_lib, sharding
 from single_multi.data import common, pipeline, tasks
@@ -82,8 +87,11 @@ def runtime_mesh(config: config_dict.ConfigDict):
   return sharding.make_mesh(axes)
 
 
-def placed(pool: pool_lib.Pool, mesh) -> pool_lib.Pool:
-  """The pool with its params on `mesh` by the sharding rules (the pool axis over `model`)."""
+def placed(pool: pool_lib.Pool | pool_lib.Groups, mesh) -> pool_lib.Pool | pool_lib.Groups:
+  """The pool with its params on `mesh` by the sharding rules (the pool axis over `model`);
+  a heterogeneous pool: each group's."""
+  if isinstance(pool, pool_lib.Groups):
+    return dataclasses.replace(pool, pools=tuple(placed(p, mesh) for p in pool.pools))
   shardings = sharding.param_shardings(pool.config, mesh, pool_size=pool.size)
   return dataclasses.replace(pool, params=sharding.put(pool.params, shardings))
 
@@ -95,7 +103,7 @@ def placed(pool: pool_lib.Pool, mesh) -> pool_lib.Pool:
 @dataclasses.dataclass
 class Loop:
   config: config_dict.ConfigDict
-  pool: pool_lib.Pool
+  pool: pool_lib.Pool | pool_lib.Groups
   task: tasks.Task
   dev: list[common.Example]
   test: list[common.Example]
@@ -104,6 +112,7 @@ class Loop:
   reward_model: Any = None  # Scores reward-model tasks' rows (loaded only for such tasks).
   merge_base: Any = None  # Task-vector merges: the base params, fixed across rounds.
   round_: int = 0  # The round being run (the driver sets it): part of every sampling key.
+  prompters: tuple[pipeline.Prompter, ...] = ()  # A heterogeneous pool: one per group.
 
   @functools.cached_property
   def spec(self) -> RunSpec:
@@ -122,6 +131,8 @@ class Loop:
     return sample_key(self.config.seed, self.round_, purpose)
 
   def singles(self, pool, examples, split, out_dir=None) -> evaluate.EvalResult:
+    if isinstance(pool, pool_lib.Groups):
+      return hetero_loop.singles(self, pool, examples, split, out_dir)
     return evaluate.evaluate(pool, examples, split=split, method="generate", output_dir=out_dir,
                              key=self.key(f"{split}_singles"), **self.kw)
 
@@ -130,6 +141,8 @@ class Loop:
     spec = collab.get(self.config.strategy)
     if spec.fit is None:
       return None
+    if isinstance(pool, pool_lib.Groups):
+      return hetero_loop.fit(self, dev_scores)
     env = collab.make_env(pool, self.config.strategy, self.spec.scfg,
                           max_new_tokens=self.config.max_new_tokens)
     data = next(iter(pipeline.generation_batches(self.dev, self.prompter,
@@ -164,6 +177,8 @@ class Loop:
 
   def collaboration(self, pool, examples, split, state, out_dir=None):
     """The strategy's answers to `examples`, scored (an EvalResult under the strategy's name)."""
+    if isinstance(pool, pool_lib.Groups):
+      return hetero_loop.collaboration(self, pool, examples, split, state, out_dir)
     return evaluate.evaluate(pool, examples, split=split, method="generate",
                              strategy=self.config.strategy,
                              strategy_cfg=self.spec.scfg, strategy_state=state,
@@ -194,7 +209,7 @@ class Interrupted(RuntimeError):
   """Raised by `run(stop_after=k)` after checkpointing stage k (tests simulate a kill with it)."""
 
 
-def run(config: config_dict.ConfigDict, workdir, pool: pool_lib.Pool, *, progress: bool = True,
+def run(config: config_dict.ConfigDict, workdir, pool: pool_lib.Pool | pool_lib.Groups, *, progress: bool = True,
         stop_after: int | None = None) -> list[dict[str, Any]]:
   """Runs (or resumes) the loop in `workdir`; returns the per-round metrics history."""
   validate(config)
@@ -205,7 +220,8 @@ def run(config: config_dict.ConfigDict, workdir, pool: pool_lib.Pool, *, progres
     return _run(config, workdir, pool, lock, progress=progress, stop_after=stop_after)
 
 
-def make_loop(config: config_dict.ConfigDict, pool: pool_lib.Pool, progress: bool) -> Loop:
+def make_loop(config: config_dict.ConfigDict, pool: pool_lib.Pool | pool_lib.Groups,
+              progress: bool) -> Loop:
   """The task's dev and test rows drawn evenly from every task family (seeded, stable; the test
   split's bad rows kept so that the evaluation lists them as excluded), the prompter, the reward
   model (reward tasks) and the merge base (task-vector merges)."""
@@ -219,18 +235,19 @@ def make_loop(config: config_dict.ConfigDict, pool: pool_lib.Pool, progress: boo
         test).items()) + "; dev " + ", ".join(f"{k} {v}" for k, v in common.composition(
         dev).items()))
   shots = task.examples(task.spec.shot_split) if config.k_shot else ()
-  prompter = pipeline.Prompter(pool.tokenizer, pipeline.PromptConfig(k_shot=config.k_shot,
-                                                                 style=task.spec.prompt), shots)
-  return Loop(config, pool, task, dev, test, prompter, progress,
+  prompt = pipeline.PromptConfig(k_shot=config.k_shot, style=task.spec.prompt)
+  groups = pool.pools if isinstance(pool, pool_lib.Groups) else (pool,)
+  prompters = tuple(pipeline.Prompter(p.tokenizer, prompt, shots) for p in groups)
+  return Loop(config, pool, task, dev, test, prompters[0], progress,
               reward_lib.for_rows(dev + test, task.spec.metric, config.get("reward_model")),
-              merge_base_params(config, pool))
+              merge_base_params(config, pool), prompters=prompters)
 
 
 @dataclasses.dataclass(frozen=True)
 class State:
   """What passes from stage to stage: exactly what a checkpoint holds (`Checkpoints.save`)."""
 
-  pool: pool_lib.Pool  # Its params are the checkpoint's `params` item.
+  pool: pool_lib.Pool | pool_lib.Groups  # Its params are the checkpoint's `params` item.
   arrays: dict[str, np.ndarray]  # The stage's outputs (training rows), else empty.
   history: list[dict[str, Any]]  # Per finished round, its metrics.
   distill_stats: dict[str, Any]  # Per distilled round ("1", ...), its loss statistics.
@@ -284,13 +301,9 @@ def collaborate_stage(d: Driver, st: State, r: int) -> State:
 def distill_stage(d: Driver, st: State, r: int) -> State:
   """Every model trains on the rows at once (the vmapped pool step, `distill.distill`)."""
   dcfg, pool = d.loop.spec.dcfg, st.pool
-  before = distill.param_norms(pool.params)
-  params, _, dhist = distill.distill(pool.params, st.arrays, pool.config, dcfg,
-                                     per_model_batch=rows_lib.method(dcfg.method).per_model,
-                                     progress=d.progress, mesh=d.mesh)
-  losses = [h["loss"] for h in dhist]
-  distill.check_converging(np.asarray(losses), before, distill.param_norms(params),
-                           pool.config.vocab_size, dcfg.optim.learning_rate, dcfg.max_norm_growth)
+  params, losses = distill.train_pool(pool.params, st.arrays, pool.config, dcfg,
+                                      per_model_batch=rows_lib.method(dcfg.method).per_model,
+                                      progress=d.progress, mesh=d.mesh)
   return State(dataclasses.replace(pool, params=params), {}, st.history,
                {**st.distill_stats, str(r): distill.loss_stats(losses, dcfg)})
 
@@ -325,6 +338,9 @@ def _run(config, workdir, pool, lock, *, progress: bool, stop_after: int | None)
   if local_mesh is not None:
     pool = placed(pool, local_mesh)
   driver = Driver(loop, workdir, mesh, progress)
+  stage_fns = STAGE_FNS
+  if isinstance(pool, pool_lib.Groups):  # Text between groups, rows and training per group.
+    stage_fns = STAGE_FNS | hetero_loop.STAGE_FNS
   st, start = State(pool, {}, [], {}), 0
   with jax.set_mesh(local_mesh) if local_mesh is not None else contextlib.nullcontext():
     try:
@@ -333,7 +349,7 @@ def _run(config, workdir, pool, lock, *, progress: bool, stop_after: int | None)
         abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(
             x.shape, x.dtype, sharding=getattr(x, "sharding", None)), pool.params)
         params, arrays, meta = ckpt.restore(latest, abstract)
-        st = State(dataclasses.replace(pool, params=params), arrays, meta["history"],
+        st = State(pool_lib.with_params(pool, params), arrays, meta["history"],
                    meta["distill_stats"])
         start = latest + 1
         logging.info("resuming after round %d stage %s", meta["round"], meta["stage"])
@@ -344,7 +360,7 @@ def _run(config, workdir, pool, lock, *, progress: bool, stop_after: int | None)
         r, stage = stages[index]
         loop.round_ = r
         t0 = time.perf_counter()
-        st = STAGE_FNS[stage](driver, st, r)
+        st = stage_fns[stage](driver, st, r)
         logging.info("round %d %s: %.1f s", r, stage, time.perf_counter() - t0)
         ckpt.save(index, st.pool.params, st.arrays, {
             "round": r, "stage": stage, "history": st.history,

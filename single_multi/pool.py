@@ -69,7 +69,8 @@ def check_stackable(models: Sequence[Model], names: Sequence[str]) -> None:
       raise PoolMismatchError(
           f"vocabularies differ: {names[0]} has {first.vocab_size} tokens, {name} has "
           f"{m.config.vocab_size}; logit/token/weight-level collaboration needs one vocabulary "
-          "(use text-level strategies for heterogeneous pools)")
+          "(members with different vocabularies collaborate in text: "
+          "config.pool_kind='heterogeneous')")
     diff = {f.name: (getattr(first, f.name), getattr(m.config, f.name))
             for f in dataclasses.fields(first)
             if f.name not in _FREE_FIELDS and getattr(first, f.name) != getattr(m.config, f.name)}
@@ -77,7 +78,8 @@ def check_stackable(models: Sequence[Model], names: Sequence[str]) -> None:
       detail = ", ".join(f"{k}: {a} vs {b}" for k, (a, b) in sorted(diff.items()))
       raise PoolMismatchError(
           f"{names[0]} and {name} have different architectures ({detail}); a stacked pool needs "
-          "identical architectures")
+          "identical architectures (members of different architectures collaborate in text: "
+          "config.pool_kind='heterogeneous')")
 
 
 def from_models(models: Sequence[Model], names: Sequence[str] | None = None) -> Pool:
@@ -97,6 +99,73 @@ def from_models(models: Sequence[Model], names: Sequence[str] | None = None) -> 
 def load_pool(sources: Sequence[str], dtype=jnp.float32) -> Pool:
   models = [load(s, dtype) for s in sources]
   return from_models(models, sources)
+
+
+# -------------------------------------------------------------------------------------------------
+# Heterogeneous pools: members of different architectures or tokenizers.
+
+
+@dataclasses.dataclass(frozen=True)
+class Groups:
+  """A heterogeneous pool (`config.pool_kind="heterogeneous"`): its members grouped by
+  architecture and tokenizer, each group a stacked `Pool` that decodes and distils as one vmapped
+  program; the groups exchange text only (`collab.run_heterogeneous`). names: every member in
+  the configured order; `params` {"group<g>": that group's stacked params} is what a checkpoint
+  holds."""
+
+  pools: tuple[Pool, ...]
+  names: tuple[str, ...]
+
+  @property
+  def size(self) -> int:
+    return len(self.names)
+
+  @property
+  def params(self) -> dict[str, Params]:
+    return {f"group{g}": p.params for g, p in enumerate(self.pools)}
+
+  def with_params(self, params: dict[str, Params]) -> Groups:
+    return Groups(tuple(dataclasses.replace(p, params=params[f"group{g}"])
+                        for g, p in enumerate(self.pools)), self.names)
+
+  def members(self) -> list[Model]:
+    """Every member as a single model, in `names` order."""
+    by = {name: Model(p.config, p.member(i), p.tokenizer, name)
+          for p in self.pools for i, name in enumerate(p.names)}
+    return [by[n] for n in self.names]
+
+
+def _tokenizer_identity(tok) -> tuple:
+  return (type(tok).__name__, getattr(tok, "name_or_path", None),
+          getattr(tok, "chat_template", None), len(tok) if hasattr(tok, "__len__") else None)
+
+
+def group_models(models: Sequence[Model], names: Sequence[str]) -> Groups:
+  """Members with one architecture and one tokenizer stacked together (in order of first
+  appearance); one group is allowed (a heterogeneous run of stackable models)."""
+  groups: dict[tuple, list[int]] = {}
+  for i, m in enumerate(models):
+    arch = tuple((f.name, getattr(m.config, f.name)) for f in dataclasses.fields(m.config)
+                 if f.name not in _FREE_FIELDS)
+    dtypes = tuple(sorted({str(x.dtype) for x in jax.tree.leaves(m.params)}))
+    groups.setdefault((arch, dtypes, _tokenizer_identity(m.tokenizer)), []).append(i)
+  pools = tuple(from_models([models[i] for i in idx], [names[i] for i in idx])
+                for idx in groups.values())
+  return Groups(pools, tuple(names))
+
+
+def load_groups(sources: Sequence[str], dtype=jnp.float32) -> Groups:
+  names = list(sources)
+  if len(set(names)) != len(names):
+    names = [f"{n}#{i}" for i, n in enumerate(names)]
+  return group_models([load(s, dtype) for s in sources], names)
+
+
+def with_params(pool: Pool | Groups, params) -> Pool | Groups:
+  """The pool (stacked or grouped) holding `params` (as its `params` property gives them)."""
+  if isinstance(pool, Groups):
+    return pool.with_params(params)
+  return dataclasses.replace(pool, params=params)
 
 
 # -------------------------------------------------------------------------------------------------

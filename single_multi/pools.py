@@ -42,6 +42,18 @@ KNOWN_ARCHITECTURES = {
         num_layers=28, num_heads=12, num_kv_heads=2, head_dim=128, qkv_bias=True,
         tie_word_embeddings=True, rope_theta=1000000.0, rms_norm_eps=1e-6,
         max_position_embeddings=32768),
+    # The paper's second pool (configs/hetero.py) besides Qwen2.5-7B-Instruct.
+    "meta-llama/Llama-3.1-8B-Instruct": ModelConfig(
+        model_type="llama", vocab_size=128256, hidden_size=4096, intermediate_size=14336,
+        num_layers=32, num_heads=32, num_kv_heads=8, head_dim=128, rms_norm_eps=1e-5,
+        rope_theta=500000.0, rope_type="llama3", rope_factor=8.0, rope_low_freq_factor=1.0,
+        rope_high_freq_factor=4.0, rope_original_max_position=8192,
+        max_position_embeddings=131072, tie_word_embeddings=False),
+    "deepseek-ai/DeepSeek-R1-Distill-Qwen-7B": ModelConfig(
+        model_type="qwen2", vocab_size=152064, hidden_size=3584, intermediate_size=18944,
+        num_layers=28, num_heads=28, num_kv_heads=4, head_dim=128, qkv_bias=True,
+        tie_word_embeddings=False, rope_theta=10000.0, rms_norm_eps=1e-6,
+        max_position_embeddings=131072),
 }
 
 
@@ -120,9 +132,11 @@ def specialist_key(config, task_name: str) -> str:
   return hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
-def build(config, workdir) -> pool_lib.Pool:
+def build(config, workdir) -> pool_lib.Pool | pool_lib.Groups:
   dtype = jnp.dtype(config.dtype)
   sources = list(config.pool)
+  if config.get("pool_kind", "stacked") == "heterogeneous":
+    return pool_lib.load_groups(sources, dtype)  # Specialists: refused by `spec.validate`.
   if not config.specialists:
     return pool_lib.load_pool(sources, dtype)
   base = loading.load(sources[0], dtype)
@@ -170,17 +184,36 @@ def abstract_training(arch, n: int, mesh, params, dcfg: distill.DistillConfig, t
 
 
 def dry_run(config) -> dict[str, Any]:
-  """Prints and returns the plan: per leaf shape / spec, totals, bytes per device."""
+  """Prints and returns the plan: per leaf shape / spec, totals, bytes per device. A
+  heterogeneous pool (`pool_kind`): one plan per architecture group, naming its members (grouped
+  by architecture alone: the plan reads no tokenizer), and the bytes per device of all groups."""
   configs = [architecture(s) for s in config.pool]
-  arch = configs[0]
-  if any(c != arch for c in configs[1:]):
-    raise pool_lib.PoolMismatchError("the dry run plans a stacked pool: the sources differ in "
-                                     "architecture")
-  n = len(configs)
   mesh = sharding.make_mesh(dict(config.mesh))
   dtype = jnp.dtype(config.dtype)
-  params = abstract_pool(arch, n, mesh, dtype)
   dcfg = spec_lib.distill_config(config)
+  if config.get("pool_kind", "stacked") != "heterogeneous":
+    if any(c != configs[0] for c in configs[1:]):
+      raise pool_lib.PoolMismatchError("the dry run plans a stacked pool: the sources differ in "
+                                       "architecture (pool_kind='heterogeneous' plans each "
+                                       "architecture group)")
+    return _plan(configs[0], len(configs), mesh, dtype, dcfg)
+  groups: dict[Any, list[str]] = {}
+  for source, arch in zip(config.pool, configs):
+    groups.setdefault(arch, []).append(source)
+  plans = []
+  for g, (arch, members) in enumerate(groups.items()):
+    print(f"group{g}: {', '.join(members)}")
+    plans.append(_plan(arch, len(members), mesh, dtype, dcfg) | {"members": members})
+  per_device = {d: sum(p["bytes_per_device"].get(d, 0) for p in plans)
+                for d in plans[0]["bytes_per_device"]}
+  print(f"all {len(plans)} groups, bytes per device: " + ", ".join(
+      f"{d}: {v / 2**30:.2f} GiB" for d, v in sorted(per_device.items())))
+  return {"groups": plans, "bytes_per_device": per_device, "mesh": plans[0]["mesh"]}
+
+
+def _plan(arch, n: int, mesh, dtype, dcfg) -> dict[str, Any]:
+  """One stacked pool's plan: n members of architecture `arch` on `mesh`."""
+  params = abstract_pool(arch, n, mesh, dtype)
   trainable, opt_state, _, _ = abstract_training(arch, n, mesh, params, dcfg, 1000)
   trees = {"params": params}
   if dcfg.lora is not None:

@@ -20,7 +20,7 @@ import jax
 import numpy as np
 from ml_collections import config_dict
 
-from single_multi import collab, configs, decoding, distill, rows as rows_lib
+from single_multi import collab, configs, decoding, distill, hetero_loop, rows as rows_lib
 from single_multi import train as train_lib
 from single_multi.collab import merge as merge_lib, token_level
 from single_multi.configs import ConfigError
@@ -98,6 +98,9 @@ class RunSpec:
 # Validation: every check that needs no compute.
 
 
+POOL_KINDS = ("stacked", "heterogeneous")
+
+
 def _finite(v) -> bool:
   return isinstance(v, (int, float)) and np.isfinite(v)
 
@@ -153,6 +156,11 @@ def _validate(config: config_dict.ConfigDict) -> None:
     raise ConfigError("pool is empty: give at least one model source")
   for name in [config.task, *config.specialists]:
     tasks.parse_name(name)  # Raises for an unknown task.
+  kind = config.get("pool_kind", "stacked")
+  if kind not in POOL_KINDS:
+    raise ConfigError(f"pool_kind={kind!r} is not allowed: give one of {list(POOL_KINDS)}")
+  if kind == "heterogeneous" and (why := hetero_loop.refusal(config)):
+    raise ConfigError(why)
   spec = collab.get(config.strategy)
   size = len(config.specialists) if config.specialists else len(config.pool)
   if size < spec.min_models:

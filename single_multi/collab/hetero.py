@@ -14,6 +14,7 @@ from typing import Any, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+import tqdm
 
 from single_multi import decoding
 from single_multi.collab import core, routers, templates, text_level
@@ -32,9 +33,15 @@ def fill_text(template: str, values: Sequence[str]) -> str:
   return "".join(p + v for p, v in zip(parts, values)) + parts[-1]
 
 
-def _generate(model: Model, chats: list[list[dict[str, str]]], max_new_tokens, sampler, seed):
-  return [t.strip() for t in decoding.generate(model, chats, max_new_tokens=max_new_tokens,
-                                               sampler=sampler, seed=seed)]
+def _generate(model: Model, chats: list[list[dict[str, str]]], max_new_tokens, sampler, seed,
+              batch_size=None, progress=False):
+  """Replies in batches of `batch_size` (None: one batch); batch k samples with seed + k."""
+  size = batch_size or max(len(chats), 1)
+  starts = tqdm.trange(0, len(chats), size, desc=f"{model.source} (text exchange)", unit="batch",
+                       disable=not progress, leave=False)
+  return [t.strip() for k in starts
+          for t in decoding.generate(model, chats[k:k + size], max_new_tokens=max_new_tokens,
+                                     sampler=sampler, seed=seed + k // size)]
 
 
 def _user(text: str) -> list[dict[str, str]]:
@@ -46,10 +53,11 @@ def run_heterogeneous(models: Sequence[Model], name: str, examples: Sequence[com
                       prompt: pipeline.PromptConfig = pipeline.PromptConfig(),
                       shots: Sequence[common.Example] = (), max_new_tokens: int = 64,
                       sampler: Any = decoding.Greedy(), seed: int = 0,
-                      answer_key=None) -> list[dict[str, Any]]:
+                      answer_key=None, batch_size: int | None = None,
+                      progress: bool = False) -> list[dict[str, Any]]:
   """Per example {"output": final text, "answers": [[text per model] per round], ...}.
   answer_key(example, text): the answer a vote counts (`evaluate.answer_key` for a task's
-  metric); None: the normalised text."""
+  metric); None: the normalised text. batch_size: rows per decode (None: all at once)."""
   spec = core.get(name)
   if name not in HOST_STRATEGIES:
     raise core.StrategyError(
@@ -60,7 +68,8 @@ def run_heterogeneous(models: Sequence[Model], name: str, examples: Sequence[com
     raise core.StrategyError(f"{name} needs at least {spec.min_models} models, got {len(models)}")
   cfg = spec.Config() if cfg is None else cfg
   n = len(models)
-  kw = dict(max_new_tokens=max_new_tokens, sampler=sampler, seed=seed)
+  kw = dict(max_new_tokens=max_new_tokens, sampler=sampler, seed=seed, batch_size=batch_size,
+            progress=progress)
   questions = [pipeline.question_text(ex, prompt) for ex in examples]
   prompters = [pipeline.Prompter(m.tokenizer, prompt, shots) for m in models]
 
@@ -119,7 +128,9 @@ def run_heterogeneous(models: Sequence[Model], name: str, examples: Sequence[com
       if i != j:
         chats = [_user(fill_text(compare, [q, answers[i][b], answers[j][b]]))
                  for b, q in enumerate(questions)]
-        lp = _last_logprobs(ranker, chats)
+        size = batch_size or len(chats)
+        lp = np.concatenate([_last_logprobs(ranker, chats[k:k + size])
+                             for k in range(0, len(chats), size)])
         pref[i, j] = lp[:, a_id] - lp[:, b_id]
   order, _ = text_level.rank_candidates(jnp.asarray(pref))
   order = np.asarray(order)

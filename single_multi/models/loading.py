@@ -6,6 +6,7 @@ A source is a string, as written in configs:
   /path/to/model.gguf   a llama.cpp GGUF file (dequantised with the `gguf` package)
   /path/to/dir          an HF directory: config.json + *.safetensors (optionally sharded)
   tiny:<seed>           a tiny random 2-layer Llama with a byte tokenizer (`models/tiny.py`)
+  tiny-qwen2:<seed>     a tiny random 2-layer Qwen2 with another byte tokenizer (ids, template)
 
 Checkpoint tensors map to our params through one declarative table {our name: (HF key, GGUF key)};
 2-D linear weights are transposed from torch's [out, in] to our [in, out] and reshaped to the
@@ -330,13 +331,13 @@ def load(source: str, dtype=jnp.float32, tokenizer: bool = True) -> Model:
     model = load_gguf(path, dtype, tokenizer, tokenizer_cache=path.with_suffix(".tokenizer"))
   elif source.startswith("hf:"):
     model = load_hf_dir(resolve_hub(source.removeprefix("hf:")), dtype, tokenizer)
-  elif source.startswith("tiny:"):
+  elif source.startswith(("tiny:", "tiny-qwen2:")):
     from single_multi.models import tiny
-    seed = source.removeprefix("tiny:")
+    family, seed = source.split(":", 1)
     if not seed.isdigit():
-      raise LoadError(f"model source {source!r}: give tiny:<seed>, the seed a non-negative "
-                      "integer (tiny:0)")
-    model = tiny.model(int(seed))
+      raise LoadError(f"model source {source!r}: give {family}:<seed>, the seed a non-negative "
+                      f"integer ({family}:0)")
+    model = (tiny.model if family == "tiny" else tiny.qwen2_model)(int(seed))
   elif source.endswith(".gguf"):
     if not os.path.isfile(source):
       raise LoadError(f"GGUF file {source} does not exist")
@@ -345,7 +346,8 @@ def load(source: str, dtype=jnp.float32, tokenizer: bool = True) -> Model:
     model = load_hf_dir(source, dtype, tokenizer)
   else:
     raise LoadError(f"model source {source!r} is neither an existing directory nor a .gguf file, "
-                    "nor of the form 'hf:<org>/<name>', 'embedded:<name>' or 'tiny:<seed>'")
+                    "nor of the form 'hf:<org>/<name>', 'embedded:<name>', 'tiny:<seed>' or "
+                    "'tiny-qwen2:<seed>'")
   return dataclasses.replace(model, source=source)
 
 
