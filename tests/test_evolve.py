@@ -11,7 +11,7 @@ import sys
 import jax
 import numpy as np
 import pytest
-from configs_loader import load_config
+from configs_loader import dry_run_stdout, killed_and_resumed, load_config
 
 from single_multi import assets, evolve, fused, pool as pool_lib, report, rows, spec
 from single_multi import workdir as wd
@@ -32,14 +32,7 @@ def tiny_pool():
 
 
 def _config(**overrides):
-  c = load_config("tiny.py")
-  for k, v in overrides.items():
-    target = c
-    *parents, leaf = k.split(".")
-    for p in parents:
-      target = target[p]
-    target[leaf] = v
-  return c
+  return load_config("tiny.py", **overrides)
 
 
 # logit_fusion's round (same checks) is the uninterrupted run of the kill/resume test below.
@@ -201,11 +194,7 @@ def test_kill_after_each_stage_then_resume_gives_the_same_metrics(tiny_pool, tmp
   c = _config(**{"distill.epochs": 3.0})
   want = _check_one_round(tiny_pool, tmp_path / "whole", "logit_fusion")
   stages = evolve.stage_list(c.rounds)
-  for k in range(len(stages) - 1):
-    workdir = tmp_path / f"killed_{k}"
-    with pytest.raises(evolve.Interrupted):
-      evolve.run(c, workdir, tiny_pool, progress=False, stop_after=k)
-    got = evolve.run(c, workdir, tiny_pool, progress=False)
+  for k, _, got in killed_and_resumed(c, tiny_pool, tmp_path):
     assert got == want, f"resumed after stage {k} ({stages[k]})"
 
 
@@ -360,14 +349,8 @@ def test_multi_student_kd_trains_only_on_dev_prompts(tiny_pool, tmp_path, monkey
 
 
 def test_dry_run_plans_the_paper_pool_on_8_devices():
-  env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu",
-             XLA_FLAGS="--xla_force_host_platform_device_count=8")
   # configs/paper.py: configs/mmlu.py's pool and mesh on the paper's task files.
-  proc = subprocess.run([sys.executable, "-m", "single_multi.main", "--config=configs/paper.py",
-                         "--dry_run"], cwd=ROOT, env=env, capture_output=True, text=True,
-                        timeout=600)
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  out = proc.stdout
+  out = dry_run_stdout("paper.py")
   assert "3 x qwen2 (hidden 3584, 28 layers, vocab 152064)" in out and "8 devices" in out
   line = out.split("bytes per device: ")[1].splitlines()[0]
   per_device = [float(x.split()[0]) for x in line.split(": ")[1:]]

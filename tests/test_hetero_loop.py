@@ -3,16 +3,13 @@ chat template (configs/tiny_hetero.py) collaborate in text; each architecture gr
 collaboration's answers tokenised its own way; kill after any stage resumes to the same records."""
 
 import json
-import os
 import pathlib
 import re
-import subprocess
-import sys
 
 import jax
 import numpy as np
 import pytest
-from configs_loader import load_config
+from configs_loader import dry_run_stdout, killed_and_resumed, load_config
 from ml_collections import config_dict
 
 from single_multi import assets, collab, distill, evolve, hetero_loop, pool as pool_lib
@@ -20,7 +17,6 @@ from single_multi import workdir as wd
 from single_multi.data import pipeline, tasks
 from single_multi.models import tiny
 
-ROOT = pathlib.Path(__file__).parent.parent
 
 
 @pytest.fixture(scope="module")
@@ -36,15 +32,7 @@ def groups(tmp_path_factory):
 
 
 def _config(**overrides):
-  c = load_config("tiny_hetero.py")
-  c.distill.epochs = 3.0
-  for k, v in overrides.items():
-    target = c
-    *parents, leaf = k.split(".")
-    for p in parents:
-      target = target[p]
-    target[leaf] = v
-  return c
+  return load_config("tiny_hetero.py", **{"distill.epochs": 3.0, **overrides})
 
 
 def test_members_are_grouped_by_architecture_and_tokenizer(groups):
@@ -94,11 +82,7 @@ def test_hetero_loop_runs_distils_every_group_and_resumes_after_each_stage(group
   # Killed after every stage, rerun with the same command: the same history and records.
   stages = evolve.stage_list(c.rounds)
   assert len(stages) == 4
-  for k in range(len(stages) - 1):
-    workdir = tmp_path / f"killed_{k}"
-    with pytest.raises(evolve.Interrupted):
-      evolve.run(c, workdir, groups, progress=False, stop_after=k)
-    got = evolve.run(c, workdir, groups, progress=False)
+  for k, workdir, got in killed_and_resumed(c, groups, tmp_path):
     assert got == want, f"resumed after stage {k} ({stages[k]})"
     for part in ("singles", "collaboration"):
       name = pathlib.Path("round_1") / part / "records.jsonl"
@@ -180,13 +164,7 @@ def test_tiny_qwen2_family_differs_from_tiny_llama():
 
 
 def test_dry_run_plans_each_group_of_the_paper_second_pool_on_8_devices():
-  env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu",
-             XLA_FLAGS="--xla_force_host_platform_device_count=8")
-  proc = subprocess.run([sys.executable, "-m", "single_multi.main", "--config=configs/hetero.py",
-                         "--dry_run"], cwd=ROOT, env=env, capture_output=True, text=True,
-                        timeout=600)
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  out = proc.stdout
+  out = dry_run_stdout("hetero.py")
   assert "group0: hf:Qwen/Qwen2.5-7B-Instruct" in out
   assert "group1: hf:meta-llama/Llama-3.1-8B-Instruct" in out
   assert "group2: hf:deepseek-ai/DeepSeek-R1-Distill-Qwen-7B" in out

@@ -33,12 +33,13 @@ class ByteTokenizer:
   pad_token_id = 0
   eos_token_id = 1
   offset = 2
+  turn, reply = "<{role}>{content}</>", "<assistant>"  # The template.
 
   def apply_chat_template(self, messages, add_generation_prompt, tokenize):
     if tokenize:
       raise NotImplementedError(f"{type(self).__name__} renders text only (tokenize=False)")
-    text = "".join(f"<{m['role']}>{m['content']}</>" for m in messages)
-    return text + ("<assistant>" if add_generation_prompt else "")
+    text = "".join(self.turn.format(role=m["role"], content=m["content"]) for m in messages)
+    return text + (self.reply if add_generation_prompt else "")
 
   def __call__(self, text, add_special_tokens=False):
     return {"input_ids": [self.offset + b for b in text.encode()]}
@@ -52,12 +53,7 @@ class ShiftedByteTokenizer(ByteTokenizer):
   """`tiny-qwen2`'s: id = byte + 40 (0 pad, 1 eos); template `[role] content\n...[assistant] `."""
   chat_template = "shifted"
   offset = 40
-
-  def apply_chat_template(self, messages, add_generation_prompt, tokenize):
-    if tokenize:
-      raise NotImplementedError(f"{type(self).__name__} renders text only (tokenize=False)")
-    text = "".join(f"[{m['role']}] {m['content']}\n" for m in messages)
-    return text + ("[assistant] " if add_generation_prompt else "")
+  turn, reply = "[{role}] {content}\n", "[assistant] "
 
 
 def model(seed: int):
