@@ -55,6 +55,7 @@ def main():
                       help="write the page from <workdir>/strategy_table.json, run nothing")
   args = parser.parse_args()
   sys.path.insert(0, str(ROOT))
+  import jax
   import numpy as np
   from single_multi import collab, configs, evaluate, evolve, pools
   from single_multi.data import pipeline, tasks
@@ -121,6 +122,10 @@ def main():
           "fit_seconds": fit_s, "seconds_per_100": per_100}
       out_path.write_text(json.dumps(done | {"_meta": meta}, indent=1))
       print(name, done[name], flush=True)
+      # Free this strategy's compiled programs: the text strategies compile hundreds (one per
+      # shape), and a process that kept them all hit "LLVM compilation error: Cannot allocate
+      # memory" with RAM to spare (each compiled program holds its own memory mappings).
+      jax.clear_caches()
   if meta is None:
     raise SystemExit(f"{out_path} has no results yet: run without --page_only first")
   by_model, best = meta["by_model"], meta["best"]
