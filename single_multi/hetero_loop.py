@@ -34,6 +34,7 @@ import jax
 import numpy as np
 
 from single_multi import collab, decoding, distill, evaluate, pool as pool_lib
+from single_multi import rows as rows_lib
 from single_multi.data import common, pipeline
 
 STRATEGIES = ("multiagent_refine", "mixture_of_agents", "llm_blender", "multiagent_finetuning")
@@ -144,7 +145,6 @@ def collaborate_stage(d, st, r: int):
   answers = {i: x["output"] for i, x in by_id.items()}
   own = None
   if loop.spec.dcfg.method == "multi_student_kd":
-    from single_multi import rows as rows_lib
     best = groups.names[int(np.argmax(scores.mean(axis=1)))]
     half = rows_lib.own_half(loop)
     text = {(x["model"], x["id"]): x["output"] for x in dev_singles.records}
