@@ -209,8 +209,8 @@ class Interrupted(RuntimeError):
   """Raised by `run(stop_after=k)` after checkpointing stage k (tests simulate a kill with it)."""
 
 
-def run(config: config_dict.ConfigDict, workdir, pool: pool_lib.Pool | pool_lib.Groups, *, progress: bool = True,
-        stop_after: int | None = None) -> list[dict[str, Any]]:
+def run(config: config_dict.ConfigDict, workdir, pool: pool_lib.Pool | pool_lib.Groups, *,
+        progress: bool = True, stop_after: int | None = None) -> list[dict[str, Any]]:
   """Runs (or resumes) the loop in `workdir`; returns the per-round metrics history."""
   validate(config)
   workdir = epath.Path(workdir)

@@ -37,7 +37,8 @@ from single_multi import collab, decoding, distill, evaluate, pool as pool_lib
 from single_multi import rows as rows_lib
 from single_multi.data import common, pipeline
 
-STRATEGIES = ("multiagent_refine", "mixture_of_agents", "llm_blender", "multiagent_finetuning")
+STRATEGIES = ("single", "multiagent_refine", "mixture_of_agents", "llm_blender",
+              "multiagent_finetuning")
 METHODS = ("supervised_kd", "multi_student_kd")
 SEP = "__"  # Array names in a checkpoint: group<g>__tokens.
 

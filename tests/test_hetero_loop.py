@@ -176,3 +176,14 @@ def test_dry_run_plans_each_group_of_the_paper_second_pool_on_8_devices():
   assert len(groups) == 3 and total == pytest.approx(sum(groups), abs=0.02)
   # About 7.6 + 8.0 + 7.6 B bf16 params over 8 devices, plus LoRA and AdamW states.
   assert 5.3 < total < 6.5, total
+
+
+def test_single_on_a_heterogeneous_pool_is_the_chosen_members_answers(groups, tmp_path):
+  c = _config(strategy="single", strategy_config=config_dict.ConfigDict({"model": 1}), rounds=0)
+  evolve.run(c, tmp_path, groups, progress=False)
+  read = lambda part: [json.loads(x) for x in
+                       (tmp_path / "round_0" / part / "records.jsonl").read_text().splitlines()]
+  member = {r["id"]: r["output"].strip() for r in read("singles") if r["model"] == "tiny-qwen2:0"}
+  collab_records = read("collaboration")
+  assert len(collab_records) == 8
+  assert all(r["output"] == member[r["id"]] for r in collab_records)

@@ -56,17 +56,17 @@ class ShiftedByteTokenizer(ByteTokenizer):
   turn, reply = "[{role}] {content}\n", "[assistant] "
 
 
-def model(seed: int):
+def _random(config: ModelConfig, tokenizer, name: str, seed: int):
   from single_multi.models.loading import Model
 
-  params = transformer.init_params(CONFIG, jax.random.key(seed))
+  params = transformer.init_params(config, jax.random.key(seed))
   params = jax.tree.map(lambda x: x * 4.0 if x.ndim > 1 else x, params)
-  return Model(CONFIG, params, ByteTokenizer(), f"tiny{seed}")
+  return Model(config, params, tokenizer, name)
+
+
+def model(seed: int):
+  return _random(CONFIG, ByteTokenizer(), f"tiny{seed}", seed)
 
 
 def qwen2_model(seed: int):
-  from single_multi.models.loading import Model
-
-  params = transformer.init_params(QWEN2_CONFIG, jax.random.key(seed))
-  params = jax.tree.map(lambda x: x * 4.0 if x.ndim > 1 else x, params)
-  return Model(QWEN2_CONFIG, params, ShiftedByteTokenizer(), f"tiny-qwen2-{seed}")
+  return _random(QWEN2_CONFIG, ShiftedByteTokenizer(), f"tiny-qwen2-{seed}", seed)
