@@ -337,7 +337,8 @@ def evaluate(model: pool_lib.Pool | Model, examples: Sequence[common.Example], *
              strategy: str | None = None, strategy_cfg: Any = None,
              strategy_state: Any = None, reference: Sequence[common.Example] | None = None,
              reference_split: str = "dev", reward_model: Model | None = None,
-             sampler: Any = decoding.Greedy(), key: jax.Array | None = None) -> EvalResult:
+             sampler: Any = decoding.Greedy(), key: jax.Array | None = None,
+             members: EvalResult | None = None) -> EvalResult:
   """Scores every valid example with every model; see the module docstring.
 
   strategy: score the pool's collaboration instead (a `collab` registry name; method "generate"):
@@ -347,6 +348,11 @@ def evaluate(model: pool_lib.Pool | Model, examples: Sequence[common.Example], *
   (`reward.load()`), needed only when there are such rows. sampler: how every answer is decoded
   (temperature 0: `decoding.Greedy()`); each row samples with `example_keys(key, its example)`
   (key default: `jax.random.key(seed)`), so its answer does not depend on the batching.
+  members: the pool's own results on these examples (`evaluate` without a strategy, generated):
+  a router registered with `route` then only routes, and each row's record is its chosen
+  member's record (answer and score as that member gave them; under sampling, the member's own
+  sample), renamed to the strategy and marked `routed_to`. Greedy: what the strategy would
+  decode itself, at the cost of the routing alone.
   """
   if method not in METHODS:
     raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
@@ -355,6 +361,12 @@ def evaluate(model: pool_lib.Pool | Model, examples: Sequence[common.Example], *
                      "method='generate'")
   check_reward_model(examples, metric, reward_model)
   pool = _as_pool(model)
+  own = _member_records(members, strategy, pool.names, method)
+  missing = sorted({e.id for e in examples if not e.problem}
+                   - {i for _, i in own}) if own is not None else []
+  if missing:
+    raise ValueError(f"members has no answers to {len(missing)} of these examples "
+                     f"(e.g. {missing[:3]}): evaluate the pool on the same examples")
   if strategy is not None:
     env = collab.make_env(pool, strategy, strategy_cfg, max_new_tokens=max_new_tokens,
                           sampler=sampler)
@@ -395,6 +407,14 @@ def evaluate(model: pool_lib.Pool | Model, examples: Sequence[common.Example], *
     else:
       check_context(pool.config, batch, examples, max_new_tokens)
       keys = example_keys(key, [examples[i] if i >= 0 else None for i in batch["index"]])
+      if own is not None:  # Routed to a member: its own answer, nothing decoded.
+        choice, _ = collab.route(pool, strategy, collab.batch_from(batch), env=env,
+                                 cfg=strategy_cfg, state=strategy_state, rng=keys)
+        choice = np.asarray(choice)
+        for b, i in enumerate(rows):
+          name = pool.names[int(choice[b])]
+          records.append({**own[name, examples[i].id], "model": strategy, "routed_to": name})
+        continue
       if strategy is not None:
         out = collab.run(pool, strategy, collab.batch_from(batch), env=env, cfg=strategy_cfg,
                          state=strategy_state, rng=keys)
@@ -421,6 +441,21 @@ def evaluate(model: pool_lib.Pool | Model, examples: Sequence[common.Example], *
                         "input_pipeline_seconds": waited},
                 reference=reference, reference_split=reference_split,
                 reward_model=reward_model, batch_size=batch_size)
+
+
+def _member_records(members: EvalResult | None, strategy: str | None, names: Sequence[str],
+                    method: str) -> dict[tuple[str, str], dict[str, Any]] | None:
+  """(member, example id) -> that member's record, when a router may take them (see
+  `evaluate`'s members); None when the strategy decodes its own answers."""
+  if members is None or strategy is None:
+    return None
+  if collab.get(strategy).route is None:
+    return None  # Not a router: the members' answers are not its answers.
+  if method != "generate" or list(members.summary["models"]) != list(names):
+    raise ValueError(f"members must be the pool's own generated answers (models {list(names)}); "
+                     f"got {list(members.summary['models'])}")
+  own = {(r["model"], r["id"]): r for r in members.records}
+  return own
 
 
 def generation_records(examples, rows: Sequence[int], names: Sequence[str], tokens, lengths,

@@ -172,17 +172,21 @@ class Loop:
     if collab.get(self.config.strategy).fit is not None:
       scores = evaluate.scores_matrix(self.singles(pool, self.dev, "dev"), pool.names, self.dev)
     state = self.fit(pool, scores)
-    return (self.singles(pool, self.test, "test", out_dir / "singles"),
-            self.collaboration(pool, self.test, "test", state, out_dir / "collaboration"))
+    singles = self.singles(pool, self.test, "test", out_dir / "singles")
+    return singles, self.collaboration(pool, self.test, "test", state, out_dir / "collaboration",
+                                       members=singles)
 
-  def collaboration(self, pool, examples, split, state, out_dir=None):
-    """The strategy's answers to `examples`, scored (an EvalResult under the strategy's name)."""
+  def collaboration(self, pool, examples, split, state, out_dir=None, members=None):
+    """The strategy's answers to `examples`, scored (an EvalResult under the strategy's name).
+    members: the singles' results on the same examples; a router takes its chosen member's
+    answer from them instead of decoding every member again (`evaluate.evaluate`)."""
     if isinstance(pool, pool_lib.Groups):
       return hetero_loop.collaboration(self, pool, examples, split, state, out_dir)
     return evaluate.evaluate(pool, examples, split=split, method="generate",
                              strategy=self.config.strategy,
                              strategy_cfg=self.spec.scfg, strategy_state=state,
-                             output_dir=out_dir, key=self.key(f"{split}_collab"), **self.kw)
+                             output_dir=out_dir, key=self.key(f"{split}_collab"),
+                             members=members, **self.kw)
 
 
 def merge_base_params(config, pool: pool_lib.Pool):
@@ -278,10 +282,30 @@ class Driver:
 # The stages: fn(driver, state, round) -> state.
 
 
+def specialist_scores(loop: Loop, m: dict[str, Any], names, out_dir) -> dict[str, Any]:
+  """Each specialist's task, the base's score on that family's test rows and the specialist's
+  own (round 0): whether the specialists differ where the pool is built from them. The base
+  answers only the rows of the specialists' families (records under out_dir)."""
+  config = loop.config
+  families = {n: t.removeprefix("bigbench:") for n, t in zip(names, config.specialists)}
+  rows = [e for e in loop.test if not e.problem and e.subject in families.values()]
+  base = {}
+  if rows:
+    model = loading.load(config.pool[0], jnp.dtype(config.dtype))
+    result = evaluate.evaluate(model, rows, split="test", method="generate", output_dir=out_dir,
+                               key=loop.key("test_singles"), **loop.kw)
+    base = result.summary["models"][model.source]["by_subject"]
+  return {n: {"task": config.specialists[i], "base": base.get(families[n]),
+              "score": m["by_task"][n].get(families[n])} for i, n in enumerate(names)}
+
+
 def evaluate_stage(d: Driver, st: State, r: int) -> State:
-  """Singles and the collaboration on test (the strategy refitted on dev first)."""
+  """Singles and the collaboration on test (the strategy refitted on dev first); at round 0 of
+  a pool built from specialists, also the base on their families' test rows."""
   singles, collab_r = d.loop.evaluate_test(st.pool, d.workdir / f"round_{r}")
   m = round_metrics(r, singles, collab_r, st.pool.names, d.loop.config.strategy)
+  if r == 0 and d.loop.config.get("specialists") and isinstance(st.pool, pool_lib.Pool):
+    m["specialists"] = specialist_scores(d.loop, m, st.pool.names, d.workdir / "round_0" / "base")
   if str(r) in st.distill_stats:
     m["distill"] = st.distill_stats[str(r)]
   return d.record(st, m)

@@ -2,7 +2,8 @@
 
 `build(config, workdir)`: loads `config.pool`; with `config.specialists` (task names), fine-tunes
 the first source into one specialist per task with a short LoRA SFT on that task's dev rows (gold
-answers) and caches each under `<workdir>/specialists/` (reused on a rerun).
+answers) that are neither among the loop's dev rows nor its test rows (`specialist_rows`), and
+caches each under `<workdir>/specialists/` (reused on a rerun).
 
 `dry_run(config)`: the pool's architecture (known hub ids without downloading, or a local
 config.json), params / LoRA / AdamW states as `jax.eval_shape` structures placed by the sharding
@@ -26,7 +27,7 @@ from absl import logging
 
 from single_multi import assets, decoding, distill, multihost, pool as pool_lib, sharding
 from single_multi import spec as spec_lib, train as train_lib
-from single_multi.data import pipeline, tasks
+from single_multi.data import common, pipeline, tasks
 from single_multi.models import lora as lora_lib, loading, transformer
 from single_multi.models.config import ModelConfig
 
@@ -70,12 +71,33 @@ def architecture(source: str) -> ModelConfig:
 # Building.
 
 
+def specialist_rows(config, task_name: str) -> list:
+  """The rows a specialist trains on: valid dev rows of its task, none of whose question texts is
+  among the loop's dev rows (`config.task`'s balanced dev selection, what the pool collaborates
+  on and distils from) or its test rows, in a seeded order (salted, so independent of every other
+  selection), the first `config.specialist_examples`. Checked, not assumed: a row shared with the
+  loop's dev or test rows raises DataError."""
+  task = tasks.from_config(task_name, config)
+  loop = tasks.from_config(config.task, config)
+  dev = common.balanced(loop.dev, config.dev_examples, config.seed)
+  test = [e for e in loop.examples(loop.spec.test_split) if not e.problem]
+  taken = {common.normalize_question(e.question) for e in dev + test}
+  rows = sorted((e for e in task.dev if not e.problem
+                 and common.normalize_question(e.question) not in taken),
+                key=lambda e: common.split_fraction("specialist\x00" + e.id, config.seed))
+  rows = rows[:config.specialist_examples]
+  for what, held in (("the loop's dev rows", dev), ("the loop's test rows", test)):
+    common.check_disjoint([e.question for e in rows], [e.question for e in held],
+                          f"specialist {task_name} vs {what}")
+  return rows
+
+
 def specialist(base: loading.Model, task_name: str, directory: pathlib.Path, config) -> Any:
-  """The base fine-tuned (LoRA, merged) on a task's dev rows; cached in `directory`."""
+  """The base fine-tuned (LoRA, merged) on `specialist_rows`; cached in `directory`."""
 
   def rows():
     task = tasks.from_config(task_name, config)
-    return ([e for e in task.dev if not e.problem][:config.specialist_examples],
+    return (specialist_rows(config, task_name),
             pipeline.Prompter(base.tokenizer, pipeline.PromptConfig(k_shot=0,
                                                                     style=task.spec.prompt)))
 
@@ -126,6 +148,8 @@ def specialist_key(config, task_name: str) -> str:
   """16 hex digits of everything that determines a specialist: base, task, data and recipe."""
   key = json.dumps([_source_identity(config.pool[0]), task_name, config.dtype, config.seed,
                     config.specialist_steps, config.specialist_examples,
+                    # The rows held out of its training (`specialist_rows`).
+                    "disjoint-v1", config.task, config.dev_examples,
                     config.specialist_learning_rate, dataclasses.astuple(SPECIALIST_LORA),
                     config.get("moco_data_dir", "")]
                    + ([config.data_manual_dir] if config.get("data_manual_dir") else []))

@@ -157,7 +157,8 @@ def run_summary(workdir, history, names, strategy, test) -> dict[str, Any]:
   """summary.json: the test composition, every round's metrics, the paired changes from round
   0 to the last round on the same test rows (single-model mean, each single, the collaboration)
   and the round-0 collaboration minus the round-0 best single (best on test, as printed), with
-  paired bootstrap 95% CIs, and every collapse (a model giving one answer to >= 90% of the
+  paired bootstrap 95% CIs, each specialist's base and own score on its family (a pool built from
+  specialists), and every collapse (a model giving one answer to >= 90% of the
   rows while the gold answers are not that uniform)."""
   workdir = epath.Path(workdir)
   first, last = history[0]["round"], history[-1]["round"]
@@ -177,6 +178,7 @@ def run_summary(workdir, history, names, strategy, test) -> dict[str, Any]:
             "collab_vs_best_single_round0": _paired(c0, s0.get(best0, {})),
             "best_single_round0": best0}
   return {"composition": common.composition(test), "rounds": history, "paired": paired,
+          "specialists": history[0].get("specialists", {}),
           "collapse": [c for m in history for c in collapsed(m)]}
 
 
@@ -190,6 +192,10 @@ def format_paired(summary: dict[str, Any]) -> str:
            f"    collaboration         {f(p['collab'])}",
            f"  round {first}: collaboration - best single ({p['best_single_round0']}) "
            f"{f(p['collab_vs_best_single_round0'])}"]
+  for n, v in summary.get("specialists", {}).items():
+    if v["base"] is not None and v["score"] is not None:
+      lines.append(f"  specialist {n}: {v['score']:.3f} on its family vs the base's "
+                   f"{v['base']:.3f} ({v['score'] - v['base']:+.3f})")
   for c in summary["collapse"]:
     lines.append(f"  COLLAPSE: round {c['round']} {c['model']} gives one answer to "
                  f"{c['share']:.0%} of the test rows")

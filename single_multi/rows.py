@@ -96,7 +96,8 @@ def answer_rows(loop, pool, data, answers: dict[str, Sequence[int]],
 def _collaboration_rows(x: HostInputs, data) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
   """The collaboration's dev answers as rows of `data` (`dev_batch`), and the correctness
   filter's keep mask."""
-  res = x.loop.collaboration(x.pool, x.loop.dev, "dev", x.state, x.out_dir / "collaboration_dev")
+  res = x.loop.collaboration(x.pool, x.loop.dev, "dev", x.state, x.out_dir / "collaboration_dev",
+                             members=x.dev_singles)
   by_id = {r["id"]: r for r in res.records}
   keep = None
   if x.loop.spec.dcfg.correctness_filter:

@@ -429,6 +429,40 @@ def test_router_learns_separable_labels_and_returns_the_chosen_answer(pool, name
   each = pool_lib.decode_each(pool.params, test_batch.prompt, test_batch.prompt_mask,
                               jax.random.key(0), **env.decode_kw)
   np.testing.assert_array_equal(out.tokens, np.asarray(each.tokens)[choice, rows])
+  # `route` is the same choice without decoding any answer.
+  routed, _ = collab.route(pool, name, test_batch, env=env, cfg=cfg, state=state)
+  np.testing.assert_array_equal(np.asarray(routed), choice)
+
+
+def test_a_router_scored_from_the_members_answers_equals_its_own_decoding(pool, tmp_path):
+  """evaluate(members=singles): the router only routes and each row keeps its chosen member's
+  answer and score; greedy, that is exactly what it decodes itself. A non-router ignores them."""
+  from single_multi import evaluate
+  dev_batch, _, scores = _router_data(pool, 48, 0)
+  cfg = routers.TrainedRouterConfig(kind="head")
+  state = collab.fit(pool, "trained_router", collab.DevData(dev_batch, scores),
+                     env=_env(pool, "trained_router", cfg), cfg=cfg)
+  rng = np.random.default_rng(3)
+  exs = [common.Example(f"t/{i}", "t", ("a" if i % 2 else "z") * int(rng.integers(3, 12)),
+                        targets=("aa",)) for i in range(10)]
+  kw = dict(prompter=pipeline.Prompter(pool.tokenizer), batch_size=4, max_new_tokens=M,
+            progress=False)
+  singles = evaluate.evaluate(pool, exs, **kw)
+  own = evaluate.evaluate(pool, exs, strategy="trained_router", strategy_cfg=cfg,
+                          strategy_state=state, **kw)
+  taken = evaluate.evaluate(pool, exs, strategy="trained_router", strategy_cfg=cfg,
+                            strategy_state=state, members=singles, **kw)
+  key = lambda r: (r["id"], r["output"], r["output_ids"], r["score"])
+  assert sorted(map(key, taken.records)) == sorted(map(key, own.records))
+  routed = {r["routed_to"] for r in taken.records}
+  assert len(routed) > 1, routed  # Not one member's answers throughout: the lookup is per row.
+  assert taken.summary["models"] == own.summary["models"]
+  fused = evaluate.evaluate(pool, exs, strategy="logit_fusion", members=singles, **kw)
+  assert all("routed_to" not in r for r in fused.records)
+  with pytest.raises(ValueError, match="no answers to 2 of these examples"):
+    evaluate.evaluate(pool, exs + [common.Example(f"u/{i}", "t", "b" * (i + 3), targets=("b",))
+                                   for i in range(2)], strategy="trained_router",
+                      strategy_cfg=cfg, strategy_state=state, members=singles, **kw)
 
 
 def test_graph_router_conv_and_f1_by_hand():

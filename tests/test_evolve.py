@@ -586,6 +586,7 @@ def test_specialist_cache_key_covers_base_task_and_recipe(tmp_path):
   assert key == pools.specialist_key(_config(pool=("tiny:0",)), "gsm8k")  # Deterministic.
   changed = [pools.specialist_key(c, "bbh"), pools.specialist_key(_config(pool=("tiny:1",)), "gsm8k")]
   for field, value in [("specialist_steps", 7), ("specialist_examples", 9), ("seed", 3),
+                       ("task", "bbh"), ("dev_examples", 5),
                        ("specialist_learning_rate", 1e-3), ("dtype", "bfloat16")]:
     changed.append(pools.specialist_key(_config(pool=("tiny:0",), **{field: value}), "gsm8k"))
   base = tmp_path / "base"  # A local base whose file changes is a new base.
@@ -647,3 +648,58 @@ def test_workdir_lock_refuses_a_live_holder_and_takes_over_a_gone_one(tiny_pool,
                                    "heartbeat": time.time() - 7200}))
   with wd.WorkdirLock(tmp_path):
     assert json.loads(lock_file.read_text())["pid"] == os.getpid()
+
+
+def test_specialist_rows_never_meet_the_loops_dev_or_test_rows(monkeypatch):
+  """A specialist trains on its family's dev rows minus the loop's dev selection and minus any
+  question the loop tests (normalised text), in a seeded order independent of the file order."""
+  from single_multi import pools
+  from single_multi.data import common, tasks
+
+  def ex(i, q):
+    return common.Example(f"f/{i}", "f", q, targets=("x",))
+  dev = [ex(i, f"question {i}") for i in range(20)] + [ex(20, "  THE Test question ")]
+  test = [ex(100, "the test question"), ex(101, "question 100")]
+
+  class Fake:
+    spec = tasks.TaskSpec("bigbench", None, "dev", "test", "dev", "exact_match")
+
+    def __init__(self, rows):
+      self.dev = rows
+
+    def examples(self, split):
+      return test if split == "test" else self.dev
+
+  order = {"loop": dev, "spec": list(reversed(dev))}
+  monkeypatch.setattr(tasks, "from_config",
+                      lambda name, config: Fake(order["loop" if name == config.task else "spec"]))
+  c = _config(task="bigbench:f", specialists=("bigbench:g",), dev_examples=6,
+              specialist_examples=100)
+  rows = pools.specialist_rows(c, "bigbench:g")
+  loop_dev = {e.id for e in common.balanced(dev, 6, c.seed)}
+  assert len(loop_dev) == 6
+  assert {e.id for e in rows} == {e.id for e in dev[:20]} - loop_dev  # Not f/20: it is tested.
+  order["spec"] = dev  # Another file order: the same rows in the same order.
+  assert pools.specialist_rows(c, "bigbench:g") == rows
+  assert len(pools.specialist_rows(_config(task="bigbench:f", specialists=("bigbench:g",),
+                                           dev_examples=6, specialist_examples=4),
+                                   "bigbench:g")) == 4
+
+
+def test_a_specialist_pool_records_each_specialists_base_and_own_score(tiny_pool, tmp_path):
+  """summary.json's "specialists": the base (pool[0]) answers its families' test rows at round 0;
+  each specialist's entry is the base's and its own round-0 score on its family (None where the
+  family is not tested)."""
+  family = "arithmetic/1_digit_addition"
+  c = _config(pool=("tiny:0",), rounds=0, specialists=(
+      f"bigbench:{family}", "bigbench:navigate", "bigbench:general_knowledge"))
+  history = evolve.run(c, tmp_path, tiny_pool, progress=False)
+  summary = json.loads((tmp_path / "summary.json").read_text())
+  got = summary["specialists"]
+  assert list(got) == ["t0", "t1", "t2"] and got["t1"]["base"] is None
+  assert got["t0"]["task"] == f"bigbench:{family}"
+  assert got["t0"]["score"] == history[0]["by_task"]["t0"][family]
+  base = [json.loads(line) for line in
+          (tmp_path / "round_0" / "base" / "records.jsonl").read_text().splitlines()]
+  assert {r["subject"] for r in base} == {family} and len(base) == summary["composition"][family]
+  assert got["t0"]["base"] == pytest.approx(np.mean([r["score"] for r in base]))

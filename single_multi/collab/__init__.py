@@ -20,8 +20,8 @@ from single_multi.collab.core import (REGISTRY, Batch, DevData, Env, Output, Str
 from single_multi.collab.templates import make_env
 
 __all__ = ["REGISTRY", "Batch", "DevData", "Env", "Output", "Strategy", "StrategyError",
-           "batch_from", "check_pool", "fit", "get", "make_env", "merge", "register", "routers", "run_heterogeneous",
-           "run", "text_level", "token_level"]
+           "batch_from", "check_pool", "fit", "get", "make_env", "merge", "register", "route", "routers",
+           "run_heterogeneous", "run", "text_level", "token_level"]
 
 HOMOGENEOUS_ONLY = ("logit", "token", "weight")
 
@@ -37,6 +37,22 @@ def run(pool, name: str, batch: Batch, *, env: Env, cfg=None, state=None, rng=No
   cfg = spec.Config() if cfg is None else cfg
   rng = jax.random.key(0) if rng is None else rng
   return _run(pool.params, batch, rng, state, name=name, cfg=cfg, env=env)
+
+
+@functools.partial(jax.jit, static_argnames=("name", "cfg", "env"))
+def _route(params_n, batch, rng, state, *, name, cfg, env):
+  return get(name).route(params_n, batch, rng, cfg=cfg, env=env, state=state)
+
+
+def route(pool, name: str, batch: Batch, *, env: Env, cfg=None, state=None, rng=None):
+  """A router's choice per row ([B] int32, the member whose own answer the row gets) and its
+  extras, as one jitted program that decodes no answer (strategies registered with `route`)."""
+  spec = get(name)
+  if spec.route is None:
+    raise StrategyError(f"{name} does not route each query to one member's own answer")
+  cfg = spec.Config() if cfg is None else cfg
+  rng = jax.random.key(0) if rng is None else rng
+  return _route(pool.params, batch, rng, state, name=name, cfg=cfg, env=env)
 
 
 def fit(pool, name: str, dev: DevData | None, *, env: Env, cfg=None, rng=None, **kwargs):

@@ -8,7 +8,10 @@ of the stacked pool params ([N, ...] leaves), a `Batch` of tokenized prompts, an
 frozen-dataclass config `cfg` (static), the host-built static `Env` (model config, stop ids,
 token-space templates) and its fitted `state` (router params, merge weights, the chosen summariser:
 whatever `fit` learned on the dev split; a pytree, traced). Strategies that learn something from
-dev data also register `fit(pool, dev, cfg, env, rng) -> state`.
+dev data also register `fit(pool, dev, cfg, env, rng) -> state`. Routers (api level) whose
+answer is the routed member's own answer also register `route(params_n, batch, rng, *, cfg, env,
+state) -> (choice [B], extras)`: the member each row goes to, without decoding the answers, so an
+evaluation that has the members' answers already takes them (`evaluate.evaluate(members=...)`).
 
 Text-level strategies exchange answers in token space: every prompt a model sees is assembled
 inside the program from pre-tokenized template pieces, the question's tokens and other models'
@@ -106,13 +109,16 @@ class Strategy:
   # logits, `fn(logits [N, B, V], state, key) -> (token, log-prob row, state)`: what teacher-
   # forced scoring (on_policy_kd) fuses. None: the strategy cannot score given tokens.
   combine: Callable[..., Any] | None = None
+  # API level: route(params_n, batch, rng, *, cfg, env, state) -> (choice [B] int32, extras): the
+  # member whose own answer each row gets (`run` is then that answer, decoded with every member's).
+  route: Callable[..., Any] | None = None
 
 
 REGISTRY: dict[str, Strategy] = {}
 
 
 def register(name: str, level: str, Config: type, *, fit=None, min_models: int = 1,
-             templates: Sequence[str] = (), select=None, combine=None):
+             templates: Sequence[str] = (), select=None, combine=None, route=None):
   """Decorator: `@register("logit_fusion", "logit", LogitFusionConfig)` on the run function."""
   if level not in LEVELS:
     raise ValueError(f"level must be one of {LEVELS}, got {level!r}")
@@ -121,7 +127,7 @@ def register(name: str, level: str, Config: type, *, fit=None, min_models: int =
     if name in REGISTRY:
       raise ValueError(f"strategy {name!r} registered twice")
     REGISTRY[name] = Strategy(name, level, Config, run, fit, (run.__doc__ or "").strip(),
-                              min_models, tuple(templates), select, combine)
+                              min_models, tuple(templates), select, combine, route)
     return run
 
   return wrap

@@ -254,25 +254,32 @@ def _fit_trained_router(pool, dev, cfg: TrainedRouterConfig, env, rng):
           "train": {"final_loss": losses[-1], "label_accuracy": accuracy}}
 
 
-@core.register("trained_router", "api", TrainedRouterConfig, fit=_fit_trained_router,
-               min_models=2, templates=("router",))
-def trained_router(params_n, batch: core.Batch, rng, *, cfg: TrainedRouterConfig, env: core.Env,
-                   state=None):
-  """Route each query to the model the router names (kind "lm": the fine-tuned router's reply;
-  "head": a head on the router member's features)."""
+def trained_router_route(params_n, batch: core.Batch, rng, *, cfg: TrainedRouterConfig,
+                         env: core.Env, state=None):
+  """The member each query goes to [B] (kind "lm": the fine-tuned router's reply, kept in the
+  extras; "head": a head on the router member's features)."""
   key = "lora" if cfg.kind == "lm" else "head"
   if state is None or key not in state:
     raise core.StrategyError(f"trained_router (kind {cfg.kind!r}) must be fitted on dev first "
                              "(Strategy.fit)")
-  rng, k_route = decoding.split_keys(rng)
   if cfg.kind == "lm":
-    choice, reply = lm_router_choice(params_n, batch, k_route, cfg, env, state)
-    out = _answers_routed(params_n, batch, rng, env, choice)
-    return out.replace(extras=out.extras | {"router_reply": reply})
+    choice, reply = lm_router_choice(params_n, batch, rng, cfg, env, state)
+    return choice, {"router_reply": reply}
   feats = query_features(core.member(params_n, cfg.router), batch.prompt, batch.prompt_mask,
                          config=env.config)
-  return _answers_routed(params_n, batch, rng, env, route_choice("trained_router", state, cfg,
-                                                                 feats))
+  return route_choice("trained_router", state, cfg, feats), {}
+
+
+@core.register("trained_router", "api", TrainedRouterConfig, fit=_fit_trained_router,
+               min_models=2, templates=("router",), route=trained_router_route)
+def trained_router(params_n, batch: core.Batch, rng, *, cfg: TrainedRouterConfig, env: core.Env,
+                   state=None):
+  """Route each query to the model the router names (kind "lm": the fine-tuned router's reply;
+  "head": a head on the router member's features)."""
+  rng, k_route = decoding.split_keys(rng)
+  choice, extras = trained_router_route(params_n, batch, k_route, cfg=cfg, env=env, state=state)
+  out = _answers_routed(params_n, batch, rng, env, choice)
+  return out.replace(extras=out.extras | extras)
 
 
 # -------------------------------------------------------------------------------------------------
@@ -579,13 +586,21 @@ def route_choice(name: str, state, cfg, feats) -> jax.Array:
   return fast_graph_choice(state, feats, cfg)[0]
 
 
-@core.register("graph_router", "api", GraphRouterConfig, fit=_fit_graph_router, min_models=2)
+def graph_router_route(params_n, batch: core.Batch, rng, *, cfg: GraphRouterConfig,
+                       env: core.Env, state=None):
+  """The member each query goes to [B]: the highest predicted edge score."""
+  del rng
+  feats = query_features(core.member(params_n, cfg.router), batch.prompt, batch.prompt_mask,
+                         config=env.config)
+  return route_choice("graph_router", state, cfg, feats), {}
+
+
+@core.register("graph_router", "api", GraphRouterConfig, fit=_fit_graph_router, min_models=2,
+               route=graph_router_route)
 def graph_router(params_n, batch: core.Batch, rng, *, cfg: GraphRouterConfig, env: core.Env,
                  state=None):
   """Route each query to the model with the highest predicted edge score (kind "reference": a new
   graph of the batch's queries, as the reference routes its test set; "fast": the queries join
   the dev graph)."""
-  feats = query_features(core.member(params_n, cfg.router), batch.prompt, batch.prompt_mask,
-                         config=env.config)
-  return _answers_routed(params_n, batch, rng, env, route_choice("graph_router", state, cfg,
-                                                                 feats))
+  choice, _ = graph_router_route(params_n, batch, rng, cfg=cfg, env=env, state=state)
+  return _answers_routed(params_n, batch, rng, env, choice)
