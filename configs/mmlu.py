@@ -7,6 +7,8 @@ Plan only:     XLA_FLAGS=--xla_force_host_platform_device_count=8 \
                python -m single_multi.main --config=configs/mmlu.py --dry_run
 """
 
+from ml_collections import config_dict
+
 from single_multi import configs
 
 
@@ -26,11 +28,13 @@ def get_config():
   c.top_p = 0.9
   c.rounds = 3
   c.strategy = "logit_fusion"
+  c.strategy_config = config_dict.ConfigDict()
   c.distill.lora_rank = 64
   c.distill.lora_alpha = 16.0
   c.distill.lora_dropout = 0.1
   c.distill.learning_rate = 1e-5
   c.distill.batch_size = 1
+  c.distill.epochs = 1.0
   c.distill.accumulation = 16
   c.mesh = {"fsdp": -1}
   c.keep_checkpoints = 3

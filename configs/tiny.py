@@ -5,6 +5,8 @@ single_multi/models/tiny.py) on a real BIG-bench slice; seconds per round.
   python launch/local.py --num_processes=2 --config=configs/tiny.py --workdir=/tmp/tiny2
 """
 
+from ml_collections import config_dict
+
 from single_multi import configs
 
 
@@ -18,7 +20,10 @@ def get_config():
   c.batch_size = 8
   c.max_new_tokens = 4
   c.rounds = 1
+  c.strategy = "logit_fusion"
+  c.strategy_config = config_dict.ConfigDict()
   c.distill.lora_rank = 4
   c.distill.learning_rate = 1e-2
   c.distill.batch_size = 4
+  c.distill.epochs = 1.0
   return c

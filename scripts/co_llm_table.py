@@ -44,7 +44,7 @@ def main():
   chance = (f"Without reading the questions ({b['mc_rows']} multiple-choice test rows): chance "
             f"{b['chance']:.3f}, majority class {b['majority_class']['rate']:.3f}, position "
             f"baseline (the training rows' most common gold letter) "
-            f"{b['position']['accuracy']:.3f}.") if b else ""
+            f"{b['position']['accuracy']:.3f}.") if "mc_rows" in b else ""
   fams = list(out["composition"]["test"])
   rows = [f"| {name} | {s['score']:.3f} [{s['ci95'][0]:.3f}, {s['ci95'][1]:.3f}] | "
           + "".join(f"{s['per_task'][f]:.3f} | " for f in fams)

@@ -133,7 +133,7 @@ def _ci(s):
 
 def _row(name, e):
   b = e["baselines"]
-  if b:
+  if "mc_rows" in b:
     chance = f"{b['chance']:.3f}"
     majority = f"{b['majority_class']['rate']:.3f} ({b['majority_class']['letter']})"
     position = f"{b['position']['accuracy']:.3f} ({b['position']['letter']})"

@@ -40,7 +40,8 @@ FIELDS: dict[str, str] = {
     "task": "Task spec: `bbh`, `mmlu`, `mmlu_redux`, `gsm8k`, `bigbench_knowledge`, "
             "`bigbench:<task>[/<subtask>],...` or `moco:<task>,...` (the paper's 15 tasks; "
             "data/tasks.py, data/moco.py).",
-    "test_examples": "Held-out test rows scored (first n of the test split).",
+    "test_examples": "Held-out test rows scored: split evenly over the task's families, each "
+                     "family's rows in a seeded order (`common.balanced`).",
     "data_manual_dir": "The TFDS builders' manual dir (`mmlu`/`mmlu_redux` parquet files, "
                        "GSM8K's JSONL files, a BIG-bench checkout) for offline preparation; "
                        "empty: download when online.",
@@ -59,7 +60,9 @@ FIELDS: dict[str, str] = {
                  "tokenizer, each group stacked; the groups exchange text (text-level strategies "
                  "but the routers; supervised_kd / multi_student_kd; hetero_loop.py).",
     "specialists": "Task specs, one per specialist: the base fine-tuned (LoRA r=8, merged) on "
-                   "that task's dev rows becomes a pool member; cached under the workdir.",
+                   "that task's dev rows outside the loop's dev and test rows "
+                   "(`pools.specialist_rows`) becomes a pool member; cached under the workdir; "
+                   "summary.json records each one's and the base's score on its family.",
     "specialist_steps": "Optimizer steps per specialist fine-tune.",
     "specialist_examples": "Dev rows per specialist fine-tune.",
     "specialist_learning_rate": "AdamW learning rate of the specialist fine-tunes.",

@@ -154,21 +154,40 @@ def _baseline_entry(rows: Sequence[common.Example], reference: Sequence[common.E
                        "accuracy": float(np.mean([letter in e.correct for e in mc]))}}
 
 
+def _generation_entry(rows: Sequence[common.Example]) -> dict[str, Any]:
+  """Generated-answer rows: chance 0 (no options to hit), and the majority answer (the most
+  common normalised first gold answer) with its rate: the exact-match score of always giving it."""
+  gen = [e for e in rows if not e.is_mc and e.targets]
+  if not gen:
+    return {}
+  firsts = [metrics.normalize_answer(e.targets[0]) for e in gen]
+  answer = max(sorted(set(firsts)), key=firsts.count)
+  return {"rows": len(gen), "chance": 0.0, "majority_answer": {
+      "answer": answer, "rate": float(np.mean([metrics.exact_match(answer, e.targets)
+                                               for e in gen]))}}
+
+
+def _entry(rows, reference) -> dict[str, Any]:
+  gen = _generation_entry(rows)
+  return _baseline_entry(rows, reference) | ({"generation": gen} if gen else {})
+
+
 def baselines(examples: Sequence[common.Example], reference: Sequence[common.Example],
               reference_split: str) -> dict[str, Any]:
-  """What answering without reading the question scores on the valid multiple-choice rows:
-  chance (the mean share of correct options), the majority class (the most common gold letter of
-  these rows, and its rate) and the position baseline (always the most common gold letter of
-  `reference`, the dev split, scored on these rows); over all rows and per subject."""
+  """What answering without reading the question scores. Valid multiple-choice rows: chance (the
+  mean share of correct options), the majority class (the most common gold letter of these rows,
+  and its rate) and the position baseline (always the most common gold letter of `reference`,
+  the dev split, scored on these rows). Generated-answer rows ("generation"): chance 0 and the
+  majority answer's rate. Over all rows and per subject."""
   valid = [e for e in examples if not e.problem]
-  out = _baseline_entry(valid, reference)
+  out = _entry(valid, reference)
   if not out:
     return {}
   subjects = dict.fromkeys(e.subject for e in valid)
-  by_subject = {s: _baseline_entry([e for e in valid if e.subject == s],
-                                   [e for e in reference if e.subject == s]) for s in subjects}
-  return out | {"position_from": reference_split,
-                "by_subject": {s: v for s, v in by_subject.items() if v}}
+  by_subject = {s: _entry([e for e in valid if e.subject == s],
+                          [e for e in reference if e.subject == s]) for s in subjects}
+  return out | ({"position_from": reference_split} if "mc_rows" in out else {}) | {
+      "by_subject": {s: v for s, v in by_subject.items() if v}}
 
 
 def answer_positions(records: Sequence[dict[str, Any]]) -> dict[str, float]:
@@ -184,8 +203,11 @@ def format_summary(summary: dict[str, Any]) -> str:
     cells = [f"{k} {v['mean']:.3f} [{v['ci95'][0]:.3f}, {v['ci95'][1]:.3f}]"
              for k, v in entry.items() if isinstance(v, dict) and "mean" in v]
     lines.append(f"  {model}: " + "  ".join(cells))
-  base = summary.get("baselines")
-  if base:
+  base = summary.get("baselines") or {}
+  if gen := base.get("generation"):
+    lines.append(f"  baselines ({gen['rows']} generated-answer rows): chance 0, majority answer "
+                 f"{gen['majority_answer']['rate']:.3f} ({gen['majority_answer']['answer']!r})")
+  if "mc_rows" in base:
     lines.append(f"  baselines ({base['mc_rows']} MC rows): chance {base['chance']:.3f}, "
                  f"majority class {base['majority_class']['rate']:.3f} "
                  f"({base['majority_class']['letter']}), position "

@@ -72,8 +72,11 @@ def format_round(m: dict[str, Any]) -> str:
   if len(next(iter(m.get("by_task", {}).values()), {})) > 1:
     for n, by in m["by_task"].items():
       lines.append(f"    {n:28s} by task: " + ", ".join(f"{k} {v:.3f}" for k, v in by.items()))
-  base = m.get("baselines")
-  if base:
+  base = m.get("baselines") or {}
+  if gen := base.get("generation"):
+    lines.append(f"    generated answers ({gen['rows']} rows): chance 0, majority answer "
+                 f"{gen['majority_answer']['rate']:.3f} ({gen['majority_answer']['answer']!r})")
+  if "mc_rows" in base:
     lines.append(f"    multiple choice ({base['mc_rows']} rows): chance {base['chance']:.3f}, "
                  f"majority class {base['majority_class']['rate']:.3f}, position baseline "
                  f"{base['position']['accuracy']:.3f} (always {base['position']['letter']})")
@@ -116,11 +119,15 @@ def write_metrics(workdir: epath.Path, history: list[dict[str, Any]]) -> None:
     err = np.abs(np.asarray(cis, np.float64).T - means)
     ax.errorbar(x, means, yerr=err, fmt=marker + ("-" if name == "collaboration" else "--"),
                 capsize=3, label=name, lw=2 if name == "collaboration" else 1)
-  base = m.get("baselines")
-  if base:  # What answering without reading the question scores (multiple-choice rows).
-    ax.axhline(base["chance"], ls=":", color="gray", label="chance")
+  base = m.get("baselines") or {}
+  if "mc_rows" in base:  # What answering without reading the question scores.
+    ax.axhline(base["chance"], ls=":", color="gray", label="chance (multiple choice)")
     ax.axhline(base["majority_class"]["rate"], ls="-.", color="silver",
                label=f"majority class ({base['majority_class']['letter']})")
+  if gen := base.get("generation"):  # Exact match: chance 0; always the most common answer.
+    ax.axhline(0.0, ls=":", color="black", label="chance (generated answers)")
+    ax.axhline(gen["majority_answer"]["rate"], ls="-.", color="tan",
+               label="majority answer")
   ax.set_xlabel("round")
   ax.set_ylabel("test score")
   ax.set_xticks(rounds)

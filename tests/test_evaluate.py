@@ -143,11 +143,17 @@ def test_baselines_and_answer_positions_against_a_hand_count():
   assert base["position"] == {"letter": "B", "accuracy": 0.75} and base["position_from"] == "dev"
   # Per subject: a's dev rows are B and A (a tie: the first, A, wins); b has one row.
   assert base["by_subject"]["a"]["position"] == {"letter": "A", "accuracy": pytest.approx(1 / 3)}
-  assert base["by_subject"]["b"]["chance"] == 0.5 and set(base["by_subject"]) == {"a", "b"}
+  assert base["by_subject"]["b"]["chance"] == 0.5 and set(base["by_subject"]) == {"a", "b", "g"}
+  # g's generated answer: chance 0; always "y" (its only gold answer) is right.
+  gen = {"rows": 1, "chance": 0.0, "majority_answer": {"answer": "y", "rate": 1.0}}
+  assert base["by_subject"]["g"] == {"generation": gen} and base["generation"] == gen
   records = [{"model": "m", "choices": ["x", "y"], "prediction": p, "subject": "a"}
              for p in ("A", "A", "B", None)] + [{"model": "m", "prediction": "y", "subject": "g"}]
   assert evaluate.answer_positions(records) == {"A": 0.5, "B": 0.25, "none": 0.25}
-  assert evaluate.baselines([rows[-1]], dev, "dev") == {}  # No MC row: no MC baseline.
+  # No MC row: no MC baseline.
+  assert evaluate.baselines([rows[-1]], dev, "dev") == {"generation": gen,
+                                                        "by_subject": {"g": {"generation": gen}}}
+  assert evaluate.baselines([rows[-2]], dev, "dev") == {}  # No valid row at all.
 
 
 def test_records_show_the_options_as_asked():
@@ -173,3 +179,23 @@ def test_prompts_over_the_context_are_refused_naming_the_example():
                                              r"of 24 tokens"):
     evaluate.evaluate(short, exs, prompter=pipeline.Prompter(model.tokenizer), max_new_tokens=8,
                       progress=False)
+
+
+def test_generation_baselines_chance_zero_and_the_majority_answer_by_hand():
+  rows = [common.Example("g/0", "g", "q0", targets=("walked",)),
+          common.Example("g/1", "g", "q1", targets=("Walked.",)),  # Normalises to "walked".
+          common.Example("g/2", "g", "q2", targets=("ran",)),
+          common.Example("h/0", "h", "q3", targets=("cats", "cat")),
+          common.Example("m/0", "m", "q4", ("x", "y"), 1, ("y",)),
+          common.Example("g/3", "g", "", targets=("ran",), problem="empty question")]
+  b = evaluate.baselines(rows, rows, "dev")
+  # Always "walked": right on g/0 and g/1 of the 4 valid generated-answer rows.
+  assert b["generation"] == {"rows": 4, "chance": 0.0,
+                             "majority_answer": {"answer": "walked", "rate": 0.5}}
+  assert b["mc_rows"] == 1 and b["chance"] == 0.5 and b["position_from"] == "dev"
+  assert b["by_subject"]["g"] == {"generation": {"rows": 3, "chance": 0.0, "majority_answer": {
+      "answer": "walked", "rate": pytest.approx(2 / 3)}}}
+  assert b["by_subject"]["h"]["generation"]["majority_answer"] == {"answer": "cats", "rate": 1.0}
+  assert "generation" not in b["by_subject"]["m"]
+  only = evaluate.baselines(rows[:3], rows[:3], "dev")
+  assert "mc_rows" not in only and "position_from" not in only and only["generation"]["rows"] == 3
