@@ -383,12 +383,7 @@ def evaluate(model: pool_lib.Pool | Model, examples: Sequence[common.Example], *
                      "method='generate'")
   check_reward_model(examples, metric, reward_model)
   pool = _as_pool(model)
-  own = _member_records(members, strategy, pool.names, method)
-  missing = sorted({e.id for e in examples if not e.problem}
-                   - {i for _, i in own}) if own is not None else []
-  if missing:
-    raise ValueError(f"members has no answers to {len(missing)} of these examples "
-                     f"(e.g. {missing[:3]}): evaluate the pool on the same examples")
+  own = _member_records(members, examples, strategy, pool.names, method)
   if strategy is not None:
     env = collab.make_env(pool, strategy, strategy_cfg, max_new_tokens=max_new_tokens,
                           sampler=sampler)
@@ -465,10 +460,12 @@ def evaluate(model: pool_lib.Pool | Model, examples: Sequence[common.Example], *
                 reward_model=reward_model, batch_size=batch_size)
 
 
-def _member_records(members: EvalResult | None, strategy: str | None, names: Sequence[str],
-                    method: str) -> dict[tuple[str, str], dict[str, Any]] | None:
+def _member_records(members: EvalResult | None, examples, strategy: str | None,
+                    names: Sequence[str], method: str
+                    ) -> dict[tuple[str, str], dict[str, Any]] | None:
   """(member, example id) -> that member's record, when a router may take them (see
-  `evaluate`'s members); None when the strategy decodes its own answers."""
+  `evaluate`'s members); None when the strategy decodes its own answers. Refuses members that
+  are not the pool's generated answers to every valid example."""
   if members is None or strategy is None:
     return None
   if collab.get(strategy).route is None:
@@ -477,6 +474,10 @@ def _member_records(members: EvalResult | None, strategy: str | None, names: Seq
     raise ValueError(f"members must be the pool's own generated answers (models {list(names)}); "
                      f"got {list(members.summary['models'])}")
   own = {(r["model"], r["id"]): r for r in members.records}
+  missing = sorted({e.id for e in examples if not e.problem} - {i for _, i in own})
+  if missing:
+    raise ValueError(f"members has no answers to {len(missing)} of these examples "
+                     f"(e.g. {missing[:3]}): evaluate the pool on the same examples")
   return own
 
 
