@@ -28,28 +28,33 @@ def get_config() -> config_dict.ConfigDict:
   c = config_dict.ConfigDict()
   c.job = "co_llm"
   c.base = "embedded:smollm2-135m-instruct"
+  # Two families; the assistant specialises in one, the base in the other (each fine-tuned on
+  # dev rows of its own); the gate trains on both, so it must learn where the assistant knows.
+  c.task = "bigbench:linguistic_mappings/past_tense_json,linguistic_mappings/plural_json"
   c.assistant = ""  # A model source; "": fine-tune the base into a specialist (cached).
-  c.assistant_steps = 60
-  c.assistant_learning_rate = 1e-4
-  # Two families; the assistant specialises in one (its rows come only from it), the gate and
-  # the base train on both: where the assistant's skill is needed it should defer, elsewhere not.
-  c.task = "bigbench:arithmetic/2_digit_multiplication,arithmetic/2_digit_addition"
-  c.assistant_subjects = ("arithmetic/2_digit_multiplication",)
-  c.instruction = "Answer with the number only."
+  c.assistant_subjects = ("linguistic_mappings/plural_json",)
+  c.assistant_examples = 120  # Dev rows the specialist assistant is fine-tuned on.
+  c.base_subjects = ("linguistic_mappings/past_tense_json",)  # (): the base as loaded.
+  c.base_examples = 120  # Dev rows the base specialist is fine-tuned on.
+  # Both specialists' recipe (the loop's quickstart specialists'): LoRA rank 8, merged.
+  c.assistant_steps = 30
+  c.assistant_learning_rate = 2e-3
+  c.specialist_lora_rank = 8  # 0: full fine-tuning.
+  c.instruction = ""
   c.target = "answer"  # Training text: "answer" (gold) or "solution" (worked, where the task has one).
   c.dtype = "float32"
   c.seed = 0
-  c.assistant_examples = 96  # Dev rows the specialist assistant is fine-tuned on.
   c.train_examples = 256  # The next dev rows: the gate's (and base's) training rows.
   c.val_fraction = 0.3
   c.val_examples = 64
   c.test_examples = 240  # Balanced: 120 per family.
   c.batch_size = 16
-  c.max_new_tokens = 8
+  c.max_new_tokens = 12
+  c.evaluate_test = True  # False: stop after the validation rows (choosing a setting).
   c.train = config_dict.ConfigDict()
-  c.train.base = "full"  # "full", "lora" or "gate".
-  c.train.lora_rank = 16
-  c.train.lora_alpha = 32.0
+  c.train.base = "gate"  # "full", "lora" or "gate".
+  c.train.lora_rank = 8
+  c.train.lora_alpha = 16.0
   c.train.steps = 60  # 0: train.epochs passes over the training rows.
   c.train.epochs = 2.0
   c.train.batch_size = 8

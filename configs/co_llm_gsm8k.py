@@ -12,6 +12,8 @@ def get_config():
   c.base = "hf:meta-llama/Llama-2-7b-hf"
   c.assistant = "hf:EleutherAI/llemma_7b"
   c.task = "gsm8k"
+  c.assistant_subjects = ()
+  c.base_subjects = ()  # The base as loaded: Llama-2-7B.
   # The reference trains on GSM8K's full worked solutions (ending "#### N"), not the number;
   # its instruction (which it puts before the problem; ours follows it).
   c.instruction = "Please solve the following math problem with detailed steps."
@@ -26,6 +28,7 @@ def get_config():
   # The reference's schedules (clinicalml/co-llm scripts/train/gsm8k/*.sh; co_llm.CoLlmTrainConfig):
   # 2 epochs of batch 128, AdamW 2e-5 linear after 4% warmup, the gate row at the same rate; the
   # gate init at 2e-5, batch 8, one epoch.
+  c.train.base = "full"
   c.train.steps = 0
   c.train.epochs = 2.0
   c.train.batch_size = 128

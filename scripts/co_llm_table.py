@@ -32,19 +32,17 @@ def main():
     subprocess.run([sys.executable, "-m", "single_multi.main", f"--config={args.config}",
                     f"--workdir={args.workdir}"], cwd=ROOT, check=True)
   out = json.loads(results.read_text())
+  sys.path.insert(0, str(ROOT))
+  from single_multi import evaluate
   if "baselines" not in out:  # A results.json from before the job wrote them: same rows, no model.
-    sys.path.insert(0, str(ROOT))
-    from single_multi import co_llm_run, configs, evaluate
+    from single_multi import co_llm_run, configs
     from single_multi.data import tasks
     config = configs.load(args.config)
     task = tasks.from_config(config.task, config)
     split = co_llm_run.split_rows(task.dev, task.test, config)
     out["baselines"] = evaluate.baselines(split["test"], split["train"], "train")
-  b = out["baselines"]
-  chance = (f"Without reading the questions ({b['mc_rows']} multiple-choice test rows): chance "
-            f"{b['chance']:.3f}, majority class {b['majority_class']['rate']:.3f}, position "
-            f"baseline (the training rows' most common gold letter) "
-            f"{b['position']['accuracy']:.3f}.") if "mc_rows" in b else ""
+  chance = " ".join(f"Test rows without reading the questions: {line}."
+                    for line in evaluate.baseline_lines(out["baselines"]))
   fams = list(out["composition"]["test"])
   rows = [f"| {name} | {s['score']:.3f} [{s['ci95'][0]:.3f}, {s['ci95'][1]:.3f}] | "
           + "".join(f"{s['per_task'][f]:.3f} | " for f in fams)
@@ -60,12 +58,19 @@ def main():
   asst_rows = ", ".join(f"{k} {v}" for k, v in out["composition"]["assistant"].items())
   validation = ", ".join(f"{k} {v:.3f}" for k, v in out["validation"].items())
   rows_used = ", ".join(f"{k} {v}" for k, v in out["rows"].items())
+  cfg = out.get("config") or {}
+  base_rows = ", ".join(f"{k} {v}" for k, v in out["composition"].get("base", {}).items())
+  base_text = (f"a SmolLM2-135M-Instruct specialist fine-tuned on dev rows of its own "
+               f"({base_rows})" if base_rows else "SmolLM2-135M-Instruct")
+  trains = {"gate": "the gate alone (the base frozen)", "lora": "the gate and a LoRA of the base",
+            "full": "the gate and the whole base"}.get(cfg.get("train", {}).get("base"),
+                                                       "the gate and the base")
   page = f"""## Co-LLM on the embedded models (made by `python scripts/co_llm_table.py`)
 
-`configs/co_llm_bigbench.py` on {out['task']}: SmolLM2-135M-Instruct as the base, a SmolLM2
-specialist fine-tuned on dev rows of one family ({asst_rows}) as the assistant; Co-LLM trains the
-base and the gate on both families. Rows (disjoint, checked by id): {rows_used};
-test rows per family: {families}. Options shown in the loader's seeded order; greedy decoding;
+`configs/co_llm_bigbench.py` on {out['task']}: the base is {base_text}; the assistant a SmolLM2
+specialist fine-tuned on dev rows of another family ({asst_rows}); Co-LLM trains {trains} on
+both families. Rows (disjoint, checked by id): {rows_used};
+test rows per family: {families}. Greedy decoding;
 deferral = share of generated tokens written by the assistant. `base`: the original base;
 `trained_base`: the base as Co-LLM trained it, never deferring; `random_deferral`: base and
 assistant with each token deferred at random at Co-LLM's calibrated rate. 95% CIs: percentile

@@ -63,6 +63,8 @@ RANGES: dict[str, tuple[Any, str]] = {
     "target": (lambda v: v in ("answer", "solution"), "'answer' or 'solution'"),
     "train_examples": (lambda v: v >= 1, "an integer >= 1"),
     "assistant_examples": (lambda v: v >= 1, "an integer >= 1"),
+    "base_examples": (lambda v: v >= 1, "an integer >= 1"),
+    "specialist_lora_rank": (lambda v: v >= 0, "an integer >= 0 (0: full fine-tuning)"),
     "val_examples": (lambda v: v >= 1, "an integer >= 1"),
     "test_examples": (lambda v: v >= 1, "an integer >= 1"),
     "batch_size": (lambda v: v >= 1, "an integer >= 1"),
@@ -114,11 +116,13 @@ def disjoint_rows(named: dict[str, Sequence[Any]]) -> dict[str, int]:
 
 
 def split_rows(dev: Sequence[Any], test: Sequence[Any], config) -> dict[str, list[Any]]:
-  """{assistant, train, validation, test} rows as the module docstring says (problem rows out).
+  """{assistant, base, train, validation, test} rows as the module docstring says (problem rows
+  out; "base" only with `base_subjects`).
 
   Per task family (subject), the last `val_fraction` of its dev rows are validation; the rest are
   training rows, of which the assistant takes `assistant_examples` from the families named in
-  `assistant_subjects` (all when empty) and the gate the next `train_examples`. Every draw is
+  `assistant_subjects` (all when empty), the base specialist `base_examples` of the others from
+  the families in `base_subjects`, and the gate the next `train_examples`. Every draw is
   `common.balanced`: even over the families, in a seeded order fixed by the row ids."""
   by: dict[str, list[Any]] = {}
   for e in dev:
@@ -129,25 +133,31 @@ def split_rows(dev: Sequence[Any], test: Sequence[Any], config) -> dict[str, lis
     n_val = max(1, int(round(len(rows) * config.val_fraction)))
     rest += rows[:len(rows) - n_val]
     val += rows[len(rows) - n_val:]
-  wanted = tuple(config.get("assistant_subjects") or ())
-  unknown = sorted(set(wanted) - set(by))
-  if unknown:
-    raise ValueError(f"assistant_subjects {unknown} are not task families of this task "
-                     f"(families: {sorted(by)})")
-  n_asst = 0 if config.assistant else config.assistant_examples
-  pool = [e for e in rest if not wanted or e.subject in wanted]
-  asst = common.balanced(pool, n_asst, config.seed) if n_asst else []
-  if len(asst) < n_asst:
-    raise ValueError(f"{len(asst)} dev rows outside validation for the assistant: too few for "
-                     f"assistant_examples={n_asst}")
-  taken = {e.id for e in asst}
+  out: dict[str, list[Any]] = {}
+  taken: set[str] = set()
+  roles = [("assistant", 0 if config.assistant else config.assistant_examples)]
+  if config.get("base_subjects"):
+    roles.append(("base", config.base_examples))
+  for role, n in roles:
+    wanted = tuple(config.get(f"{role}_subjects") or ())
+    unknown = sorted(set(wanted) - set(by))
+    if unknown:
+      raise ValueError(f"{role}_subjects {unknown} are not task families of this task "
+                       f"(families: {sorted(by)})")
+    pool = [e for e in rest if e.id not in taken and (not wanted or e.subject in wanted)]
+    out[role] = common.balanced(pool, n, config.seed) if n else []
+    if len(out[role]) < n:
+      raise ValueError(f"{len(out[role])} dev rows outside validation for the {role}: too few "
+                       f"for {role}_examples={n}")
+    taken |= {e.id for e in out[role]}
   gate = common.balanced([e for e in rest if e.id not in taken], config.train_examples,
                          config.seed)
   if not gate:
-    raise ValueError(f"no dev rows left for gate training after assistant_examples={n_asst}")
-  return {"assistant": asst, "train": gate,
-          "validation": common.balanced(val, config.val_examples, config.seed),
-          "test": common.balanced(test, config.test_examples, config.seed)}
+    raise ValueError(f"no dev rows left for gate training after the specialists' "
+                     f"{len(taken)} rows")
+  return out | {"train": gate,
+                "validation": common.balanced(val, config.val_examples, config.seed),
+                "test": common.balanced(test, config.test_examples, config.seed)}
 
 
 def training_target(kind: str, split: dict[str, list[Any]]):
@@ -155,7 +165,8 @@ def training_target(kind: str, split: dict[str, list[Any]]):
   as the reference trains GSM8K; every assistant and gate-training row must have one)."""
   if kind == "answer":
     return pipeline.gold_answer
-  missing = [e.id for k in ("assistant", "train") for e in split[k] if not e.solution]
+  missing = [e.id for k in ("assistant", "base", "train") for e in split.get(k, ())
+             if not e.solution]
   if missing:
     raise ValueError(f"target='solution' but {len(missing)} training rows have no worked "
                      f"solution (first: {missing[0]}); this task's source has none: use "
@@ -178,6 +189,12 @@ def train_config(config, lora) -> co_llm.CoLlmTrainConfig:
 
 def run(config: config_dict.ConfigDict, workdir: str | pathlib.Path) -> dict[str, Any]:
   start = time.perf_counter()
+  stages: dict[str, float] = {}
+
+  def stage(name: str) -> None:  # Seconds since the previous mark, logged and in results.json.
+    stages[name] = time.perf_counter() - start - sum(stages.values())
+    logging.info("co_llm stage %s: %.1f s", name, stages[name])
+
   validate(config)
   workdir = pathlib.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
@@ -199,28 +216,39 @@ def run(config: config_dict.ConfigDict, workdir: str | pathlib.Path) -> dict[str
                               dropout=0.0) if config.train.base == "lora" else None)
   cfg = train_config(config, lora)
 
-  # 1. The assistant.
-  if config.assistant:
-    asst_params = loading.load(config.assistant, dtype, tokenizer=False).params
-  else:
+  # 1. The specialists: the assistant (unless given) and, with `base_subjects`, the base.
+  spec_lora = lora
+  if config.get("specialist_lora_rank") is not None:
+    r = config.specialist_lora_rank
+    spec_lora = lora_lib.LoraConfig(rank=r, alpha=2.0 * r, dropout=0.0) if r else None
+
+  def specialist(role: str) -> Any:
     key = hashlib.sha256(json.dumps(
         [config.base, config.task, config.instruction, config.dtype, config.seed,
-         config.assistant_steps, config.assistant_learning_rate, config.train.base,
-         config.train.lora_rank, config.train.batch_size, config.target,
-         [e.id for e in split["assistant"]]]
+         config.assistant_steps, config.assistant_learning_rate,
+         dataclasses.astuple(spec_lora) if spec_lora else None, config.train.batch_size,
+         config.target, [e.id for e in split[role]]]
     ).encode()).hexdigest()[:16]
-    asst_params = pools.finetuned(
-        base, lambda: (split["assistant"], prompter), workdir / f"assistant-{key}",
+    return pools.finetuned(
+        base, lambda: (split[role], prompter), workdir / f"{role}-{key}",
         steps=config.assistant_steps, batch_size=config.train.batch_size, seed=config.seed,
         optim=dataclasses.replace(cfg.optim, learning_rate=config.assistant_learning_rate),
-        lora=lora, dtype=dtype, desc="assistant (specialist SFT)", answer=target)
+        lora=spec_lora, dtype=dtype, desc=f"{role} (specialist SFT)", answer=target)
+
+  asst_params = (loading.load(config.assistant, dtype, tokenizer=False).params
+                 if config.assistant else specialist("assistant"))
+  if split.get("base"):
+    base = dataclasses.replace(base, params=specialist("base"))
+  stage("specialists")
 
   # 2-3. Scoring passes, gate init, Co-LLM (from the fitted gate) and weak supervision (from the
   # mean row, labels fixed from the original base).
   data = co_llm.make_data(tokens, mask, loss_mask, asst_params, base.config, base.params)
   w0, init_stats = co_llm.init_gate(base.params, data, base.config, cfg, progress=True)
+  stage("gate_init")
   trained = co_llm.train(base.params, data, base.config, cfg, w_init=w0)
   weak = co_llm.train(base.params, data, base.config, cfg, objective="weak")
+  stage("training")
 
   # 4. Calibration on validation rows.
   env = core.Env(config=base.config, max_new_tokens=config.max_new_tokens,
@@ -248,6 +276,7 @@ def run(config: config_dict.ConfigDict, workdir: str | pathlib.Path) -> dict[str
     logging.info("%s calibration: %s", name, [(r["rate"], round(r["score"], 3)) for r in table])
   co_llm.save(workdir / "checkpoint", results["co_llm"]["pair"], results["co_llm"]["w"],
               results["co_llm"]["eta"])
+  stage("calibration")
   rate = next(r["deferral"] for r in results["co_llm"]["calibration"]
               if r["eta"] == results["co_llm"]["eta"])
 
@@ -255,28 +284,58 @@ def run(config: config_dict.ConfigDict, workdir: str | pathlib.Path) -> dict[str
   test_batches = batches(test)
   rows = [r for _, r in test_batches]
   pair0 = pool_lib.stack([base.params, asst_params])
+
+  def alone(params, deferred: bool):
+    # One model decoding by itself (the pair with eta 1 or 0 gives the same tokens at twice the
+    # cost: both models run every step).
+    def fn(b):
+      out = decoding.decode(params, b.prompt, b.prompt_mask, jax.random.key(0),
+                            sampler=env.sampler, **env.decode_kw)
+      live = jnp.arange(out.tokens.shape[1])[None] < out.lengths[:, None]
+      return core.Output(out.tokens, out.lengths, None, {"deferred": live & deferred})
+    return fn
+
+  def deferring(name):
+    r = results[name]
+    return lambda b: co_llm.decode(r["pair"], b, r["w"], eta=r["eta"], env=env)
+
   systems = {
-      "base": lambda b: co_llm.decode(pair0, b, jnp.zeros_like(w0), eta=1.0, env=env),
-      "assistant": lambda b: co_llm.decode(pair0, b, jnp.zeros_like(w0), eta=0.0, env=env),
+      "base": alone(base.params, False),
+      "assistant": alone(asst_params, True),
       "random_deferral": lambda b: co_llm.decode_random(pair0, b, jax.random.key(config.seed),
                                                         rate=rate, env=env),
       # The base as Co-LLM trained it, never deferring: what deferral adds beyond the training.
-      "trained_base": lambda b: co_llm.decode(results["co_llm"]["pair"], b,
-                                              results["co_llm"]["w"], eta=1.0, env=env),
-      "weak_supervision": lambda b: co_llm.decode(results["weak_supervision"]["pair"], b,
-                                                  results["weak_supervision"]["w"],
-                                                  eta=results["weak_supervision"]["eta"],
-                                                  env=env),
-      "co_llm": lambda b: co_llm.decode(results["co_llm"]["pair"], b, results["co_llm"]["w"],
-                                        eta=results["co_llm"]["eta"], env=env),
+      "trained_base": alone(trained.params, False),
+      "weak_supervision": deferring("weak_supervision"),
+      "co_llm": deferring("co_llm"),
   }
+  # The same decoding under two names is run once (train.base='gate': the base is not trained).
+  same = {"trained_base": "base"} if trained.params is base.params else {}
   # Every system on the validation rows too: what a choice of setting may look at (test is not).
-  validation = {name: accuracy([fn(b) for b, _ in val], [r for _, r in val])[0]
-                for name, fn in systems.items()}
+  # The calibration decoded the trained gates' systems there already (trained_base: its rate 0).
+  validation = {name: next(r["score"] for r in results[name]["calibration"]
+                           if r["eta"] == results[name]["eta"])
+                for name in ("weak_supervision", "co_llm")}
+  validation["trained_base"] = results["co_llm"]["calibration"][0]["score"]
+  for name in ("base", "assistant", "random_deferral"):
+    validation[name] = accuracy([systems[name](b) for b, _ in val], [r for _, r in val])[0]
+  validation = {name: validation[name] for name in systems}
   logging.info("validation scores: %s", validation)
+  stage("validation")
+  out = {"task": task.name, "config": json.loads(config.to_json_best_effort()),
+         "rows": {k: len(v) for k, v in split.items()},
+         "composition": {k: common.composition(v) for k, v in split.items()},
+         "same_question_text": same_text, "validation": validation,
+         "init": init_stats, "calibration": {k: v["calibration"] for k, v in results.items()},
+         "eta": {k: v["eta"] for k, v in results.items()},
+         "train_history": {"co_llm": trained.history, "weak_supervision": weak.history}}
+  if not config.get("evaluate_test", True):  # Choosing a setting: validation rows only.
+    return _write(out | {"seconds": time.perf_counter() - start, "stages": stages}, workdir)
   summary, lines, per_row = {}, [], {}
+  decoded: dict[str, list[core.Output]] = {}
   for name, fn in systems.items():
-    outs = [fn(b) for b, _ in test_batches]
+    outs = decoded[name] = (decoded[same[name]] if name in same
+                            else [fn(b) for b, _ in test_batches])
     mean, scores = accuracy(outs, rows)
     lo, hi = evaluate.bootstrap_ci(scores, seed=config.seed)
     live = sum(int(np.asarray(o.lengths).sum()) for o in outs)
@@ -290,9 +349,10 @@ def run(config: config_dict.ConfigDict, workdir: str | pathlib.Path) -> dict[str
     lines.append(f"{name:18s} {mean:6.3f} [{lo:.3f}, {hi:.3f}]  deferral {deferral:6.1%}")
     if name == "co_llm":
       traces = []
-      for out, (_, r) in zip(outs, test_batches):
-        traces += co_llm.deferral_traces(tok, out, [e.id for e in r])
+      for o, (_, r) in zip(outs, test_batches):
+        traces += co_llm.deferral_traces(tok, o, [e.id for e in r])
       co_llm.write_traces(traces, workdir)
+  stage("test")
   paired = {}
   for other in ("base", "assistant", "trained_base", "random_deferral", "weak_supervision"):
     d = np.asarray(per_row["co_llm"]) - np.asarray(per_row[other])
@@ -303,22 +363,16 @@ def run(config: config_dict.ConfigDict, workdir: str | pathlib.Path) -> dict[str
            f"(calibrated deferral {rate:.0%}):\n" + "\n".join(lines))
   table += "\nvalidation rows: " + ", ".join(f"{k} {v:.3f}" for k, v in validation.items())
   base_rates = evaluate.baselines(test, split["train"], "train")
-  if base_rates:
-    table += (f"\nwithout reading the questions ({base_rates['mc_rows']} multiple-choice rows): "
-              f"chance {base_rates['chance']:.3f}, majority class "
-              f"{base_rates['majority_class']['rate']:.3f}, position baseline "
-              f"{base_rates['position']['accuracy']:.3f}")
+  table += "".join(f"\ntest rows without reading the questions: {line}"
+                   for line in evaluate.baseline_lines(base_rates))
   print(table)
   (workdir / "table.txt").write_text(table + "\n")
-  out = {"task": task.name, "rows": {k: len(v) for k, v in split.items()},
-         "composition": {k: common.composition(v) for k, v in split.items()},
-         "same_question_text": same_text, "validation": validation, "baselines": base_rates,
-         "summary": summary,
-         "paired": paired,
-         "init": init_stats, "seconds": time.perf_counter() - start,
-         "calibration": {k: v["calibration"] for k, v in results.items()},
-         "eta": {k: v["eta"] for k, v in results.items()},
-         "train_history": {"co_llm": trained.history, "weak_supervision": weak.history}}
+  return _write(out | {"baselines": base_rates, "summary": summary, "paired": paired,
+                       "seconds": time.perf_counter() - start, "stages": stages}, workdir)
+
+
+def _write(out: dict[str, Any], workdir: pathlib.Path) -> dict[str, Any]:
+  """results.json and calibration.png."""
   (workdir / "results.json").write_text(json.dumps(out, indent=1))
   plot_calibration(out["calibration"], workdir / "calibration.png")
   return out

@@ -123,8 +123,17 @@ FIELDS: dict[str, str] = {
     "base": "The base model source (it learns when to defer).",
     "assistant": "The assistant's source; empty: the base fine-tuned into a task specialist "
                  "(cached in the workdir).",
-    "assistant_steps": "Optimizer steps of that fine-tune.",
-    "assistant_learning_rate": "Its learning rate.",
+    "assistant_steps": "Optimizer steps of each specialist fine-tune (the assistant's and the "
+                       "base's).",
+    "assistant_learning_rate": "Their learning rate.",
+    "specialist_lora_rank": "LoRA rank of those fine-tunes (alpha 2 x rank, merged); 0: full "
+                            "fine-tuning.",
+    "base_subjects": "Task families whose rows fine-tune the base into a specialist before "
+                     "Co-LLM (cached; rows disjoint from the assistant's, the gate's, validation "
+                     "and test); empty: the base as loaded.",
+    "base_examples": "Dev rows of that base fine-tune.",
+    "evaluate_test": "False: stop after the validation rows (results.json without test "
+                     "scores), for choosing a setting without seeing the test rows.",
     "instruction": "Appended to every question.",
     "target": "Training text of the assistant and gate rows: `answer` (the gold answer) or "
               "`solution` (the task's worked solution, e.g. GSM8K's, as the reference trains).",

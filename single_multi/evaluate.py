@@ -196,6 +196,21 @@ def answer_positions(records: Sequence[dict[str, Any]]) -> dict[str, float]:
   return {k: letters.count(k) / len(letters) for k in sorted(set(letters))} if letters else {}
 
 
+def baseline_lines(base: dict[str, Any]) -> list[str]:
+  """`baselines(...)` as text: the generated-answer line and the multiple-choice line."""
+  lines = []
+  if gen := base.get("generation"):
+    lines.append(f"baselines ({gen['rows']} generated-answer rows): chance 0, majority answer "
+                 f"{gen['majority_answer']['rate']:.3f} ({gen['majority_answer']['answer']!r})")
+  if "mc_rows" in base:
+    lines.append(f"baselines ({base['mc_rows']} MC rows): chance {base['chance']:.3f}, "
+                 f"majority class {base['majority_class']['rate']:.3f} "
+                 f"({base['majority_class']['letter']}), position "
+                 f"{base['position']['accuracy']:.3f} (always {base['position']['letter']}, "
+                 f"the most common on {base['position_from']})")
+  return lines
+
+
 def format_summary(summary: dict[str, Any]) -> str:
   lines = [f"{summary['task']} [{summary['split']}] method={summary['method']}: "
            f"{summary['n_scored']} scored, {summary['n_excluded']} excluded"]
@@ -204,15 +219,8 @@ def format_summary(summary: dict[str, Any]) -> str:
              for k, v in entry.items() if isinstance(v, dict) and "mean" in v]
     lines.append(f"  {model}: " + "  ".join(cells))
   base = summary.get("baselines") or {}
-  if gen := base.get("generation"):
-    lines.append(f"  baselines ({gen['rows']} generated-answer rows): chance 0, majority answer "
-                 f"{gen['majority_answer']['rate']:.3f} ({gen['majority_answer']['answer']!r})")
+  lines += ["  " + line for line in baseline_lines(base)]
   if "mc_rows" in base:
-    lines.append(f"  baselines ({base['mc_rows']} MC rows): chance {base['chance']:.3f}, "
-                 f"majority class {base['majority_class']['rate']:.3f} "
-                 f"({base['majority_class']['letter']}), position "
-                 f"{base['position']['accuracy']:.3f} (always {base['position']['letter']}, "
-                 f"the most common on {base['position_from']})")
     for model, entry in summary["models"].items():
       if entry.get("answer_positions"):
         lines.append(f"  {model} answers: " + " ".join(

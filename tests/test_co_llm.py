@@ -301,6 +301,20 @@ def test_co_llm_rows_of_a_mixture_are_balanced_and_the_assistant_keeps_to_its_fa
   c.assistant_subjects = ("div",)
   with pytest.raises(ValueError, match=r"\['div'\] are not task families.*'add', 'mul'"):
     co_llm_run.split_rows(dev, [], c)
+  # A base specialist: rows of its own families, none of the assistant's, the gate's or
+  # validation's; the gate takes what is left.
+  c.seed, c.assistant_subjects = 0, ("mul",)
+  c.base_subjects, c.base_examples = ("add",), 6
+  split = co_llm_run.split_rows(dev, rows("test", "mul", 30) + rows("test", "add", 30), c)
+  per = {k: common.composition(v) for k, v in split.items()}
+  assert per["base"] == {"add": 6} and per["assistant"] == {"mul": 12}
+  # add: 15 rows outside validation, 6 of them the base's; 8 of the other 9 train the gate.
+  assert per["train"] == {"add": 8, "mul": 8}
+  assert not {e.id for e in split["base"]} & {e.id for e in split["train"]}
+  co_llm_run.disjoint_rows(split)
+  c.base_examples = 16  # More than the 15 add rows outside validation.
+  with pytest.raises(ValueError, match="15 dev rows outside validation for the base"):
+    co_llm_run.split_rows(dev, [], c)
 
 
 @pytest.fixture(scope="module")
@@ -333,6 +347,14 @@ def test_random_deferral_extremes(pair):
   one = co_llm.decode_random(pair, batch, jax.random.key(0), rate=1.0, env=env)
   np.testing.assert_array_equal(zero.tokens, base.tokens)
   np.testing.assert_array_equal(one.tokens, asst.tokens)
+  # The gate at eta 1 (never defer) and eta 0 (always): each model alone, as the job's test
+  # decodes the base and the assistant (co_llm_run: one model, not the pair).
+  w = 0.3 * jax.random.normal(jax.random.key(4), (CONFIG.hidden_size,))
+  never = co_llm.decode(pair, batch, w, eta=1.0, env=env)
+  always = co_llm.decode(pair, batch, w, eta=0.0, env=env)
+  np.testing.assert_array_equal(never.tokens, base.tokens)
+  np.testing.assert_array_equal(always.tokens, asst.tokens)
+  assert co_llm.deferral_frequency(never) == 0 and co_llm.deferral_frequency(always) == 1
   assert co_llm.deferral_frequency(zero) == 0 and co_llm.deferral_frequency(one) == 1
 
 
@@ -369,17 +391,17 @@ class _CharTok:
 
 
 def test_co_llm_job_end_to_end_through_main_on_real_bigbench_rows(tmp_path):
-  """The job as `main` runs it, at toy sizes on the config's real BIG-bench rows (2-digit
-  multiplication and addition): a tiny random base (byte tokenizer, `tiny:0`) and its 3-step
-  specialist. (The real SmolLM2 pair runs the Co-LLM decode in the notebook test; the full
-  embedded job takes well over an hour on 2 cores: configs/co_llm_bigbench.py.)"""
+  """The job as `main` runs it, at toy sizes on the config's real BIG-bench rows (past tense and
+  plural): a tiny random base (byte tokenizer, `tiny:0`) and its two 3-step specialists (the
+  base's and the assistant's). (The real SmolLM2 pair runs the Co-LLM decode in the notebook
+  test; the full embedded job, configs/co_llm_bigbench.py, takes about 12 minutes on 2 cores.)"""
   from configs_loader import load_config
   from single_multi import main
 
   c = load_config("co_llm_bigbench.py")
   c.base = "tiny:0"
   c.assistant_steps, c.train.steps, c.train.batch_size, c.train.init_epochs = 3, 3, 4, 1
-  c.assistant_examples = 8
+  c.assistant_examples, c.base_examples = 8, 8
   c.train_examples, c.val_examples, c.test_examples, c.batch_size = 16, 8, 8, 8
   c.max_new_tokens = 4
   out = main.run(c, str(tmp_path))
@@ -388,7 +410,10 @@ def test_co_llm_job_end_to_end_through_main_on_real_bigbench_rows(tmp_path):
   assert out["summary"]["base"]["deferral"] == 0 and out["summary"]["assistant"]["deferral"] == 1
   assert out["summary"]["trained_base"]["deferral"] == 0
   assert all(r["n"] == 8 for r in out["summary"].values())
-  assert out["rows"] == {"assistant": 8, "train": 16, "validation": 8, "test": 8}
+  assert out["rows"] == {"assistant": 8, "base": 8, "train": 16, "validation": 8, "test": 8}
+  assert set(out["composition"]["base"]) == set(c.base_subjects)
+  # train.base='gate': the base is not trained, so the trained base is the base.
+  assert out["summary"]["trained_base"] == out["summary"]["base"]
   for other in ("base", "assistant", "trained_base", "random_deferral", "weak_supervision"):
     d = out["paired"][f"co_llm_vs_{other}"]
     want = out["summary"]["co_llm"]["score"] - out["summary"][other]["score"]
@@ -398,9 +423,14 @@ def test_co_llm_job_end_to_end_through_main_on_real_bigbench_rows(tmp_path):
     assert (tmp_path / name).exists()
   params, w, eta = co_llm.load(tmp_path / "checkpoint")
   assert eta == pytest.approx(out["eta"]["co_llm"]) and w.shape == (32,)
-  cached = list(tmp_path.glob("assistant-*/config.json"))  # The cached specialist.
-  assert len(cached) == 1
+  for role in ("assistant", "base"):  # The cached specialists.
+    assert len(list(tmp_path.glob(f"{role}-*/config.json"))) == 1
   assert main.run(c, str(tmp_path))["summary"] == out["summary"]  # Rerun: reused, same result.
+  c.evaluate_test = False  # Choosing a setting: validation only, no test score anywhere.
+  chosen = main.run(c, str(tmp_path / "validation_only"))
+  assert chosen["validation"] == out["validation"] and chosen["eta"] == out["eta"]
+  assert not {"summary", "paired", "baselines"} & set(chosen)
+  assert not (tmp_path / "validation_only" / "table.txt").exists()
 
 
 def test_co_llm_job_fields_are_checked_before_anything_loads(monkeypatch):
@@ -415,6 +445,8 @@ def test_co_llm_job_fields_are_checked_before_anything_loads(monkeypatch):
       ("train.steps", -1, "train.steps=-1 is not allowed: give an integer >= 0 (0: train.epochs)"),
       ("train.schedule", "cosin", "train.schedule='cosin' is not allowed"),
       ("assistant_examples", 0, "assistant_examples=0 is not allowed"),
+      ("base_examples", 0, "base_examples=0 is not allowed"),
+      ("specialist_lora_rank", -1, "specialist_lora_rank=-1 is not allowed: give an integer >= 0"),
       ("task", "bigbench:", "names no BIG-bench task")]:
     c = load_config("co_llm_bigbench.py")
     *parents, leaf = field.split(".")
