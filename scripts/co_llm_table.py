@@ -46,7 +46,11 @@ def main():
   fams = list(out["composition"]["test"])
   rows = [f"| {name} | {s['score']:.3f} [{s['ci95'][0]:.3f}, {s['ci95'][1]:.3f}] | "
           + "".join(f"{s['per_task'][f]:.3f} | " for f in fams)
-          + f"{s['deferral']:.1%} | {s['n']} |" for name, s in out["summary"].items()]
+          + f"{s['deferral']:.1%} | "
+          + "".join(f"{s['per_task_deferral'][f]:.1%} | " for f in fams if "per_task_deferral" in s)
+          + f"{s['n']} |" for name, s in out["summary"].items()]
+  short = [f.split("/")[-1] for f in fams]
+  with_deferral = all("per_task_deferral" in s for s in out["summary"].values())
   paired = "\n".join(f"| {k.replace('_vs_', ' minus ')} | {v['delta']:+.3f} "
                      f"[{v['ci95'][0]:+.3f}, {v['ci95'][1]:+.3f}] |"
                      for k, v in out["paired"].items())
@@ -76,8 +80,9 @@ deferral = share of generated tokens written by the assistant. `base`: the origi
 assistant with each token deferred at random at Co-LLM's calibrated rate. 95% CIs: percentile
 bootstrap over the rows; differences: paired bootstrap over the same test rows. {chance}
 {note}
-| system | score [95% CI] | """ + "".join(f"{f} | " for f in fams) + """deferral | n |
-|---|---|""" + "---:|" * len(fams) + """---:|---:|
+| system | score [95% CI] | """ + "".join(f"{f} | " for f in short) + """deferral | """ + (
+    "".join(f"deferral {f} | " for f in short) if with_deferral else "") + """n |
+|---|---|""" + "---:|" * len(fams) + "---:|" + ("---:|" * len(fams) if with_deferral else "") + """---:|
 """ + "\n".join(rows) + """
 
 | difference | delta [paired 95% CI] |

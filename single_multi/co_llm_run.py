@@ -343,8 +343,15 @@ def run(config: config_dict.ConfigDict, workdir: str | pathlib.Path) -> dict[str
     families: dict[str, list[float]] = {}
     for e, sc in zip((e for r in rows for e in r), scores):
       families.setdefault(e.subject, []).append(sc)
+    # Where it defers: per family, the share of generated tokens the assistant wrote.
+    per_row_tokens = [(e.subject, int(n), int(d)) for o, r in zip(outs, rows) for e, n, d in zip(
+        r, np.asarray(o.lengths), np.asarray(o.extras["deferred"]).sum(-1))]
     summary[name] = {"score": mean, "ci95": [lo, hi], "deferral": deferral, "n": len(scores),
-                     "per_task": {k: float(np.mean(v)) for k, v in families.items()}}
+                     "per_task": {k: float(np.mean(v)) for k, v in families.items()},
+                     "per_task_deferral": {
+                         k: sum(d for f, _, d in per_row_tokens if f == k)
+                         / max(sum(n for f, n, _ in per_row_tokens if f == k), 1)
+                         for k in families}}
     per_row[name] = scores
     lines.append(f"{name:18s} {mean:6.3f} [{lo:.3f}, {hi:.3f}]  deferral {deferral:6.1%}")
     if name == "co_llm":

@@ -409,6 +409,14 @@ def test_co_llm_job_end_to_end_through_main_on_real_bigbench_rows(tmp_path):
                                  "trained_base", "co_llm"}
   assert out["summary"]["base"]["deferral"] == 0 and out["summary"]["assistant"]["deferral"] == 1
   assert out["summary"]["trained_base"]["deferral"] == 0
+  # Per family: the share of that family's generated tokens the assistant wrote; the overall rate
+  # is their token-weighted mean, so it lies between them.
+  for name, s in out["summary"].items():
+    assert set(s["per_task_deferral"]) == set(c.assistant_subjects + c.base_subjects)
+    assert min(s["per_task_deferral"].values()) <= s["deferral"] + 1e-9
+    assert s["deferral"] <= max(s["per_task_deferral"].values()) + 1e-9
+  assert set(out["summary"]["base"]["per_task_deferral"].values()) == {0}
+  assert set(out["summary"]["assistant"]["per_task_deferral"].values()) == {1}
   assert all(r["n"] == 8 for r in out["summary"].values())
   assert out["rows"] == {"assistant": 8, "base": 8, "train": 16, "validation": 8, "test": 8}
   assert set(out["composition"]["base"]) == set(c.base_subjects)
