@@ -75,7 +75,7 @@ def main():
 specialist fine-tuned on dev rows of another family ({asst_rows}); Co-LLM trains {trains} on
 both families. Rows (disjoint, checked by id): {rows_used};
 test rows per family: {families}. Greedy decoding;
-deferral = share of generated tokens written by the assistant. `base`: the original base;
+deferral = share of generated tokens written by the assistant. `base`: the base before Co-LLM (not deferring);
 `trained_base`: the base as Co-LLM trained it, never deferring; `random_deferral`: base and
 assistant with each token deferred at random at Co-LLM's calibrated rate. 95% CIs: percentile
 bootstrap over the rows; differences: paired bootstrap over the same test rows. {chance}

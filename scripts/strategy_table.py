@@ -24,7 +24,7 @@ import time
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 SKIP = {"single": "the rows of the singles above", "co_llm": "needs its trained gate: the Co-LLM "
-        "section below"}
+        "section above"}
 
 
 def balanced(examples, per_task: int, seed: int):
