@@ -270,8 +270,16 @@ def run(config: config_dict.ConfigDict, workdir: str | pathlib.Path) -> dict[str
   results = {}
   for name, res in (("co_llm", trained), ("weak_supervision", weak)):
     pair = pool_lib.stack([res.params, asst_params])
-    eta, table = co_llm.calibrate(pair, [b for b, _ in val], res.w_defer,
-                                  lambda outs: accuracy(outs, [r for _, r in val])[0], env=env)
+    per_rate = []  # Each rate's per-row scores, in the sweep's order: its 95% CI for the plot.
+
+    def score(outs):
+      mean, scores = accuracy(outs, [r for _, r in val])
+      per_rate.append(scores)
+      return mean
+    eta, table = co_llm.calibrate(pair, [b for b, _ in val], res.w_defer, score, env=env)
+    assert len(per_rate) == len(table)
+    for r, scores in zip(table, per_rate):
+      r["ci95"] = list(evaluate.bootstrap_ci(scores, seed=config.seed))
     results[name] = {"pair": pair, "w": res.w_defer, "eta": eta, "calibration": table}
     logging.info("%s calibration: %s", name, [(r["rate"], round(r["score"], 3)) for r in table])
   co_llm.save(workdir / "checkpoint", results["co_llm"]["pair"], results["co_llm"]["w"],
@@ -386,12 +394,19 @@ def _write(out: dict[str, Any], workdir: pathlib.Path) -> dict[str, Any]:
 
 
 def plot_calibration(calibration: dict[str, list[dict[str, float]]], path: pathlib.Path) -> None:
-  """Validation score against the measured deferral rate, one line per trained gate."""
+  """Validation score against the measured deferral rate, one line per trained gate, with 95%
+  bootstrap CIs over the validation rows where the table has them."""
   from matplotlib.figure import Figure
   fig = Figure(figsize=(5, 3.5))
   ax = fig.subplots()
   for name, table in calibration.items():
-    ax.plot([r["deferral"] for r in table], [r["score"] for r in table], "o-", label=name)
+    x, y = [r["deferral"] for r in table], [r["score"] for r in table]
+    if all("ci95" in r for r in table):  # 95% bootstrap CIs over the validation rows.
+      err = [[s - r["ci95"][0] for s, r in zip(y, table)],
+             [r["ci95"][1] - s for s, r in zip(y, table)]]
+      ax.errorbar(x, y, yerr=err, fmt="o-", capsize=3, label=name)
+    else:
+      ax.plot(x, y, "o-", label=name)
   ax.set_xlabel("deferral rate (share of tokens from the assistant)")
   ax.set_ylabel("validation score")
   ax.set_ylim(-0.02, 1.02)

@@ -427,6 +427,8 @@ def test_co_llm_job_end_to_end_through_main_on_real_bigbench_rows(tmp_path):
     want = out["summary"]["co_llm"]["score"] - out["summary"][other]["score"]
     assert d["delta"] == pytest.approx(want) and d["ci95"][0] <= d["delta"] <= d["ci95"][1]
   assert len(out["calibration"]["co_llm"]) == 10
+  for r in out["calibration"]["co_llm"] + out["calibration"]["weak_supervision"]:
+    assert 0 <= r["ci95"][0] <= r["score"] <= r["ci95"][1] <= 1  # Each rate's bootstrap CI.
   for name in ("table.txt", "results.json", "traces.jsonl", "traces.html", "calibration.png"):
     assert (tmp_path / name).exists()
   params, w, eta = co_llm.load(tmp_path / "checkpoint")
