@@ -73,13 +73,8 @@ def format_round(m: dict[str, Any]) -> str:
     for n, by in m["by_task"].items():
       lines.append(f"    {n:28s} by task: " + ", ".join(f"{k} {v:.3f}" for k, v in by.items()))
   base = m.get("baselines") or {}
-  if gen := base.get("generation"):
-    lines.append(f"    generated answers ({gen['rows']} rows): chance 0, majority answer "
-                 f"{gen['majority_answer']['rate']:.3f} ({gen['majority_answer']['answer']!r})")
+  lines += [f"    {line}" for line in evaluate.baseline_lines(base)]
   if "mc_rows" in base:
-    lines.append(f"    multiple choice ({base['mc_rows']} rows): chance {base['chance']:.3f}, "
-                 f"majority class {base['majority_class']['rate']:.3f}, position baseline "
-                 f"{base['position']['accuracy']:.3f} (always {base['position']['letter']})")
     for n, shares in m["answer_positions"].items():
       lines.append(f"    {n:28s} answers " + " ".join(f"{k} {v:.0%}" for k, v in shares.items()))
   return "\n".join(lines)

@@ -77,6 +77,21 @@ def test_collapse_is_flagged_only_when_the_gold_is_not_as_uniform():
   assert report.top_share(["A", "A", "B", None]) == 0.5 and report.top_share([]) == 0.0
 
 
+def test_round_summary_shows_the_baselines_as_every_report_does():
+  """The round print names chance / majority / position with evaluate's one formatter."""
+  from single_multi import evaluate
+  base = {"generation": {"rows": 3, "chance": 0.0, "majority_answer": {"answer": "x", "rate": 0.3}},
+          "mc_rows": 4, "chance": 0.25, "majority_class": {"letter": "B", "rate": 0.75},
+          "position": {"letter": "B", "accuracy": 0.5}, "position_from": "dev"}
+  m = {"round": 0, "n": 7, "singles": {"a": 0.5}, "singles_ci95": {"a": [0.4, 0.6]},
+       "single_mean": 0.5, "best_single": 0.5, "best_single_model": "a", "collab": 0.6,
+       "collab_ci95": [0.5, 0.7], "baselines": base, "answer_positions": {"a": {"A": 0.5}}}
+  text = report.format_round(m).splitlines()
+  assert [line.strip() for line in text[2:4]] == evaluate.baseline_lines(base)
+  assert "chance 0.250" in text[3] and "majority answer 0.300 ('x')" in text[2]
+  assert text[4].split() == ["a", "answers", "A", "50%"]
+
+
 def test_every_refusal_names_the_alternatives_and_loads_nothing(monkeypatch):
   """Every (strategy, distillation method, fused_round) the loop cannot run is refused by
   `validate` before any model loads, with a message that says what to use instead."""
