@@ -92,7 +92,7 @@ bootstrap over the rows; differences: paired bootstrap over the same test rows. 
 Validation sweep (deferral rate: score) that picked eta {out['eta']['co_llm']:.6g}: {sweep}.
 Every system on the validation rows: {validation}. Wall time of the job: {out['seconds'] / 60:.1f} min.
 
-![score against deferral rate on the validation rows](co_llm_calibration.png)
+![score against deferral rate on the validation rows, 95% bootstrap CIs as error bars](co_llm_calibration.png)
 """
   write_section(pathlib.Path(args.output), "co_llm", page)
   print(page)
