@@ -432,6 +432,14 @@ def _decode_jit(params_n, batch, rng, state, *, cfg, env):
   return token_level.co_llm(params_n, batch, rng, cfg=cfg, env=env, state=state)
 
 
+def live_tokens(batch: core.Batch, out: core.Output) -> np.ndarray:
+  """[B, M] bool: the tokens `out` generated for the batch's real rows. A filler row (a batch's
+  unused slots, `pipeline.generation_batches` index -1) has an empty prompt; its tokens count in
+  no rate."""
+  real = np.asarray(batch.prompt_mask).any(-1)
+  return real[:, None] & (np.arange(out.tokens.shape[1])[None] < np.asarray(out.lengths)[:, None])
+
+
 def calibrate(params_n, batches: Sequence[core.Batch], w_defer, score: Callable[[list], float], *,
               env: core.Env, rates: Sequence[float] = tuple(r / 10 for r in range(10)),
               base: int = 0, assistant: int = 1) -> tuple[float, list[dict[str, float]]]:
@@ -441,18 +449,17 @@ def calibrate(params_n, batches: Sequence[core.Batch], w_defer, score: Callable[
   (ties: the lower deferral rate) and the table {rate, eta, score, deferral} per rate."""
   alone = [decode(params_n, b, w_defer, eta=1.0, env=env, base=base, assistant=assistant)
            for b in batches]
-  gates = np.concatenate([np.asarray(o.extras["gate"])[np.arange(o.tokens.shape[1])[None]
-                                                        < np.asarray(o.lengths)[:, None]]
-                          for o in alone])
+  gates = np.concatenate([np.asarray(o.extras["gate"])[live_tokens(b, o)]
+                          for b, o in zip(batches, alone)])
   table = []
   for rate in rates:
     eta = 1.0 if rate == 0 else float(np.quantile(gates, 1 - rate))
     outs = alone if rate == 0 else [decode(params_n, b, w_defer, eta=eta, env=env, base=base,
                                            assistant=assistant) for b in batches]
-    deferred = sum(np.asarray(o.extras["deferred"]).sum() for o in outs)
-    live = sum(int(np.asarray(o.lengths).sum()) for o in outs)
+    live = [live_tokens(b, o) for b, o in zip(batches, outs)]
+    deferred = sum(int((np.asarray(o.extras["deferred"]) & m).sum()) for o, m in zip(outs, live))
     table.append({"rate": rate, "eta": eta, "score": float(score(outs)),
-                  "deferral": float(deferred / max(live, 1))})
+                  "deferral": deferred / max(sum(int(m.sum()) for m in live), 1)})
   best = max(table, key=lambda r: (r["score"], -r["rate"]))
   return best["eta"], table
 

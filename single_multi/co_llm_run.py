@@ -346,22 +346,23 @@ def run(config: config_dict.ConfigDict, workdir: str | pathlib.Path) -> dict[str
                             else [fn(b) for b, _ in test_batches])
     mean, scores = accuracy(outs, rows)
     lo, hi = evaluate.bootstrap_ci(scores, seed=config.seed)
-    live = sum(int(np.asarray(o.lengths).sum()) for o in outs)
-    deferral = sum(int(np.asarray(o.extras["deferred"]).sum()) for o in outs) / max(live, 1)
+    # Per family: the scores and [tokens the assistant wrote, tokens generated] (where it defers).
     families: dict[str, list[float]] = {}
-    for e, sc in zip((e for r in rows for e in r), scores):
+    tokens: dict[str, np.ndarray] = {}
+    live = [co_llm.live_tokens(b, o)[:len(r)] for o, (b, r) in zip(outs, test_batches)]
+    lengths = np.concatenate([m.sum(-1) for m in live])
+    deferred = np.concatenate([(np.asarray(o.extras["deferred"])[:len(m)] & m).sum(-1)
+                               for o, m in zip(outs, live)])
+    for e, sc, n, d in zip((e for r in rows for e in r), scores, lengths, deferred):
       families.setdefault(e.subject, []).append(sc)
-    # Where it defers: per family, the share of generated tokens the assistant wrote.
-    per_row_tokens = [(e.subject, int(n), int(d)) for o, r in zip(outs, rows) for e, n, d in zip(
-        r, np.asarray(o.lengths), np.asarray(o.extras["deferred"]).sum(-1))]
-    summary[name] = {"score": mean, "ci95": [lo, hi], "deferral": deferral, "n": len(scores),
+      tokens[e.subject] = tokens.get(e.subject, np.zeros(2, np.int64)) + (d, n)
+    summary[name] = {"score": mean, "ci95": [lo, hi], "n": len(scores),
+                     "deferral": float(deferred.sum() / max(lengths.sum(), 1)),
                      "per_task": {k: float(np.mean(v)) for k, v in families.items()},
-                     "per_task_deferral": {
-                         k: sum(d for f, _, d in per_row_tokens if f == k)
-                         / max(sum(n for f, n, _ in per_row_tokens if f == k), 1)
-                         for k in families}}
+                     "per_task_deferral": {k: float(d / max(n, 1)) for k, (d, n) in tokens.items()}}
     per_row[name] = scores
-    lines.append(f"{name:18s} {mean:6.3f} [{lo:.3f}, {hi:.3f}]  deferral {deferral:6.1%}")
+    lines.append(f"{name:18s} {mean:6.3f} [{lo:.3f}, {hi:.3f}]  "
+                 f"deferral {summary[name]['deferral']:6.1%}")
     if name == "co_llm":
       traces = []
       for o, (_, r) in zip(outs, test_batches):

@@ -385,6 +385,32 @@ def test_calibration_sweeps_rates_and_checkpoint_reloads_identically(pair, tmp_p
       np.asarray(out.extras["deferred"]).sum())
 
 
+def test_live_tokens_by_hand():
+  mask = jnp.asarray([[1, 1], [0, 1], [0, 0]])  # Row 2: a filler (empty prompt).
+  batch = core.Batch(mask, mask, mask, mask)
+  out = core.Output(jnp.zeros((3, 3), jnp.int32), jnp.asarray([2, 0, 3]), None, {})
+  np.testing.assert_array_equal(co_llm.live_tokens(batch, out),
+                                [[1, 1, 0], [0, 0, 0], [0, 0, 0]])
+
+
+def test_calibration_counts_no_filler_row(pair):
+  """A batch's filler row (empty prompt, as generation_batches pads a short batch) takes no part in
+  the gate quantile or the deferral rate: both match a by-hand count over the three real rows."""
+  env, b = _env(), _batch(0)
+  b = b.replace(prompt_mask=b.prompt_mask.at[3].set(0))
+  w = 0.3 * jax.random.normal(jax.random.key(4), (CONFIG.hidden_size,))
+  eta, table = co_llm.calibrate(pair, [b], w, lambda outs: 0.0, env=env)
+  alone = co_llm.decode(pair, b, w, eta=1.0, env=env)
+  n = np.asarray(alone.lengths)
+  gates = np.concatenate([np.asarray(alone.extras["gate"])[i, :n[i]] for i in range(3)])
+  for r in table[1:]:
+    assert r["eta"] == pytest.approx(float(np.quantile(gates, 1 - r["rate"])))
+    out = co_llm.decode(pair, b, w, eta=r["eta"], env=env)
+    m, d = np.asarray(out.lengths), np.asarray(out.extras["deferred"])
+    want = sum(int(d[i, :m[i]].sum()) for i in range(3)) / int(m[:3].sum())
+    assert r["deferral"] == pytest.approx(want)
+
+
 class _CharTok:
   def decode(self, ids):
     return "".join(chr(65 + int(i) % 26) for i in ids)
