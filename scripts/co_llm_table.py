@@ -44,13 +44,13 @@ def main():
   chance = " ".join(f"Test rows without reading the questions: {line}."
                     for line in evaluate.baseline_lines(out["baselines"]))
   fams = list(out["composition"]["test"])
+  short = [f.split("/")[-1] for f in fams]
+  with_deferral = all("per_task_deferral" in s for s in out["summary"].values())
   rows = [f"| {name} | {s['score']:.3f} [{s['ci95'][0]:.3f}, {s['ci95'][1]:.3f}] | "
           + "".join(f"{s['per_task'][f]:.3f} | " for f in fams)
           + f"{s['deferral']:.1%} | "
-          + "".join(f"{s['per_task_deferral'][f]:.1%} | " for f in fams if "per_task_deferral" in s)
+          + "".join(f"{s['per_task_deferral'][f]:.1%} | " for f in fams if with_deferral)
           + f"{s['n']} |" for name, s in out["summary"].items()]
-  short = [f.split("/")[-1] for f in fams]
-  with_deferral = all("per_task_deferral" in s for s in out["summary"].values())
   paired = "\n".join(f"| {k.replace('_vs_', ' minus ')} | {v['delta']:+.3f} "
                      f"[{v['ci95'][0]:+.3f}, {v['ci95'][1]:+.3f}] |"
                      for k, v in out["paired"].items())

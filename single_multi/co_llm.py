@@ -17,7 +17,7 @@ assistants to `make_data`.
     data = co_llm.make_data(tokens, mask, loss_mask, assistant_params, config, base_params)
     w0, stats = co_llm.init_gate(base_params, data, config)                # "method a"
     result = co_llm.train(base_params, data, config, CoLlmTrainConfig(), w_init=w0)
-    eta, table = co_llm.calibrate(pool, batch, result.w_defer, score_fn)   # deferral-rate sweep
+    eta, table = co_llm.calibrate(pool, batches, result.w_defer, row_scores)  # deferral-rate sweep
 
 Decoding is the `co_llm` collaboration strategy (`collab/token_level.py`): both models keep KV
 caches; `RandomDefer` is the random-deferral baseline.
@@ -40,7 +40,7 @@ import numpy as np
 import optax
 import tqdm
 
-from single_multi import decoding, pool as pool_lib, train as train_lib
+from single_multi import decoding, evaluate, pool as pool_lib, train as train_lib
 from single_multi.collab import core, token_level
 from single_multi.models import lora as lora_lib, transformer
 from single_multi.models.config import ModelConfig
@@ -440,13 +440,15 @@ def live_tokens(batch: core.Batch, out: core.Output) -> np.ndarray:
   return real[:, None] & (np.arange(out.tokens.shape[1])[None] < np.asarray(out.lengths)[:, None])
 
 
-def calibrate(params_n, batches: Sequence[core.Batch], w_defer, score: Callable[[list], float], *,
-              env: core.Env, rates: Sequence[float] = tuple(r / 10 for r in range(10)),
-              base: int = 0, assistant: int = 1) -> tuple[float, list[dict[str, float]]]:
+def calibrate(params_n, batches: Sequence[core.Batch], w_defer,
+              score: Callable[[list], Sequence[float]], *, env: core.Env,
+              rates: Sequence[float] = tuple(r / 10 for r in range(10)), base: int = 0,
+              assistant: int = 1, seed: int = 0) -> tuple[float, list[dict[str, Any]]]:
   """Sweeps deferral rates on validation batches: eta = the (1 - rate) quantile of the gate
   values seen while the base decodes alone (rate 0: eta = 1, never defer); decodes with each eta
-  and scores the outputs with `score([Output per batch]) -> mean metric`. Returns the best eta
-  (ties: the lower deferral rate) and the table {rate, eta, score, deferral} per rate."""
+  and scores the outputs with `score([Output per batch]) -> per-row scores`. Returns the best eta
+  (ties: the lower deferral rate) and the table {rate, eta, score (the mean), ci95 (percentile
+  bootstrap over the rows, `seed`), deferral} per rate."""
   alone = [decode(params_n, b, w_defer, eta=1.0, env=env, base=base, assistant=assistant)
            for b in batches]
   gates = np.concatenate([np.asarray(o.extras["gate"])[live_tokens(b, o)]
@@ -458,7 +460,9 @@ def calibrate(params_n, batches: Sequence[core.Batch], w_defer, score: Callable[
                                            assistant=assistant) for b in batches]
     live = [live_tokens(b, o) for b, o in zip(batches, outs)]
     deferred = sum(int((np.asarray(o.extras["deferred"]) & m).sum()) for o, m in zip(outs, live))
-    table.append({"rate": rate, "eta": eta, "score": float(score(outs)),
+    rows = np.asarray(score(outs), np.float64)
+    table.append({"rate": rate, "eta": eta, "score": float(rows.mean()),
+                  "ci95": list(evaluate.bootstrap_ci(rows, seed=seed)),
                   "deferral": deferred / max(sum(int(m.sum()) for m in live), 1)})
   best = max(table, key=lambda r: (r["score"], -r["rate"]))
   return best["eta"], table

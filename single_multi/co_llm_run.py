@@ -270,16 +270,9 @@ def run(config: config_dict.ConfigDict, workdir: str | pathlib.Path) -> dict[str
   results = {}
   for name, res in (("co_llm", trained), ("weak_supervision", weak)):
     pair = pool_lib.stack([res.params, asst_params])
-    per_rate = []  # Each rate's per-row scores, in the sweep's order: its 95% CI for the plot.
-
-    def score(outs):
-      mean, scores = accuracy(outs, [r for _, r in val])
-      per_rate.append(scores)
-      return mean
-    eta, table = co_llm.calibrate(pair, [b for b, _ in val], res.w_defer, score, env=env)
-    assert len(per_rate) == len(table)
-    for r, scores in zip(table, per_rate):
-      r["ci95"] = list(evaluate.bootstrap_ci(scores, seed=config.seed))
+    eta, table = co_llm.calibrate(pair, [b for b, _ in val], res.w_defer,
+                                  lambda outs: accuracy(outs, [r for _, r in val])[1], env=env,
+                                  seed=config.seed)
     results[name] = {"pair": pair, "w": res.w_defer, "eta": eta, "calibration": table}
     logging.info("%s calibration: %s", name, [(r["rate"], round(r["score"], 3)) for r in table])
   co_llm.save(workdir / "checkpoint", results["co_llm"]["pair"], results["co_llm"]["w"],

@@ -364,9 +364,13 @@ def test_calibration_sweeps_rates_and_checkpoint_reloads_identically(pair, tmp_p
   asst_tokens = [decoding.decode(jax.tree.map(lambda x: x[1], pair), b.prompt, b.prompt_mask,
                                  jax.random.key(0), **env.decode_kw).tokens for b in batches]
   # A validation metric that rewards agreeing with the assistant: more deferral scores higher.
-  score = lambda outs: float(np.mean([np.mean(np.asarray(o.tokens) == np.asarray(a))
-                                      for o, a in zip(outs, asst_tokens)]))
+  score = lambda outs: [float(np.mean(row)) for o, a in zip(outs, asst_tokens)
+                        for row in np.asarray(o.tokens) == np.asarray(a)]  # Per row.
   eta, table = co_llm.calibrate(pair, batches, w, score, env=env)
+  for r in table:
+    assert r["ci95"][0] <= r["score"] <= r["ci95"][1]
+    assert r["score"] == pytest.approx(np.mean(score(
+        [co_llm.decode(pair, b, w, eta=r["eta"], env=env) for b in batches])))
   assert [r["rate"] for r in table] == [i / 10 for i in range(10)]
   assert table[0]["deferral"] == 0 and table[0]["eta"] == 1.0
   assert table[-1]["deferral"] > table[1]["deferral"]
@@ -399,7 +403,7 @@ def test_calibration_counts_no_filler_row(pair):
   env, b = _env(), _batch(0)
   b = b.replace(prompt_mask=b.prompt_mask.at[3].set(0))
   w = 0.3 * jax.random.normal(jax.random.key(4), (CONFIG.hidden_size,))
-  eta, table = co_llm.calibrate(pair, [b], w, lambda outs: 0.0, env=env)
+  eta, table = co_llm.calibrate(pair, [b], w, lambda outs: [0.0], env=env)
   alone = co_llm.decode(pair, b, w, eta=1.0, env=env)
   n = np.asarray(alone.lengths)
   gates = np.concatenate([np.asarray(alone.extras["gate"])[i, :n[i]] for i in range(3)])
