@@ -51,6 +51,8 @@ def get_config() -> config_dict.ConfigDict:
   c.k_shot = 0
   c.dev_examples = 90
   c.test_examples = 300
+  # "validation": score test_examples held-out dev rows instead of test rows (choosing a setting).
+  c.evaluate_on = "test"
   c.batch_size = 16
   c.max_new_tokens = 12
   c.temperature = 0.0  # 0: greedy (the reference samples at 0.7, top-p 0.9).

@@ -172,6 +172,9 @@ def default_section(workdir: pathlib.Path, time_log: str | None) -> str:
   the targets met or not, judged from the paired CIs."""
   config = json.loads((workdir / "config.json").read_text())
   summary = json.loads((workdir / "summary.json").read_text())
+  if summary.get("evaluated_on", "test") != "test":
+    raise SystemExit(f"{workdir} evaluated validation rows (evaluate_on="
+                     f"{summary['evaluated_on']!r}): the page reports test rows")
   rounds, p = summary["rounds"], summary["paired"]
   first = rounds[0]
   names, strategy = list(first["singles"]), config["strategy"]

@@ -42,6 +42,10 @@ FIELDS: dict[str, str] = {
             "data/tasks.py, data/moco.py).",
     "test_examples": "Held-out test rows scored: split evenly over the task's families, each "
                      "family's rows in a seeded order (`common.balanced`).",
+    "evaluate_on": "`test`: every round scores test_examples test rows. `validation`: it scores "
+                   "test_examples rows of the dev split instead, none among the loop's dev rows "
+                   "or a specialist's training rows (`evolve.validation_rows`, checked), for "
+                   "choosing a setting without seeing a test score; summary.json records which.",
     "data_manual_dir": "The TFDS builders' manual dir (`mmlu`/`mmlu_redux` parquet files, "
                        "GSM8K's JSONL files, a BIG-bench checkout) for offline preparation; "
                        "empty: download when online.",

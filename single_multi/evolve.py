@@ -51,7 +51,7 @@ from absl import logging
 from etils import epath
 from ml_collections import config_dict
 
-from single_multi import collab, distill, evaluate, fused, hetero_loop, multihost
+from single_multi import collab, distill, evaluate, fused, hetero_loop, multihost, pools
 from single_multi import pool as pool_lib
 from single_multi import reward as reward_lib
 from single_multi import rows as rows_lib, sharding
@@ -231,11 +231,14 @@ def make_loop(config: config_dict.ConfigDict, pool: pool_lib.Pool | pool_lib.Gro
   model (reward tasks) and the merge base (task-vector merges)."""
   task = tasks.from_config(config.task, config)
   dev = common.balanced(task.dev, config.dev_examples, config.seed)
-  test_split = task.examples(task.spec.test_split)
-  test = (common.balanced(test_split, config.test_examples, config.seed)
-          + [e for e in test_split if e.problem])
+  if config.get("evaluate_on", "test") == "validation":
+    test = validation_rows(config, task, dev)
+  else:
+    test_split = task.examples(task.spec.test_split)
+    test = (common.balanced(test_split, config.test_examples, config.seed)
+            + [e for e in test_split if e.problem])
   if multihost.is_primary():
-    print("rows per task: test " + ", ".join(f"{k} {v}" for k, v in common.composition(
+    print(f"rows per task: {config.get('evaluate_on', 'test')} " + ", ".join(f"{k} {v}" for k, v in common.composition(
         test).items()) + "; dev " + ", ".join(f"{k} {v}" for k, v in common.composition(
         dev).items()))
   shots = task.examples(task.spec.shot_split) if config.k_shot else ()
@@ -245,6 +248,23 @@ def make_loop(config: config_dict.ConfigDict, pool: pool_lib.Pool | pool_lib.Gro
   return Loop(config, pool, task, dev, test, prompters[0], progress,
               reward_lib.for_rows(dev + test, task.spec.metric, config.get("reward_model")),
               merge_base_params(config, pool), prompters=prompters)
+
+
+def validation_rows(config: config_dict.ConfigDict, task, dev) -> list[common.Example]:
+  """`config.test_examples` rows of the task's dev split, drawn evenly per family, that are
+  neither among the loop's `dev` rows nor any specialist's training rows (by question text;
+  checked): what `evaluate_on="validation"` evaluates instead of the test rows, so that a
+  setting can be chosen without looking at a test score."""
+  held = list(dev)
+  for name in config.get("specialists", ()) or ():
+    held += pools.specialist_rows(config, name)
+  taken = {common.normalize_question(e.question) for e in held}
+  rows = [e for e in task.dev
+          if not e.problem and common.normalize_question(e.question) not in taken]
+  rows = common.balanced(rows, config.test_examples, config.seed)
+  common.check_disjoint([e.question for e in rows], [e.question for e in held],
+                        "validation rows vs the loop's dev and specialist rows")
+  return rows
 
 
 @dataclasses.dataclass(frozen=True)
@@ -398,6 +418,7 @@ def _run(config, workdir, pool, lock, *, progress: bool, stop_after: int | None)
       ckpt.close()
   if primary:
     summary = run_summary(workdir, st.history, st.pool.names, config.strategy, loop.test)
+    summary["evaluated_on"] = config.get("evaluate_on", "test")
     (workdir / "summary.json").write_text(json.dumps(summary, indent=1))
     print(format_paired(summary))
   return st.history

@@ -99,6 +99,7 @@ class RunSpec:
 
 
 POOL_KINDS = ("stacked", "heterogeneous")
+EVALUATE_ON = ("test", "validation")
 
 
 def _finite(v) -> bool:
@@ -156,6 +157,9 @@ def _validate(config: config_dict.ConfigDict) -> None:
     raise ConfigError("pool is empty: give at least one model source")
   for name in [config.task, *config.specialists]:
     tasks.parse_name(name)  # Raises for an unknown task.
+  if config.get("evaluate_on", "test") not in EVALUATE_ON:
+    raise ConfigError(f"evaluate_on={config.evaluate_on!r} is not allowed: give one of "
+                      f"{list(EVALUATE_ON)}")
   kind = config.get("pool_kind", "stacked")
   if kind not in POOL_KINDS:
     raise ConfigError(f"pool_kind={kind!r} is not allowed: give one of {list(POOL_KINDS)}")

@@ -701,6 +701,50 @@ def test_specialist_rows_never_meet_the_loops_dev_or_test_rows(monkeypatch):
                                    "bigbench:g")) == 4
 
 
+def test_validation_rows_are_dev_rows_outside_the_loops_dev_and_specialist_rows(monkeypatch):
+  """evaluate_on="validation" scores held-out dev rows: none is among the loop's dev rows or a
+  specialist's training rows, none is a test row, they are balanced over the families, and the
+  choice is stable; the config check refuses any other value."""
+  from single_multi import pools
+  from single_multi.data import common, tasks
+
+  def ex(s, i):
+    return common.Example(f"{s}/{i}", s, f"{s} question {i}", targets=("x",))
+  dev = [ex(s, i) for s in ("f", "g") for i in range(30)]
+  test = [ex("f", 100), ex("g", 100)]
+
+  class Fake:
+    spec = tasks.TaskSpec("bigbench", None, "dev", "test", "dev", "exact_match")
+
+    def __init__(self, rows):
+      self.dev = rows
+
+    def examples(self, split):
+      return test if split == "test" else self.dev
+
+  monkeypatch.setattr(tasks, "from_config", lambda name, config: Fake(
+      dev if name == config.task else [e for e in dev if e.subject == name[-1]]))
+  c = _config(task="bigbench:f,g", specialists=("bigbench:f", "bigbench:g"), dev_examples=10,
+              specialist_examples=8, test_examples=20, evaluate_on="validation")
+  spec.validate(c)
+  loop_dev = common.balanced(dev, 10, c.seed)
+  val = evolve.validation_rows(c, Fake(dev), loop_dev)
+  held = {e.id for e in loop_dev}
+  for name in c.specialists:
+    held |= {e.id for e in pools.specialist_rows(c, name)}
+  assert len(held) == 10 + 16
+  ids = {e.id for e in val}
+  assert len(val) == 20 and not ids & held and not ids & {e.id for e in test}
+  assert common.composition(val) == {"f": 10, "g": 10}
+  assert evolve.validation_rows(c, Fake(list(reversed(dev))), loop_dev) == val
+  # Only 17 rows per family are left: a larger request takes every one of them.
+  c.test_examples = 100
+  assert len(evolve.validation_rows(c, Fake(dev), loop_dev)) == 60 - 26
+  c.evaluate_on = "holdout"
+  with pytest.raises(evolve.ConfigError, match="evaluate_on='holdout' is not allowed"):
+    spec.validate(c)
+
+
 def test_a_specialist_pool_records_each_specialists_base_and_own_score(tiny_pool, tmp_path):
   """summary.json's "specialists": the base (pool[0]) answers its families' test rows at round 0;
   each specialist's entry is the base's and its own round-0 score on its family (None where the
