@@ -50,6 +50,8 @@ def get_config() -> config_dict.ConfigDict:
   c.reward_model = ""  # Scores reward-model tasks (moco:human_interest); "": the reference's.
   c.k_shot = 0
   c.dev_examples = 90
+  # Held-out dev rows the strategy is fitted on each round (0: the dev rows, as the reference).
+  c.fit_examples = 0
   c.test_examples = 300
   # "validation": score test_examples held-out dev rows instead of test rows (choosing a setting).
   c.evaluate_on = "test"

@@ -44,7 +44,7 @@ FIELDS: dict[str, str] = {
                      "family's rows in a seeded order (`common.balanced`).",
     "evaluate_on": "`test`: every round scores test_examples test rows. `validation`: it scores "
                    "test_examples rows of the dev split instead, none among the loop's dev rows "
-                   "or a specialist's training rows (`evolve.validation_rows`, checked), for "
+                   "or a specialist's training rows (`evolve.held_out_dev_rows`, checked), for "
                    "choosing a setting without seeing a test score; summary.json records which.",
     "data_manual_dir": "The TFDS builders' manual dir (`mmlu`/`mmlu_redux` parquet files, "
                        "GSM8K's JSONL files, a BIG-bench checkout) for offline preparation; "
@@ -73,6 +73,12 @@ FIELDS: dict[str, str] = {
     "k_shot": "Exemplars per prompt, from the task's shot split (0: zero-shot).",
     "dev_examples": "Dev rows the pool collaborates on each round (the distillation data) and "
                     "fits strategies on.",
+    "fit_examples": "0: strategies are fitted on the dev rows (router labels, best-on-dev "
+                    "choices, merge weights), as in the reference. N > 0: on N other dev rows "
+                    "instead, none among the dev rows or a specialist's training rows "
+                    "(`evolve.held_out_dev_rows`), so that after a round the fit sees the "
+                    "members' answers on rows they were not distilled on (staged rounds, "
+                    "stacked pools).",
     "rounds": "Rounds of collaborate -> distil -> evaluate after round 0.",
     "strategy": "Collaboration strategy (a `collab` registry name, README table).",
     "strategy_config": "Overrides of the strategy's config dataclass fields, set in a config "

@@ -113,6 +113,13 @@ class Loop:
   merge_base: Any = None  # Task-vector merges: the base params, fixed across rounds.
   round_: int = 0  # The round being run (the driver sets it): part of every sampling key.
   prompters: tuple[pipeline.Prompter, ...] = ()  # A heterogeneous pool: one per group.
+  # The rows strategies are fitted on (router labels, best-on-dev choices, merge weights): the
+  # dev rows themselves (the reference), or held-out dev rows (`fit_examples`).
+  fit_rows: list[common.Example] | None = None
+
+  def __post_init__(self):
+    if self.fit_rows is None:
+      self.fit_rows = self.dev
 
   @functools.cached_property
   def spec(self) -> RunSpec:
@@ -137,7 +144,8 @@ class Loop:
                              key=self.key(f"{split}_singles"), **self.kw)
 
   def fit(self, pool, dev_scores: np.ndarray | None):
-    """The strategy's dev-fitted state with the current models."""
+    """The strategy's state fitted on `fit_rows` (dev_scores [N, len(fit_rows)]: the current
+    models' scores there) with the current models."""
     spec = collab.get(self.config.strategy)
     if spec.fit is None:
       return None
@@ -145,8 +153,8 @@ class Loop:
       return hetero_loop.fit(self, dev_scores)
     env = collab.make_env(pool, self.config.strategy, self.spec.scfg,
                           max_new_tokens=self.config.max_new_tokens)
-    data = next(iter(pipeline.generation_batches(self.dev, self.prompter,
-                                                 batch_size=len(self.dev))))
+    data = next(iter(pipeline.generation_batches(self.fit_rows, self.prompter,
+                                                 batch_size=len(self.fit_rows))))
     order = data["index"][data["index"] >= 0]  # The batch's row order (longest first).
     scores = None if dev_scores is None else dev_scores[:, order]
     dev = collab.DevData(collab.batch_from(data), scores, self._dev_evaluator(pool))
@@ -157,9 +165,24 @@ class Loop:
     def score(params):
       single = pool_lib.Pool(pool.config, jax.tree.map(lambda x: x[None], params), ("merged",),
                              pool.tokenizer)
-      r = self.singles(single, self.dev, "dev")
+      r = self.singles(single, self.fit_rows, self.fit_split)
       return r.summary["models"]["merged"]["score"]["mean"]
     return score
+
+  @property
+  def fit_split(self) -> str:
+    """The fit rows' split label (records, sampling keys): "dev" when they are the dev rows."""
+    return "dev" if self.fit_rows is self.dev else "fit"
+
+  def fit_scores(self, pool, dev_singles=None) -> np.ndarray | None:
+    """[N, len(fit_rows)]: every model's scores on the fit rows (None when the strategy fits
+    nothing); dev_singles: the singles' results on the dev rows, reused when those are the fit
+    rows."""
+    if collab.get(self.config.strategy).fit is None:
+      return None
+    if dev_singles is None or self.fit_rows is not self.dev:
+      dev_singles = self.singles(pool, self.fit_rows, self.fit_split)
+    return evaluate.scores_matrix(dev_singles, pool.names, self.fit_rows)
 
   def needs_dev_singles(self) -> bool:
     return (collab.get(self.config.strategy).fit is not None
@@ -168,10 +191,7 @@ class Loop:
   def evaluate_test(self, pool, out_dir):
     """Singles and the collaboration on test, the strategy fitted on dev with these models
     first. Returns (singles, collaboration) results; records under out_dir."""
-    scores = None
-    if collab.get(self.config.strategy).fit is not None:
-      scores = evaluate.scores_matrix(self.singles(pool, self.dev, "dev"), pool.names, self.dev)
-    state = self.fit(pool, scores)
+    state = self.fit(pool, self.fit_scores(pool))
     singles = self.singles(pool, self.test, "test", out_dir / "singles")
     return singles, self.collaboration(pool, self.test, "test", state, out_dir / "collaboration",
                                        members=singles)
@@ -227,43 +247,51 @@ def run(config: config_dict.ConfigDict, workdir, pool: pool_lib.Pool | pool_lib.
 def make_loop(config: config_dict.ConfigDict, pool: pool_lib.Pool | pool_lib.Groups,
               progress: bool) -> Loop:
   """The task's dev and test rows drawn evenly from every task family (seeded, stable; the test
-  split's bad rows kept so that the evaluation lists them as excluded), the prompter, the reward
-  model (reward tasks) and the merge base (task-vector merges)."""
+  split's bad rows kept so that the evaluation lists them as excluded), the rows strategies are
+  fitted on (the dev rows, or `fit_examples` held-out dev rows), the prompter, the reward model
+  (reward tasks) and the merge base (task-vector merges)."""
   task = tasks.from_config(config.task, config)
   dev = common.balanced(task.dev, config.dev_examples, config.seed)
+  fit = (held_out_dev_rows(config, task, dev, config.fit_examples, "fit rows")
+         if config.get("fit_examples", 0) else dev)
+  separate = [] if fit is dev else fit
   if config.get("evaluate_on", "test") == "validation":
-    test = validation_rows(config, task, dev)
+    test = held_out_dev_rows(config, task, dev + separate, config.test_examples,
+                             "validation rows")
   else:
     test_split = task.examples(task.spec.test_split)
     test = (common.balanced(test_split, config.test_examples, config.seed)
             + [e for e in test_split if e.problem])
   if multihost.is_primary():
-    print(f"rows per task: {config.get('evaluate_on', 'test')} " + ", ".join(f"{k} {v}" for k, v in common.composition(
-        test).items()) + "; dev " + ", ".join(f"{k} {v}" for k, v in common.composition(
-        dev).items()))
+    comp = lambda rows: ", ".join(f"{k} {v}" for k, v in common.composition(rows).items())
+    print(f"rows per task: {config.get('evaluate_on', 'test')} {comp(test)}; dev {comp(dev)}"
+          + (f"; fit {comp(fit)}" if separate else ""))
   shots = task.examples(task.spec.shot_split) if config.k_shot else ()
   prompt = pipeline.PromptConfig(k_shot=config.k_shot, style=task.spec.prompt)
   groups = pool.pools if isinstance(pool, pool_lib.Groups) else (pool,)
   prompters = tuple(pipeline.Prompter(p.tokenizer, prompt, shots) for p in groups)
   return Loop(config, pool, task, dev, test, prompters[0], progress,
-              reward_lib.for_rows(dev + test, task.spec.metric, config.get("reward_model")),
-              merge_base_params(config, pool), prompters=prompters)
+              reward_lib.for_rows(dev + separate + test, task.spec.metric,
+                                  config.get("reward_model")),
+              merge_base_params(config, pool), prompters=prompters, fit_rows=fit)
 
 
-def validation_rows(config: config_dict.ConfigDict, task, dev) -> list[common.Example]:
-  """`config.test_examples` rows of the task's dev split, drawn evenly per family, that are
-  neither among the loop's `dev` rows nor any specialist's training rows (by question text;
-  checked): what `evaluate_on="validation"` evaluates instead of the test rows, so that a
-  setting can be chosen without looking at a test score."""
-  held = list(dev)
+def held_out_dev_rows(config: config_dict.ConfigDict, task, held: list[common.Example],
+                      count: int, what: str) -> list[common.Example]:
+  """`count` rows of the task's dev split, drawn evenly per family (`common.balanced`), none of
+  which is among `held` (the loop's dev rows, ...) or any specialist's training rows (by question
+  text; checked). The fit rows (`fit_examples`: strategies fitted on rows the members were not
+  distilled on) and the validation rows (`evaluate_on="validation"`: a setting chosen without
+  looking at a test score) are drawn this way."""
+  held = list(held)
   for name in config.get("specialists", ()) or ():
     held += pools.specialist_rows(config, name)
   taken = {common.normalize_question(e.question) for e in held}
   rows = [e for e in task.dev
           if not e.problem and common.normalize_question(e.question) not in taken]
-  rows = common.balanced(rows, config.test_examples, config.seed)
+  rows = common.balanced(rows, count, config.seed)
   common.check_disjoint([e.question for e in rows], [e.question for e in held],
-                        "validation rows vs the loop's dev and specialist rows")
+                        f"{what} vs the loop's dev and specialist rows")
   return rows
 
 
@@ -336,7 +364,7 @@ def collaborate_stage(d: Driver, st: State, r: int) -> State:
   loop, pool = d.loop, st.pool
   dev_singles = loop.singles(pool, loop.dev, "dev") if loop.needs_dev_singles() else None
   scores = None if dev_singles is None else evaluate.scores_matrix(dev_singles, pool.names, loop.dev)
-  state = loop.fit(pool, scores)
+  state = loop.fit(pool, loop.fit_scores(pool, dev_singles))
   arrays = rows_lib.method(loop.spec.dcfg.method).host(rows_lib.HostInputs(
       loop, pool, state, dev_singles, scores, d.workdir / f"round_{r}"))
   return dataclasses.replace(st, arrays=arrays)

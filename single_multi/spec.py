@@ -68,7 +68,7 @@ def policy_sampler(config) -> decoding.Sampling:
 
 
 # What a sampling key is for (with the seed and the round it names every decode of the loop).
-PURPOSES = ("test_singles", "test_collab", "dev_singles", "dev_collab", "policy")
+PURPOSES = ("test_singles", "test_collab", "dev_singles", "dev_collab", "policy", "fit_singles")
 
 
 def sample_key(seed: int, round_: int, purpose: str) -> jax.Array:
@@ -112,6 +112,7 @@ RANGES: dict[str, tuple[Any, str]] = {
     "max_new_tokens": (lambda v: v >= 1, "an integer >= 1"),
     "k_shot": (lambda v: 0 <= v <= 64, "an integer in [0, 64]"),
     "dev_examples": (lambda v: v >= 1, "an integer >= 1"),
+    "fit_examples": (lambda v: v >= 0, "an integer >= 0 (0: fit on the dev rows)"),
     "test_examples": (lambda v: v >= 1, "an integer >= 1"),
     "rounds": (lambda v: v >= 0, "an integer >= 0"),
     "keep_checkpoints": (lambda v: v >= 1, "an integer >= 1 (0 would keep nothing to resume "
@@ -181,6 +182,10 @@ def _validate(config: config_dict.ConfigDict) -> None:
                       "base is unknown: set --config.merge_base=<model source> (the model the "
                       "members were fine-tuned from), build the pool with `specialists` (their "
                       "base is pool[0]), or use strategy='linear'")
+  if config.get("fit_examples", 0) and (run_spec.fused or kind == "heterogeneous"):
+    raise ConfigError("fit_examples: strategies fitted on held-out dev rows run in the staged "
+                      "round of a stacked pool; set fit_examples=0, or fused_round=False and "
+                      "pool_kind='stacked'")
   if run_spec.fused and config.distill.correctness_filter:
     raise ConfigError("fused_round: the correctness filter scores the collaboration's dev answers "
                      "as text between collaborating and distilling, which one program cannot; "

@@ -701,10 +701,12 @@ def test_specialist_rows_never_meet_the_loops_dev_or_test_rows(monkeypatch):
                                    "bigbench:g")) == 4
 
 
-def test_validation_rows_are_dev_rows_outside_the_loops_dev_and_specialist_rows(monkeypatch):
-  """evaluate_on="validation" scores held-out dev rows: none is among the loop's dev rows or a
-  specialist's training rows, none is a test row, they are balanced over the families, and the
-  choice is stable; the config check refuses any other value."""
+def test_held_out_dev_rows_meet_neither_the_loops_dev_nor_specialist_rows(monkeypatch,
+                                                                          tiny_pool):
+  """evaluate_on="validation" scores held-out dev rows and fit_examples fits strategies on
+  others: none is among the loop's dev rows or a specialist's training rows, none is a test row,
+  fit and validation rows never meet, each is balanced over the families, and the choice is
+  stable; the config check refuses another evaluate_on."""
   from single_multi import pools
   from single_multi.data import common, tasks
 
@@ -728,7 +730,7 @@ def test_validation_rows_are_dev_rows_outside_the_loops_dev_and_specialist_rows(
               specialist_examples=8, test_examples=20, evaluate_on="validation")
   spec.validate(c)
   loop_dev = common.balanced(dev, 10, c.seed)
-  val = evolve.validation_rows(c, Fake(dev), loop_dev)
+  val = evolve.held_out_dev_rows(c, Fake(dev), loop_dev, c.test_examples, "validation rows")
   held = {e.id for e in loop_dev}
   for name in c.specialists:
     held |= {e.id for e in pools.specialist_rows(c, name)}
@@ -736,13 +738,57 @@ def test_validation_rows_are_dev_rows_outside_the_loops_dev_and_specialist_rows(
   ids = {e.id for e in val}
   assert len(val) == 20 and not ids & held and not ids & {e.id for e in test}
   assert common.composition(val) == {"f": 10, "g": 10}
-  assert evolve.validation_rows(c, Fake(list(reversed(dev))), loop_dev) == val
+  assert evolve.held_out_dev_rows(c, Fake(list(reversed(dev))), loop_dev, 20, "v") == val
   # Only 17 rows per family are left: a larger request takes every one of them.
-  c.test_examples = 100
-  assert len(evolve.validation_rows(c, Fake(dev), loop_dev)) == 60 - 26
+  assert len(evolve.held_out_dev_rows(c, Fake(dev), loop_dev, 100, "v")) == 60 - 26
+  # make_loop: fit rows (fit_examples) and validation rows, each held out from the other.
+  c.fit_examples = 8
+  loop = evolve.make_loop(c, tiny_pool, progress=False)
+  assert loop.dev == loop_dev and loop.fit_split == "fit"
+  assert common.composition(loop.fit_rows) == {"f": 4, "g": 4}
+  assert len(loop.test) == 20 and not {e.id for e in loop.fit_rows} & (
+      held | {e.id for e in loop.test})
+  c.fit_examples = 0
+  loop = evolve.make_loop(c, tiny_pool, progress=False)
+  assert loop.fit_rows is loop.dev and loop.fit_split == "dev" and loop.test == val
   c.evaluate_on = "holdout"
   with pytest.raises(evolve.ConfigError, match="evaluate_on='holdout' is not allowed"):
     spec.validate(c)
+  c.evaluate_on, c.fit_examples, c.fused_round = "test", 8, True
+  with pytest.raises(evolve.ConfigError, match="fit_examples: strategies fitted on held-out"):
+    spec.validate(c)
+
+
+def test_fit_examples_fit_the_router_on_rows_the_members_never_distil(tiny_pool, tmp_path,
+                                                                      monkeypatch):
+  """With fit_examples the router is fitted, every time (round 0's test, round 1's collaboration
+  and its test), on the fit rows' scores, and the members distil the collaboration's answers on
+  the dev rows only."""
+  from single_multi import collab
+  calls, fits = [], []
+  evaluate_fn, fit_fn = evolve.evaluate.evaluate, collab.fit
+
+  def spy_evaluate(pool, examples, **kw):
+    calls.append((kw["split"], [e.id for e in examples]))
+    return evaluate_fn(pool, examples, **kw)
+
+  def spy_fit(pool, strategy, dev, **kw):
+    fits.append(np.asarray(dev.scores).shape)
+    return fit_fn(pool, strategy, dev, **kw)
+  monkeypatch.setattr(evolve.evaluate, "evaluate", spy_evaluate)
+  monkeypatch.setattr(collab, "fit", spy_fit)
+  c = _config(strategy="trained_router", fit_examples=6)
+  evolve.run(c, tmp_path, tiny_pool, progress=False)
+  by_split = {}
+  for split, ids in calls:
+    by_split.setdefault(split, []).append(ids)
+  fit_ids, dev_ids = by_split["fit"][0], by_split["dev"][0]
+  assert len(fit_ids) == 6 and len(dev_ids) == 8 and not set(fit_ids) & set(dev_ids)
+  assert by_split["fit"] == [fit_ids] * 3 and fits == [(3, 6)] * 3
+  assert all(ids == dev_ids for ids in by_split["dev"])  # The distillation's rows: dev only.
+  taught = [json.loads(line) for line in (tmp_path / "round_1" / "collaboration_dev" /
+                                           "records.jsonl").read_text().splitlines()]
+  assert sorted(r["id"] for r in taught) == sorted(dev_ids)
 
 
 def test_a_specialist_pool_records_each_specialists_base_and_own_score(tiny_pool, tmp_path):
