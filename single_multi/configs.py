@@ -76,9 +76,10 @@ FIELDS: dict[str, str] = {
     "fit_examples": "0: strategies are fitted on the dev rows (router labels, best-on-dev "
                     "choices, merge weights), as in the reference. N > 0: on N other dev rows "
                     "instead, none among the dev rows or a specialist's training rows "
-                    "(`evolve.held_out_dev_rows`), so that after a round the fit sees the "
-                    "members' answers on rows they were not distilled on (staged rounds, "
-                    "stacked pools).",
+                    "nor the validation rows `evaluate_on=\"validation\"` would score "
+                    "(`evolve.held_out_dev_rows`: the same fit rows in either mode), so that "
+                    "after a round the fit sees the members' answers on rows they were not "
+                    "distilled on (staged rounds, stacked pools).",
     "rounds": "Rounds of collaborate -> distil -> evaluate after round 0.",
     "strategy": "Collaboration strategy (a `collab` registry name, README table).",
     "strategy_config": "Overrides of the strategy's config dataclass fields, set in a config "

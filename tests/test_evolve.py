@@ -748,7 +748,11 @@ def test_held_out_dev_rows_meet_neither_the_loops_dev_nor_specialist_rows(monkey
   assert common.composition(loop.fit_rows) == {"f": 4, "g": 4}
   assert len(loop.test) == 20 and not {e.id for e in loop.fit_rows} & (
       held | {e.id for e in loop.test})
-  c.fit_examples = 0
+  assert loop.test == val  # The validation rows do not depend on fit_examples,
+  fit = loop.fit_rows
+  c.evaluate_on = "test"  # and the fit rows do not depend on evaluate_on.
+  assert evolve.make_loop(c, tiny_pool, progress=False).fit_rows == fit
+  c.evaluate_on, c.fit_examples = "validation", 0
   loop = evolve.make_loop(c, tiny_pool, progress=False)
   assert loop.fit_rows is loop.dev and loop.fit_split == "dev" and loop.test == val
   c.evaluate_on = "holdout"
