@@ -21,6 +21,8 @@ def get_config():
   c.dtype = "bfloat16"
   c.k_shot = 0
   c.dev_examples = 100000
+  c.fit_examples = 0  # The reference fits strategies on the dev rows and keeps every output.
+  c.distill.correctness_filter = False
   c.test_examples = 100000
   c.batch_size = 32
   c.max_new_tokens = 512
