@@ -231,7 +231,7 @@ The README's first command, `python -m single_multi.main --config=configs/quicks
 a LoRA fine-tune ({config["specialist_steps"]} steps, lr {config["specialist_learning_rate"]},
 {config["specialist_examples"]} rows of its family's dev split that are neither among the loop's
 dev rows nor its test rows). The pool collaborates by `{strategy}` (config
-{config["strategy_config"]}) on {config["dev_examples"]} dev rows, distils
+{config["strategy_config"]}{f", fitted on {config['fit_examples']} other held-out dev rows" if config.get("fit_examples") else ""}) on {config["dev_examples"]} dev rows, distils{" its correct answers" if config["distill"].get("correctness_filter") else ""}
 (`{config["distill"]["method"]}`, LoRA r={config["distill"]["lora_rank"]}, lr
 {config["distill"]["learning_rate"]}, batch {config["distill"]["batch_size"]},
 {config["distill"]["epochs"]} epochs), {len(rounds) - 1} round(s); greedy decoding, at most
