@@ -1,6 +1,7 @@
 """The evolution loop on tiny random models and a real BIG-bench slice: one round per strategy,
 kill/resume at every stage, bad input, multi-student data never from test, the dry-run plan."""
 
+import functools
 import json
 import os
 import pathlib
@@ -665,6 +666,17 @@ def test_workdir_lock_refuses_a_live_holder_and_takes_over_a_gone_one(tiny_pool,
     assert json.loads(lock_file.read_text())["pid"] == os.getpid()
 
 
+class _FakeTask:
+  """A task with the given dev rows and test rows (for the row-selection tests)."""
+  spec = tasks.TaskSpec("bigbench", None, "dev", "test", "dev", "exact_match")
+
+  def __init__(self, rows, test):
+    self.dev, self.test = rows, test
+
+  def examples(self, split):
+    return self.test if split == "test" else self.dev
+
+
 def test_specialist_rows_never_meet_the_loops_dev_or_test_rows(monkeypatch):
   """A specialist trains on its family's dev rows minus the loop's dev selection and minus any
   question the loop tests (normalised text), in a seeded order independent of the file order."""
@@ -676,15 +688,7 @@ def test_specialist_rows_never_meet_the_loops_dev_or_test_rows(monkeypatch):
   dev = [ex(i, f"question {i}") for i in range(20)] + [ex(20, "  THE Test question ")]
   test = [ex(100, "the test question"), ex(101, "question 100")]
 
-  class Fake:
-    spec = tasks.TaskSpec("bigbench", None, "dev", "test", "dev", "exact_match")
-
-    def __init__(self, rows):
-      self.dev = rows
-
-    def examples(self, split):
-      return test if split == "test" else self.dev
-
+  Fake = functools.partial(_FakeTask, test=test)
   order = {"loop": dev, "spec": list(reversed(dev))}
   monkeypatch.setattr(tasks, "from_config",
                       lambda name, config: Fake(order["loop" if name == config.task else "spec"]))
@@ -715,15 +719,7 @@ def test_held_out_dev_rows_meet_neither_the_loops_dev_nor_specialist_rows(monkey
   dev = [ex(s, i) for s in ("f", "g") for i in range(30)]
   test = [ex("f", 100), ex("g", 100)]
 
-  class Fake:
-    spec = tasks.TaskSpec("bigbench", None, "dev", "test", "dev", "exact_match")
-
-    def __init__(self, rows):
-      self.dev = rows
-
-    def examples(self, split):
-      return test if split == "test" else self.dev
-
+  Fake = functools.partial(_FakeTask, test=test)
   monkeypatch.setattr(tasks, "from_config", lambda name, config: Fake(
       dev if name == config.task else [e for e in dev if e.subject == name[-1]]))
   c = _config(task="bigbench:f,g", specialists=("bigbench:f", "bigbench:g"), dev_examples=10,
