@@ -189,8 +189,8 @@ class Loop:
             or rows_lib.method(self.config.distill.method).own_answers)
 
   def evaluate_test(self, pool, out_dir):
-    """Singles and the collaboration on test, the strategy fitted on dev with these models
-    first. Returns (singles, collaboration) results; records under out_dir."""
+    """Singles and the collaboration on test, the strategy fitted on the fit rows with these
+    models first. Returns (singles, collaboration) results; records under out_dir."""
     state = self.fit(pool, self.fit_scores(pool))
     singles = self.singles(pool, self.test, "test", out_dir / "singles")
     return singles, self.collaboration(pool, self.test, "test", state, out_dir / "collaboration",
