@@ -72,7 +72,7 @@ FIELDS: dict[str, str] = {
     "specialist_learning_rate": "AdamW learning rate of the specialist fine-tunes.",
     "k_shot": "Exemplars per prompt, from the task's shot split (0: zero-shot).",
     "dev_examples": "Dev rows the pool collaborates on each round (the distillation data) and "
-                    "fits strategies on.",
+                    "fits strategies on (unless `fit_examples`).",
     "fit_examples": "0: strategies are fitted on the dev rows (router labels, best-on-dev "
                     "choices, merge weights), as in the reference. N > 0: on N other dev rows "
                     "instead, none among the dev rows or a specialist's training rows "

@@ -253,13 +253,13 @@ def make_loop(config: config_dict.ConfigDict, pool: pool_lib.Pool | pool_lib.Gro
   task = tasks.from_config(config.task, config)
   dev = common.balanced(task.dev, config.dev_examples, config.seed)
   validating = config.get("evaluate_on", "test") == "validation"
+  n_fit = config.get("fit_examples", 0)
   # The validation rows come first and the fit rows avoid them in either mode, so that neither
   # selection depends on the other setting: runs that differ in fit_examples are paired on the
   # same validation rows, and a setting chosen there is tested with the same fit rows.
   val = (held_out_dev_rows(config, task, dev, config.test_examples, "validation rows")
-         if validating or config.get("fit_examples", 0) else [])
-  fit = (held_out_dev_rows(config, task, dev + val, config.fit_examples, "fit rows")
-         if config.get("fit_examples", 0) else dev)
+         if validating or n_fit else [])
+  fit = held_out_dev_rows(config, task, dev + val, n_fit, "fit rows") if n_fit else dev
   separate = [] if fit is dev else fit
   if validating:
     test = val
