@@ -12,6 +12,7 @@ def get_config() -> config_dict.ConfigDict:
   c.job = "chat"
   c.model = "embedded:smollm2-135m-instruct"  # Any model source: dir, .gguf, hf:org/name.
   c.dtype = "float32"  # or "bfloat16".
+  c.jax_cache_dir = "auto"  # The compilation cache ("": off; see docs/config.md).
   c.seed = 0
   c.batch_size = 4
   c.max_new_tokens = 96

@@ -52,6 +52,7 @@ def get_config() -> config_dict.ConfigDict:
   c.instruction = ""
   c.target = "answer"  # Training text: "answer" (gold) or "solution" (worked, where the task has one).
   c.dtype = "float32"
+  c.jax_cache_dir = "auto"  # The compilation cache ("": off; see docs/config.md).
   c.seed = 0
   c.train_examples = 256  # The next dev rows: the gate's (and base's) training rows.
   c.val_fraction = 0.3

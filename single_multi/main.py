@@ -57,6 +57,9 @@ def run(config, workdir: str | None = None, dry_run: bool = False):
   if job not in JOBS:
     from single_multi.configs import ConfigError
     raise ConfigError(f"unknown job {job!r}; choose one of {JOBS}")
+  if not dry_run:
+    from single_multi import assets
+    assets.enable_compilation_cache(config.get("jax_cache_dir", ""))
   if job == "chat":
     return run_chat(config, workdir)
   if job == "co_llm":

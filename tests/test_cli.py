@@ -56,13 +56,44 @@ def test_chat_cli_without_prompts_is_a_usage_error(tiny_chat_model):
   assert proc.returncode != 0 and "give at least one --prompt" in proc.stderr
 
 
-def test_main_runs_config_with_overrides(tiny_chat_model, tmp_path):
-  proc = _run("single_multi.main", "--config=configs/chat.py",
-              f"--config.model={tiny_chat_model}", "--config.max_new_tokens=3",
-              f"--workdir={tmp_path}")
-  assert proc.returncode == 0, proc.stderr[-2000:]
-  records = [json.loads(line) for line in (tmp_path / "generations.jsonl").read_text().splitlines()]
+def _run_env(env_extra, *args):
+  env = dict(os.environ, PYTHONPATH=str(ROOT), **env_extra)
+  return subprocess.run([sys.executable, "-m", *args], cwd=ROOT, env=env, capture_output=True,
+                        text=True, timeout=600)
+
+
+def test_main_runs_config_with_overrides_and_reads_its_compilation_cache(tiny_chat_model,
+                                                                          tmp_path):
+  """The second run reads the programs the first wrote to `jax_cache_dir` (every program is
+  cached here: the minimum compile time is 0) and replies exactly as the first. JAX's compiler
+  logs each persistent-cache hit at debug level."""
+  cache, replies, hits = tmp_path / "jax", [], []
+  env = {"JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+         "JAX_DEBUG_LOG_MODULES": "jax._src.compiler"}
+  for i in range(2):
+    proc = _run_env(env, "single_multi.main",
+                    "--config=configs/chat.py", f"--config.model={tiny_chat_model}",
+                    "--config.max_new_tokens=3", f"--config.jax_cache_dir={cache}",
+                    f"--workdir={tmp_path / str(i)}")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = (tmp_path / str(i) / "generations.jsonl").read_text().splitlines()
+    replies.append([json.loads(line) for line in lines])
+    hits.append(proc.stderr.count("Persistent compilation cache hit"))
+  records = replies[0]
   assert len(records) == 5 and records[0]["prompt"] == "What is the capital of France?"
+  assert replies[1] == replies[0]
+  assert hits[0] == 0 and hits[1] > 0, hits
+  assert any(cache.iterdir())
+
+
+def test_compilation_cache_dir_resolution(monkeypatch, tmp_path):
+  monkeypatch.setenv("SINGLE_MULTI_CACHE", str(tmp_path))
+  monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR", raising=False)
+  assert assets.compilation_cache_dir("auto") == str(tmp_path / "jax")
+  monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", "/elsewhere")
+  assert assets.compilation_cache_dir("auto") == "/elsewhere"
+  assert assets.compilation_cache_dir("") is None
+  assert assets.compilation_cache_dir("gs://bucket/jax") == "gs://bucket/jax"
 
 
 def test_misspelled_override_fails_before_any_compute(tmp_path):
