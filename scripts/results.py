@@ -68,9 +68,11 @@ def run_one(config, workdir: pathlib.Path, shared: pathlib.Path):
   wall = json.loads(wall_path.read_text()) if wall_path.exists() else {"seconds": 0.0}
   if not (workdir / "summary.json").exists():
     start = time.perf_counter()
-    evolve.run(config, workdir, pools.build(config, workdir))
-    wall["seconds"] += time.perf_counter() - start
-    wall_path.write_text(json.dumps(wall))
+    try:
+      evolve.run(config, workdir, pools.build(config, workdir))
+    finally:  # A sitting that fails or is interrupted still counts.
+      wall["seconds"] += time.perf_counter() - start
+      wall_path.write_text(json.dumps(wall))
   return json.loads((workdir / "summary.json").read_text()) | {"wall_seconds": wall["seconds"]}
 
 

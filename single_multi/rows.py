@@ -65,6 +65,10 @@ class HostInputs:
   out_dir: Any
 
 
+class NoTrainingRows(common.DataError):
+  """A round has nothing to distil (the correctness filter kept no collaborative output)."""
+
+
 def dev_batch(loop) -> dict[str, np.ndarray]:
   """All dev rows as one generation batch (longest first): the prompts exactly as generated, in
   the row order of the fused round's dev batch, so both round modes build the same rows."""
@@ -89,7 +93,8 @@ def answer_rows(loop, pool, data, answers: dict[str, Sequence[int]],
   rows = rows_with_eos(data["tokens"], data["mask"], tokens, lengths, stop_ids, stop_ids[0])
   live = (index >= 0) & (True if keep is None else keep[np.maximum(index, 0)])
   if not live.any():
-    raise common.DataError("no training rows: every collaborative dev output was filtered out")
+    raise NoTrainingRows("every collaborative dev output was filtered out (the correctness "
+                         "filter kept none)")
   return {k: np.asarray(v)[live] for k, v in zip(("tokens", "mask", "loss_mask"), rows)}
 
 

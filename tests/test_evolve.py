@@ -808,3 +808,23 @@ def test_a_specialist_pool_records_each_specialists_base_and_own_score(tiny_pool
           (tmp_path / "round_0" / "base" / "records.jsonl").read_text().splitlines()]
   assert {r["subject"] for r in base} == {family} and len(base) == summary["composition"][family]
   assert got["t0"]["base"] == pytest.approx(np.mean([r["score"] for r in base]))
+
+
+def test_a_round_with_no_correct_collaborative_answer_distils_nothing_and_goes_on(
+    tiny_pool, tmp_path, capsys):
+  """The correctness filter keeps no dev output of random models (none answers 1-digit addition):
+  the round skips distillation with a warning instead of stopping the run (a results.py sweep
+  went on past such a strategy only after this), the members keep their params exactly (the same
+  test answers in round 1 as in round 0), and the round's record says why."""
+  c = _config(**{"distill.correctness_filter": True})
+  history = evolve.run(c, tmp_path, tiny_pool, progress=False)
+  dev = [json.loads(line) for line in
+         (tmp_path / "round_1" / "collaboration_dev" / "records.jsonl").read_text().splitlines()]
+  assert dev and not any(r["score"] > 0 for r in dev)  # The premise: nothing to keep.
+  assert history[1]["distill"] == {"skipped": "no training rows", "steps": 0}
+  assert "round 1: distillation skipped, no training rows" in capsys.readouterr().out
+
+  def answers(r):
+    lines = (tmp_path / f"round_{r}" / "singles" / "records.jsonl").read_text().splitlines()
+    return {(x["model"], x["id"]): x["output_ids"] for x in map(json.loads, lines)}
+  assert answers(1) == answers(0)
