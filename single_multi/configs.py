@@ -107,7 +107,10 @@ FIELDS: dict[str, str] = {
     "distill.batch_size": "Rows per micro-batch.",
     "distill.accumulation": "Micro-batches per optimizer step (a `lax.scan`).",
     "distill.epochs": "Passes over the round's training rows.",
-    "distill.correctness_filter": "Keep only dev outputs scored correct (off in the reference).",
+    "distill.correctness_filter": "Keep only dev outputs scored correct (off in the reference). "
+                                  "A round in which none is correct distils nothing: the members "
+                                  "keep their params, with a warning and `distill.skipped` in "
+                                  "the round's record.",
     "distill.max_norm_growth": "Divergence guard: a member whose weight norm exceeds this factor "
                                "of its norm at a stage's start stops the run, checked "
                                "every step (the fused round: at its end), the last good "
