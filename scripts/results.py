@@ -22,9 +22,10 @@ the last collaboration better than round 0's), judged by the paired CI: "up" onl
 end is above 0. Per task family: each run's single mean and collaboration at round 0 and at the
 end, next to the family's chance level and majority-class rate.
 
---quick: supervised_kd only, at most 48 test and 32 dev rows per family, 1 round (measured: 62
-minutes for the four default strategies on the embedded default, three of them sharing 2 cores
-with the test suite; dare_ties alone 9.7 min); the full run's time is printed and written.
+--quick: supervised_kd only, at most 48 test and 32 dev rows per family, 1 round (measured: 63.8
+minutes for the four default strategies on the embedded default, alone on 2 cores, with the
+compilation cache: multiagent_refine 26.9, dare_ties 17.1, trained_router 13.3 with the
+specialists, logit_fusion 6.6); the full run's time is printed and written.
 """
 
 import argparse
