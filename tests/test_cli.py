@@ -32,8 +32,8 @@ def tiny_chat_model(tmp_path_factory):
   return sm.save_hf(tmp_path_factory.mktemp("tiny_chat"), config, params, tokenizer=tokenizer)
 
 
-def _run(*args):
-  env = dict(os.environ, PYTHONPATH=str(ROOT))
+def _run(*args, env_extra=None):
+  env = dict(os.environ, PYTHONPATH=str(ROOT), **(env_extra or {}))
   return subprocess.run([sys.executable, "-m", *args], cwd=ROOT, env=env, capture_output=True,
                         text=True, timeout=600)
 
@@ -56,12 +56,6 @@ def test_chat_cli_without_prompts_is_a_usage_error(tiny_chat_model):
   assert proc.returncode != 0 and "give at least one --prompt" in proc.stderr
 
 
-def _run_env(env_extra, *args):
-  env = dict(os.environ, PYTHONPATH=str(ROOT), **env_extra)
-  return subprocess.run([sys.executable, "-m", *args], cwd=ROOT, env=env, capture_output=True,
-                        text=True, timeout=600)
-
-
 def test_main_runs_config_with_overrides_and_reads_its_compilation_cache(tiny_chat_model,
                                                                           tmp_path):
   """The second run reads the programs the first wrote to `jax_cache_dir` (every program is
@@ -71,10 +65,10 @@ def test_main_runs_config_with_overrides_and_reads_its_compilation_cache(tiny_ch
   env = {"JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
          "JAX_DEBUG_LOG_MODULES": "jax._src.compiler"}
   for i in range(2):
-    proc = _run_env(env, "single_multi.main",
-                    "--config=configs/chat.py", f"--config.model={tiny_chat_model}",
-                    "--config.max_new_tokens=3", f"--config.jax_cache_dir={cache}",
-                    f"--workdir={tmp_path / str(i)}")
+    proc = _run("single_multi.main", "--config=configs/chat.py",
+                f"--config.model={tiny_chat_model}", "--config.max_new_tokens=3",
+                f"--config.jax_cache_dir={cache}", f"--workdir={tmp_path / str(i)}",
+                env_extra=env)
     assert proc.returncode == 0, proc.stderr[-2000:]
     lines = (tmp_path / str(i) / "generations.jsonl").read_text().splitlines()
     replies.append([json.loads(line) for line in lines])
