@@ -370,15 +370,8 @@ def collaborate_stage(d: Driver, st: State, r: int) -> State:
   dev_singles = loop.singles(pool, loop.dev, "dev") if loop.needs_dev_singles() else None
   scores = None if dev_singles is None else evaluate.scores_matrix(dev_singles, pool.names, loop.dev)
   state = loop.fit(pool, loop.fit_scores(pool, dev_singles))
-  try:
-    arrays = rows_lib.method(loop.spec.dcfg.method).host(rows_lib.HostInputs(
-        loop, pool, state, dev_singles, scores, d.workdir / f"round_{r}"))
-  except rows_lib.NoTrainingRows as e:
-    # Nothing to learn from (no correct collaborative answer): the members keep their params,
-    # the round's record says why, and the loop goes on (a sweep is not stopped by one strategy).
-    if multihost.is_primary():
-      print(f"WARNING: round {r}: distillation skipped, no training rows: {e}", flush=True)
-    arrays = {}
+  arrays = rows_lib.or_skip(lambda: rows_lib.method(loop.spec.dcfg.method).host(
+      rows_lib.HostInputs(loop, pool, state, dev_singles, scores, d.workdir / f"round_{r}")), r)
   return dataclasses.replace(st, arrays=arrays)
 
 
@@ -386,8 +379,7 @@ def distill_stage(d: Driver, st: State, r: int) -> State:
   """Every model trains on the rows at once (the vmapped pool step, `distill.distill`)."""
   dcfg, pool = d.loop.spec.dcfg, st.pool
   if not st.arrays:  # collaborate_stage found no training rows: nothing changes this round.
-    return State(pool, {}, st.history, {**st.distill_stats, str(r): {"skipped": "no training rows",
-                                                                       "steps": 0}})
+    return State(pool, {}, st.history, {**st.distill_stats, str(r): rows_lib.SKIPPED})
   params, losses = distill.train_pool(pool.params, st.arrays, pool.config, dcfg,
                                       per_model_batch=rows_lib.method(dcfg.method).per_model,
                                       progress=d.progress, mesh=d.mesh)

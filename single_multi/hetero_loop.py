@@ -35,7 +35,7 @@ import numpy as np
 
 from single_multi import collab, decoding, distill, evaluate, pool as pool_lib
 from single_multi import rows as rows_lib
-from single_multi.data import common, pipeline
+from single_multi.data import pipeline
 
 STRATEGIES = ("single", "multiagent_refine", "mixture_of_agents", "llm_blender",
               "multiagent_finetuning")
@@ -116,7 +116,8 @@ def group_rows(loop, groups: pool_lib.Groups, answers: dict[str, str],
   adds those rows after them ([n_g, 2R, T]). keep [R]: the rows to train on."""
   dev = [ex for k, ex in enumerate(loop.dev) if keep is None or keep[k]]
   if not dev:
-    raise common.DataError("no training rows: every collaborative dev output was filtered out")
+    raise rows_lib.NoTrainingRows("every collaborative dev output was filtered out (the "
+                                  "correctness filter kept none)")
   arrays = {}
   for g, (p, prompter) in enumerate(zip(groups.pools, loop.prompters)):
     eos = decoding.stop_ids_for(p.config, p.tokenizer)[0]
@@ -151,12 +152,15 @@ def collaborate_stage(d, st, r: int):
     text = {(x["model"], x["id"]): x["output"] for x in dev_singles.records}
     own = {(n, ex.id): text[(n if half[k] else best, ex.id)]
            for n in groups.names for k, ex in enumerate(loop.dev)}
-  return dataclasses.replace(st, arrays=group_rows(loop, groups, answers, own, keep))
+  return dataclasses.replace(
+      st, arrays=rows_lib.or_skip(lambda: group_rows(loop, groups, answers, own, keep), r))
 
 
 def distill_stage(d, st, r: int):
   """Each group trains its members on its rows at once (`distill.train_pool`)."""
   dcfg, groups = d.loop.spec.dcfg, st.pool
+  if not st.arrays:  # collaborate_stage found no training rows: nothing changes this round.
+    return dataclasses.replace(st, distill_stats={**st.distill_stats, str(r): rows_lib.SKIPPED})
   params, stats = {}, {}
   for g, p in enumerate(groups.pools):
     arrays = {k.split(SEP, 1)[1]: v for k, v in st.arrays.items()

@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from single_multi import collab, decoding, distill, evaluate, pool as pool_lib
+from single_multi import collab, decoding, distill, evaluate, multihost, pool as pool_lib
 from single_multi.collab import token_level
 from single_multi.data import common, pipeline
 
@@ -67,6 +67,22 @@ class HostInputs:
 
 class NoTrainingRows(common.DataError):
   """A round has nothing to distil (the correctness filter kept no collaborative output)."""
+
+
+# A round's distillation record when it had no training rows.
+SKIPPED = {"skipped": "no training rows", "steps": 0}
+
+
+def or_skip(build: Callable[[], dict[str, np.ndarray]], r: int) -> dict[str, np.ndarray]:
+  """The training rows `build()` makes for round r, or {} when there are none: the round then
+  distils nothing (its members keep their params, `SKIPPED` is its record) and the loop goes on,
+  so a sweep is not stopped by one strategy. Both loops (stacked and heterogeneous) use it."""
+  try:
+    return build()
+  except NoTrainingRows as e:
+    if multihost.is_primary():
+      print(f"WARNING: round {r}: distillation skipped, no training rows: {e}", flush=True)
+    return {}
 
 
 def dev_batch(loop) -> dict[str, np.ndarray]:

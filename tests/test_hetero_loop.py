@@ -187,3 +187,22 @@ def test_single_on_a_heterogeneous_pool_is_the_chosen_members_answers(groups, tm
   collab_records = read("collaboration")
   assert len(collab_records) == 8
   assert all(r["output"] == member[r["id"]] for r in collab_records)
+
+
+def test_a_round_with_no_correct_collaborative_answer_distils_no_group(groups, tmp_path,
+                                                                       capsys):
+  """As in the stacked loop: random members answer no dev row right, so the correctness filter
+  keeps nothing; the round distils nothing (a warning, `distill.skipped` in its record) and every
+  member answers the test rows in round 1 exactly as in round 0."""
+  c = _config(**{"distill.correctness_filter": True})
+  history = evolve.run(c, tmp_path, groups, progress=False)
+  dev = [json.loads(line) for line in
+         (tmp_path / "round_1" / "collaboration_dev" / "records.jsonl").read_text().splitlines()]
+  assert dev and not any(r["score"] > 0 for r in dev)  # The premise: nothing to keep.
+  assert history[1]["distill"] == {"skipped": "no training rows", "steps": 0}
+  assert "round 1: distillation skipped, no training rows" in capsys.readouterr().out
+
+  def answers(r):
+    lines = (tmp_path / f"round_{r}" / "singles" / "records.jsonl").read_text().splitlines()
+    return {(x["model"], x["id"]): x["output"] for x in map(json.loads, lines)}
+  assert answers(1) == answers(0)
