@@ -44,3 +44,24 @@ def killed_and_resumed(config, pool, tmp_path):
     with pytest.raises(evolve.Interrupted):
       evolve.run(config, workdir, pool, progress=False, stop_after=k)
     yield k, workdir, evolve.run(config, workdir, pool, progress=False)
+
+
+def check_round_without_training_rows(config, pool, tmp_path, stdout, answer_field):
+  """Runs `config` (with the correctness filter on) on random members, which answer no dev row
+  right, and checks that round 1 distilled nothing and went on: the premise (no correct dev
+  answer), the round's record and warning, and every member's test answers (`answer_field` of
+  its records) the same in round 1 as in round 0. stdout() returns what the run printed."""
+  import json
+
+  from single_multi import evolve
+  history = evolve.run(config, tmp_path, pool, progress=False)
+  dev = [json.loads(line) for line in
+         (tmp_path / "round_1" / "collaboration_dev" / "records.jsonl").read_text().splitlines()]
+  assert dev and not any(r["score"] > 0 for r in dev)  # The premise: nothing to keep.
+  assert history[1]["distill"] == {"skipped": "no training rows", "steps": 0}
+  assert "round 1: distillation skipped, no training rows" in stdout()
+
+  def answers(r):
+    lines = (tmp_path / f"round_{r}" / "singles" / "records.jsonl").read_text().splitlines()
+    return {(x["model"], x["id"]): x[answer_field] for x in map(json.loads, lines)}
+  assert answers(1) == answers(0)

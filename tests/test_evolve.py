@@ -12,7 +12,8 @@ import sys
 import jax
 import numpy as np
 import pytest
-from configs_loader import dry_run_stdout, killed_and_resumed, load_config
+from configs_loader import (check_round_without_training_rows, dry_run_stdout,
+                           killed_and_resumed, load_config)
 
 from single_multi import assets, evolve, fused, pool as pool_lib, report, rows, spec
 from single_multi import workdir as wd
@@ -816,15 +817,5 @@ def test_a_round_with_no_correct_collaborative_answer_distils_nothing_and_goes_o
   the round skips distillation with a warning instead of stopping the run (a results.py sweep
   went on past such a strategy only after this), the members keep their params exactly (the same
   test answers in round 1 as in round 0), and the round's record says why."""
-  c = _config(**{"distill.correctness_filter": True})
-  history = evolve.run(c, tmp_path, tiny_pool, progress=False)
-  dev = [json.loads(line) for line in
-         (tmp_path / "round_1" / "collaboration_dev" / "records.jsonl").read_text().splitlines()]
-  assert dev and not any(r["score"] > 0 for r in dev)  # The premise: nothing to keep.
-  assert history[1]["distill"] == {"skipped": "no training rows", "steps": 0}
-  assert "round 1: distillation skipped, no training rows" in capsys.readouterr().out
-
-  def answers(r):
-    lines = (tmp_path / f"round_{r}" / "singles" / "records.jsonl").read_text().splitlines()
-    return {(x["model"], x["id"]): x["output_ids"] for x in map(json.loads, lines)}
-  assert answers(1) == answers(0)
+  check_round_without_training_rows(_config(**{"distill.correctness_filter": True}), tiny_pool,
+                                    tmp_path, lambda: capsys.readouterr().out, "output_ids")

@@ -9,7 +9,8 @@ import re
 import jax
 import numpy as np
 import pytest
-from configs_loader import dry_run_stdout, killed_and_resumed, load_config
+from configs_loader import (check_round_without_training_rows, dry_run_stdout,
+                           killed_and_resumed, load_config)
 from ml_collections import config_dict
 
 from single_multi import assets, collab, distill, evolve, hetero_loop, pool as pool_lib
@@ -194,15 +195,5 @@ def test_a_round_with_no_correct_collaborative_answer_distils_no_group(groups, t
   """As in the stacked loop: random members answer no dev row right, so the correctness filter
   keeps nothing; the round distils nothing (a warning, `distill.skipped` in its record) and every
   member answers the test rows in round 1 exactly as in round 0."""
-  c = _config(**{"distill.correctness_filter": True})
-  history = evolve.run(c, tmp_path, groups, progress=False)
-  dev = [json.loads(line) for line in
-         (tmp_path / "round_1" / "collaboration_dev" / "records.jsonl").read_text().splitlines()]
-  assert dev and not any(r["score"] > 0 for r in dev)  # The premise: nothing to keep.
-  assert history[1]["distill"] == {"skipped": "no training rows", "steps": 0}
-  assert "round 1: distillation skipped, no training rows" in capsys.readouterr().out
-
-  def answers(r):
-    lines = (tmp_path / f"round_{r}" / "singles" / "records.jsonl").read_text().splitlines()
-    return {(x["model"], x["id"]): x["output"] for x in map(json.loads, lines)}
-  assert answers(1) == answers(0)
+  check_round_without_training_rows(_config(**{"distill.correctness_filter": True}), groups,
+                                    tmp_path, lambda: capsys.readouterr().out, "output")
