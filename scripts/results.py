@@ -125,6 +125,11 @@ def page(config, config_name: str, runs: dict[str, dict], refused: dict[str, str
                                    "answer)" for c in s["collapse"]) + "."
         if s["collapse"] else ""))
     families += family_rows(name, s)
+  parts = ("singles", "collaboration", "fit", "base", "rest")
+  times = [f"| {name} | {s['wall_seconds'] / 60:.1f} | " + (" | ".join(
+      [f"{s['seconds']['total'] / 60:.1f}"]
+      + [f"{s['seconds']['parts'].get(k, 0.0) / 60:.1f}" for k in parts])
+      if s.get("seconds") else " | ".join("-" * 6)) + " |" for name, s in runs.items()]
   skipped = "".join(f"\n- {k}: {v}" for k, v in refused.items())
   spec = some.get("specialists", {})
   specialists = ("\nThe specialists on their own family's test rows at round 0, against the base "
@@ -153,6 +158,15 @@ chance 0, and the exact-match score of always giving the most common gold answer
 | strategy / method | family | test rows | chance | majority class | singles r0 | singles last | collaboration r0 | collaboration last |
 |---|---|---|---|---|---|---|---|---|
 {chr(10).join(families)}
+
+Where the time went, in minutes (the loop's stages from its `timings.jsonl`; wall: every sitting
+of the run, with loading, the first run's specialists and writing). singles / collaboration: their
+decoding and scoring on every split; fit: fitting the strategy; base: the base model on the
+specialists' families; rest: the remainder of the stages, mostly distillation's training:
+
+| strategy / method | wall | loop stages | singles | collaboration | fit | base | rest |
+|---|---|---|---|---|---|---|---|
+{chr(10).join(times)}
 """ + (f"\nNot run (refused by the loop's validation):{skipped}\n" if refused else "")
 
 

@@ -37,6 +37,7 @@ collapse, plots, summary.json).
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import functools
@@ -58,8 +59,8 @@ from single_multi import rows as rows_lib, sharding
 from single_multi.data import common, pipeline, tasks
 from single_multi.collab import merge as merge_lib
 from single_multi.configs import ConfigError
-from single_multi.report import (collapsed, format_paired, format_round, round_metrics,
-                                 run_summary, write_metrics)
+from single_multi.report import (collapsed, format_paired, format_round, read_timings,
+                                 round_metrics, run_summary, write_metrics, write_timings)
 from single_multi.workdir import Checkpoints, check_workdir_config, workdir_lock
 from single_multi.models import loading
 from single_multi.spec import RunSpec, sample_key, strategy_config, validate
@@ -101,6 +102,33 @@ def placed(pool: pool_lib.Pool | pool_lib.Groups, mesh) -> pool_lib.Pool | pool_
 
 
 @dataclasses.dataclass
+class Stopwatch:
+  """Host wall seconds per part of the stage being run ("singles", "fit", "collaboration",
+  "base"): where a run's time goes (`timings.jsonl`). A part timed inside another (a merge's fit
+  scoring candidate merges as singles) counts in the outer one only."""
+
+  parts: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+  depth: int = 0
+  clock: Any = time.perf_counter
+
+  @contextlib.contextmanager
+  def part(self, name: str):
+    self.depth += 1
+    t0 = self.clock()
+    try:
+      yield
+    finally:
+      self.depth -= 1
+      if not self.depth:
+        self.parts[name] += self.clock() - t0
+
+  def take(self) -> dict[str, float]:
+    """The parts timed since the last take, and a fresh start."""
+    parts, self.parts = dict(self.parts), collections.Counter()
+    return parts
+
+
+@dataclasses.dataclass
 class Loop:
   config: config_dict.ConfigDict
   pool: pool_lib.Pool | pool_lib.Groups
@@ -116,6 +144,7 @@ class Loop:
   # The rows strategies are fitted on (router labels, best-on-dev choices, merge weights): the
   # dev rows themselves (the reference), or held-out dev rows (`fit_examples`).
   fit_rows: list[common.Example] | None = None
+  watch: Stopwatch = dataclasses.field(default_factory=Stopwatch)
 
   def __post_init__(self):
     if self.fit_rows is None:
@@ -138,10 +167,11 @@ class Loop:
     return sample_key(self.config.seed, self.round_, purpose)
 
   def singles(self, pool, examples, split, out_dir=None) -> evaluate.EvalResult:
-    if isinstance(pool, pool_lib.Groups):
-      return hetero_loop.singles(self, pool, examples, split, out_dir)
-    return evaluate.evaluate(pool, examples, split=split, method="generate", output_dir=out_dir,
-                             key=self.key(f"{split}_singles"), **self.kw)
+    with self.watch.part("singles"):
+      if isinstance(pool, pool_lib.Groups):
+        return hetero_loop.singles(self, pool, examples, split, out_dir)
+      return evaluate.evaluate(pool, examples, split=split, method="generate",
+                               output_dir=out_dir, key=self.key(f"{split}_singles"), **self.kw)
 
   def fit(self, pool, dev_scores: np.ndarray | None):
     """The strategy's state fitted on `fit_rows` (dev_scores [N, len(fit_rows)]: the current
@@ -149,6 +179,10 @@ class Loop:
     spec = collab.get(self.config.strategy)
     if spec.fit is None:
       return None
+    with self.watch.part("fit"):
+      return self._fit(pool, spec, dev_scores)
+
+  def _fit(self, pool, spec, dev_scores):
     if isinstance(pool, pool_lib.Groups):
       return hetero_loop.fit(self, dev_scores)
     env = collab.make_env(pool, self.config.strategy, self.spec.scfg,
@@ -200,13 +234,14 @@ class Loop:
     """The strategy's answers to `examples`, scored (an EvalResult under the strategy's name).
     members: the singles' results on the same examples; a router takes its chosen member's
     answer from them instead of decoding every member again (`evaluate.evaluate`)."""
-    if isinstance(pool, pool_lib.Groups):
-      return hetero_loop.collaboration(self, pool, examples, split, state, out_dir)
-    return evaluate.evaluate(pool, examples, split=split, method="generate",
-                             strategy=self.config.strategy,
-                             strategy_cfg=self.spec.scfg, strategy_state=state,
-                             output_dir=out_dir, key=self.key(f"{split}_collab"),
-                             members=members, **self.kw)
+    with self.watch.part("collaboration"):
+      if isinstance(pool, pool_lib.Groups):
+        return hetero_loop.collaboration(self, pool, examples, split, state, out_dir)
+      return evaluate.evaluate(pool, examples, split=split, method="generate",
+                               strategy=self.config.strategy,
+                               strategy_cfg=self.spec.scfg, strategy_state=state,
+                               output_dir=out_dir, key=self.key(f"{split}_collab"),
+                               members=members, **self.kw)
 
 
 def merge_base_params(config, pool: pool_lib.Pool):
@@ -344,9 +379,10 @@ def specialist_scores(loop: Loop, m: dict[str, Any], names, out_dir) -> dict[str
   rows = [e for e in loop.test if not e.problem and e.subject in families.values()]
   base = {}
   if rows:
-    model = loading.load(config.pool[0], jnp.dtype(config.dtype))
-    result = evaluate.evaluate(model, rows, split="test", method="generate", output_dir=out_dir,
-                               key=loop.key("test_singles"), **loop.kw)
+    with loop.watch.part("base"):
+      model = loading.load(config.pool[0], jnp.dtype(config.dtype))
+      result = evaluate.evaluate(model, rows, split="test", method="generate",
+                                 output_dir=out_dir, key=loop.key("test_singles"), **loop.kw)
     base = result.summary["models"][model.source]["by_subject"]
   return {n: {"task": config.specialists[i], "base": base.get(families[n]),
               "score": m["by_task"][n].get(families[n])} for i, n in enumerate(names)}
@@ -435,16 +471,24 @@ def _run(config, workdir, pool, lock, *, progress: bool, stop_after: int | None)
         if primary:
           print(f"Resuming from {workdir / 'checkpoints'}: round {meta['round']} "
                 f"{meta['stage']} was the last finished stage.")
+      # Every finished stage's wall seconds and their parts, over all sittings (`timings.jsonl`).
+      timings = read_timings(workdir)[:start] if primary else []
       for index in range(start, len(stages)):
         r, stage = stages[index]
         loop.round_ = r
+        loop.watch.take()
         t0 = time.perf_counter()
         st = stage_fns[stage](driver, st, r)
-        logging.info("round %d %s: %.1f s", r, stage, time.perf_counter() - t0)
+        seconds = time.perf_counter() - t0
+        logging.info("round %d %s: %.1f s", r, stage, seconds)
         ckpt.save(index, st.pool.params, st.arrays, {
             "round": r, "stage": stage, "history": st.history,
             "distill_stats": st.distill_stats, "seed": config.seed,
             "config": json.loads(config.to_json())})
+        if primary:
+          timings.append({"round": r, "stage": stage, "seconds": seconds,
+                          "parts": loop.watch.take()})
+          write_timings(workdir, timings)
         if lock is not None:
           lock.heartbeat()
         if stop_after is not None and index == stop_after:

@@ -160,8 +160,8 @@ def run_summary(workdir, history, names, strategy, test) -> dict[str, Any]:
   0 to the last round on the same test rows (single-model mean, each single, the collaboration)
   and the round-0 collaboration minus the round-0 best single (best on test, as printed), with
   paired bootstrap 95% CIs, each specialist's base and own score on its family (a pool built from
-  specialists), and every collapse (a model giving one answer to >= 90% of the
-  rows while the gold answers are not that uniform)."""
+  specialists), every collapse (a model giving one answer to >= 90% of the
+  rows while the gold answers are not that uniform) and where the time went (`time_summary`)."""
   workdir = epath.Path(workdir)
   first, last = history[0]["round"], history[-1]["round"]
   s0 = _row_scores(workdir / f"round_{first}" / "singles")
@@ -181,7 +181,45 @@ def run_summary(workdir, history, names, strategy, test) -> dict[str, Any]:
             "best_single_round0": best0}
   return {"composition": common.composition(test), "rounds": history, "paired": paired,
           "specialists": history[0].get("specialists", {}),
-          "collapse": [c for m in history for c in collapsed(m)]}
+          "collapse": [c for m in history for c in collapsed(m)],
+          "seconds": time_summary(read_timings(workdir))}
+
+
+TIMINGS = "timings.jsonl"
+
+
+def read_timings(workdir) -> list[dict[str, Any]]:
+  """The workdir's finished stages' timings (`write_timings`); [] when there are none."""
+  path = epath.Path(workdir) / TIMINGS
+  return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def write_timings(workdir, timings: list[dict[str, Any]]) -> None:
+  """timings.jsonl: per finished stage (in order, over every sitting of a resumed run) its round,
+  name, wall seconds and their parts (`evolve.Stopwatch`). Rewritten whole (a bucket path
+  cannot be appended to)."""
+  (epath.Path(workdir) / TIMINGS).write_text("".join(json.dumps(t) + "\n" for t in timings))
+
+
+def time_summary(timings: list[dict[str, Any]]) -> dict[str, Any]:
+  """Where the time went: total wall seconds of the finished stages, per stage name, and per part
+  (decoding and scoring of the singles, the collaboration, the strategy's fit, the base model;
+  "rest": the remainder of each stage, in a distill stage its training)."""
+  stages: dict[str, float] = {}
+  parts: dict[str, float] = {}
+  for t in timings:
+    stages[t["stage"]] = stages.get(t["stage"], 0.0) + t["seconds"]
+    for k, v in t["parts"].items():
+      parts[k] = parts.get(k, 0.0) + v
+    parts["rest"] = parts.get("rest", 0.0) + t["seconds"] - sum(t["parts"].values())
+  return {"total": sum(stages.values()), "stages": stages, "parts": parts}
+
+
+def format_time(seconds: dict[str, Any]) -> str:
+  """One line: the total and its split by stage and by part, in minutes."""
+  m = lambda d: ", ".join(f"{k} {v / 60:.1f}" for k, v in d.items())
+  return (f"time: {seconds['total'] / 60:.1f} min (stages: {m(seconds['stages'])}; "
+          f"parts: {m(seconds['parts'])})")
 
 
 def format_paired(summary: dict[str, Any]) -> str:
@@ -201,4 +239,6 @@ def format_paired(summary: dict[str, Any]) -> str:
   for c in summary["collapse"]:
     lines.append(f"  COLLAPSE: round {c['round']} {c['model']} gives one answer to "
                  f"{c['share']:.0%} of the test rows")
+  if summary.get("seconds"):
+    lines.append(format_time(summary["seconds"]))
   return "\n".join(lines)

@@ -69,7 +69,34 @@ def _check_one_round(tiny_pool, tmp_path, strategy, **overrides):
   assert (tmp_path / "metrics.jsonl").read_text().count("\n") == 2
   records = (tmp_path / "round_1" / "collaboration" / "records.jsonl").read_text().splitlines()
   assert len(records) == 8 and json.loads(records[0])["model"] == strategy
+  # Where the time went: one entry per stage, its parts inside its wall time, summed in summary.
+  timings = report.read_timings(tmp_path)
+  assert [(t["round"], t["stage"]) for t in timings] == evolve.stage_list(c.rounds)
+  for t in timings:
+    assert 0 <= sum(t["parts"].values()) <= t["seconds"], t
+  assert {"singles", "collaboration"} <= set(timings[0]["parts"])
+  assert summary["seconds"] == report.time_summary(timings)
+  assert summary["seconds"]["total"] == pytest.approx(sum(t["seconds"] for t in timings))
   return history
+
+
+def test_stopwatch_counts_a_part_inside_another_once_and_sums_by_stage_and_part():
+  # fit from 0 to 5 with singles from 1 inside (an inner part's end is not read); singles 6-8.
+  clock = iter([0.0, 1.0, 5.0, 6.0, 8.0])
+  watch = evolve.Stopwatch(clock=lambda: next(clock))
+  with watch.part("fit"):
+    with watch.part("singles"):
+      pass
+  with watch.part("singles"):
+    pass
+  assert watch.take() == {"fit": 5.0, "singles": 2.0} and watch.take() == {}
+  timings = [{"round": 0, "stage": "evaluate", "seconds": 10.0, "parts": {"singles": 4.0}},
+             {"round": 1, "stage": "distill", "seconds": 6.0, "parts": {}},
+             {"round": 1, "stage": "evaluate", "seconds": 9.0,
+              "parts": {"singles": 3.0, "fit": 1.0}}]
+  assert report.time_summary(timings) == {
+      "total": 25.0, "stages": {"evaluate": 19.0, "distill": 6.0},
+      "parts": {"singles": 7.0, "rest": 17.0, "fit": 1.0}}
 
 
 def test_collapse_is_flagged_only_when_the_gold_is_not_as_uniform():
@@ -211,8 +238,10 @@ def test_kill_after_each_stage_then_resume_gives_the_same_metrics(tiny_pool, tmp
   c = _config(**{"distill.epochs": 3.0})
   want = _check_one_round(tiny_pool, tmp_path / "whole", "logit_fusion")
   stages = evolve.stage_list(c.rounds)
-  for k, _, got in killed_and_resumed(c, tiny_pool, tmp_path):
+  for k, workdir, got in killed_and_resumed(c, tiny_pool, tmp_path):
     assert got == want, f"resumed after stage {k} ({stages[k]})"
+    # Each stage's time once: the killed sitting's finished stages, then the resumed ones.
+    assert [(t["round"], t["stage"]) for t in report.read_timings(workdir)] == stages
 
 
 def test_bad_input_fails_clearly(tiny_pool, tmp_path):
