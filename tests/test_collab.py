@@ -745,6 +745,20 @@ def test_merge_strategy_decodes_the_merged_model_and_searches_weights(pool, batc
   state = collab.fit(pool, "linear", dev, env=env, cfg=cfg)
   assert int(np.argmax(state["weights"])) == 1
   assert state["search"]["history"][-1] >= state["search"]["history"][0]
+  # The fitted state holds the merge with its weights, computed once (equal to fp32 rounding:
+  # one program fuses differently from another): decoding it gives what merging inside every
+  # batch's program gives.
+  for got, want in zip(jax.tree.leaves(state["merged"]), jax.tree.leaves(
+      merge.merge_params(pool.params, state["weights"], method="linear"))):
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
+  once = collab.run(pool, "linear", batch, env=env, cfg=cfg, state=state)
+  per_batch = collab.run(pool, "linear", batch, env=env, cfg=cfg,
+                         state={k: v for k, v in state.items() if k != "merged"})
+  np.testing.assert_array_equal(once.tokens, per_batch.tokens)
+  np.testing.assert_array_equal(once.tokens, _decode(state["merged"], batch, env).tokens)
+  other = collab.run(pool, "linear", batch, env=env, cfg=cfg,
+                     state=state | {"merged": pool.member(2)})  # What it decodes is the state's.
+  np.testing.assert_array_equal(other.tokens, _decode(pool.member(2), batch, env).tokens)
 
 
 # -------------------------------------------------------------------------------------------------
