@@ -71,7 +71,8 @@ def _check_one_round(tiny_pool, tmp_path, strategy, **overrides):
   assert len(records) == 8 and json.loads(records[0])["model"] == strategy
   # Where the time went: one entry per stage, its parts inside its wall time, summed in summary.
   timings = report.read_timings(tmp_path)
-  assert [(t["round"], t["stage"]) for t in timings] == evolve.stage_list(c.rounds)
+  assert [(t["round"], t["stage"]) for t in timings] == evolve.stage_list(c.rounds,
+                                                                           c.fused_round)
   for t in timings:
     assert 0 <= sum(t["parts"].values()) <= t["seconds"], t
   assert {"singles", "collaboration"} <= set(timings[0]["parts"])
