@@ -25,8 +25,9 @@ end, next to the family's chance level and majority-class rate.
 --quick: supervised_kd only, at most 32 test and 24 dev (and fit) rows per family, 1 round
 (measured: 40.9 minutes for the four default strategies on the embedded default, alone on 2
 cores, with the compilation cache: multiagent_refine 17.1, trained_router 11.8 with the
-specialists, dare_ties 6.9, logit_fusion 5.1); the full run's time is printed and written. Where each run's time went (`timings.jsonl`: singles,
-collaboration, fit, base, the rest) is tabled on the page.
+specialists, dare_ties 6.9, logit_fusion 5.1); the full run's time is printed and written.
+Where each run's time went (`timings.jsonl`: singles, collaboration, fit, base, the rest) is
+tabled on the page.
 """
 
 import argparse

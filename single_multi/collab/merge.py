@@ -385,7 +385,8 @@ def _fit(pool, dev, cfg: MergeConfig, env: core.Env, rng, base=None):
     w, best, history = search_weights(fitness, pool.size, cfg)
     state |= {"weights": jnp.asarray(w, jnp.float32),
               "search": {"best_dev_score": best, "history": history}}
-  return state | {"merged": _merged_jit(pool.params, cfg, state)}
+  merge_inputs = {k: state[k] for k in ("base", "weights") if k in state}
+  return state | {"merged": _merged_jit(pool.params, cfg, merge_inputs)}
 
 
 def _config(method: str):
