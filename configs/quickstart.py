@@ -44,6 +44,7 @@ def get_config() -> config_dict.ConfigDict:
   c.seed = 0
   c.dtype = "float32"
   c.jax_cache_dir = "auto"  # The compilation cache ("": off; see docs/config.md).
+  c.eval_cache = ""  # Kept evaluations, read instead of decoded ("": off; see docs/config.md).
   # The pool: model sources (dir, .gguf, hf:org/name, embedded:...). With `specialists`, the
   # first source is the base each specialist is fine-tuned from (one per task family).
   c.pool = ("embedded:smollm2-135m-instruct",)

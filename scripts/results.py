@@ -11,7 +11,9 @@ command, workdir W; LOG its `/usr/bin/time -v` output), with the targets it meet
 
 Each (strategy, method) runs `evolve.run` in its own workdir (resumable: a rerun continues where
 a killed one stopped; the wall time of every sitting is added up in `<workdir>/wall.json`); the
-pool (the config's specialists) is built once and shared. A combination the loop refuses
+pool (the config's specialists) is built once and shared, and so are the evaluations that are
+the same in every run (`<workdir>/eval_cache`, `eval_memo.py`: round 0's singles and the base,
+read by each later run instead of decoded). A combination the loop refuses
 (`evolve.validate`, e.g. logit_kd with a router) is listed with the reason, not run.
 
 The page reports, per run, from its summary.json: the single-model mean and the collaboration at
@@ -338,6 +340,7 @@ def main():
         refused[name] = str(e).split(";")[0]
         continue
       workdir = root / f"{strategy}-{method}"
+      c.eval_cache = str(root / "eval_cache")  # The runs share round 0 (eval_memo.py).
       if args.page_only:
         if (workdir / "summary.json").exists():
           wall = json.loads((workdir / "wall.json").read_text())["seconds"]

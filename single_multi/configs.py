@@ -37,6 +37,11 @@ FIELDS: dict[str, str] = {
                      "when set, else `<SINGLE_MULTI_CACHE>/jax`; empty: off; else that directory "
                      "(local or gs://). A later run reads the programs an earlier one compiled "
                      "(`assets.enable_compilation_cache`).",
+    "eval_cache": "Directory of kept evaluations (`eval_memo.py`): an evaluation of the loop "
+                  "whose params, rows, prompts, decoding, strategy state and code all match a "
+                  "kept one is read, not decoded (a sweep's runs share round 0; round 1 reuses "
+                  "round 0's answers on the fit rows); staged rounds only (a fused round "
+                  "decodes inside its program); empty: off.",
     "batch_size": "Examples per decoding / scoring batch.",
     "max_new_tokens": "Tokens generated per answer at most.",
     "temperature": "Sampling temperature; 0 is greedy decoding.",

@@ -31,7 +31,7 @@ import numpy as np
 import tqdm
 from etils import epath
 
-from single_multi import collab, decoding, multihost, pool as pool_lib
+from single_multi import collab, decoding, eval_memo, multihost, pool as pool_lib
 from single_multi import reward as reward_lib
 from single_multi.data import common, metrics, moco, pipeline
 from single_multi.data.tasks import Task
@@ -368,7 +368,8 @@ def evaluate(model: pool_lib.Pool | Model, examples: Sequence[common.Example], *
              strategy_state: Any = None, reference: Sequence[common.Example] | None = None,
              reference_split: str = "dev", reward_model: Model | None = None,
              sampler: Any = decoding.Greedy(), key: jax.Array | None = None,
-             members: EvalResult | None = None) -> EvalResult:
+             members: EvalResult | None = None,
+             memo: str | os.PathLike | None = None) -> EvalResult:
   """Scores every valid example with every model; see the module docstring.
 
   strategy: score the pool's collaboration instead (a `collab` registry name; method "generate"):
@@ -402,8 +403,25 @@ def evaluate(model: pool_lib.Pool | Model, examples: Sequence[common.Example], *
   stop_ids = decoding.stop_ids_for(pool.config, pool.tokenizer)
   pad_id = pipeline.pad_id_of(pool.tokenizer)
   key = jax.random.key(seed) if key is None else key
-  records: list[dict[str, Any]] = []
   start, waited = time.perf_counter(), 0.0
+  finish_kw = dict(method=method, metric=metric, task_name=task_name, split=split, seed=seed,
+                   output_dir=output_dir, reference=reference, reference_split=reference_split,
+                   reward_model=reward_model, batch_size=batch_size)
+  model_order = (strategy,) if strategy is not None else pool.names
+  memo_key = None
+  if memo is not None:
+    memo_key = eval_memo.key(
+        params=pool.params, config=pool.config, examples=examples, prompter=prompter,
+        method=method, metric=metric, split=split, task_name=task_name, seed=seed,
+        max_new_tokens=max_new_tokens, batch_size=batch_size, share_prefix=share_prefix,
+        sampler=sampler, rng_key=key, strategy=strategy,
+        strategy_cfg=env_cfg if strategy is not None else None, strategy_state=strategy_state,
+        members=members if own is not None else None, reward_model=reward_model)
+    kept = eval_memo.load(memo, memo_key)
+    if kept is not None:
+      return finish(kept, examples, model_order, timing={
+          "wall_seconds": time.perf_counter() - start, "memo": memo_key}, **finish_kw)
+  records: list[dict[str, Any]] = []
   iterator = pipeline.prefetch(batches)
   for _ in tqdm.trange(len(batches), desc=f"{task_name}/{split} {method}", unit="batch",
                        disable=not progress or not multihost.is_primary()):
@@ -459,13 +477,11 @@ def evaluate(model: pool_lib.Pool | Model, examples: Sequence[common.Example], *
       records += generation_records(examples, rows, names, tokens, lengths, pool.tokenizer,
                                     metric)
   records = multihost.allgather_records(records)  # Each process scored its shard.
-  model_order = (strategy,) if strategy is not None else pool.names
-  return finish(records, examples, model_order, method=method, metric=metric,
-                task_name=task_name, split=split, seed=seed, output_dir=output_dir,
-                timing={"wall_seconds": time.perf_counter() - start,
-                        "input_pipeline_seconds": waited},
-                reference=reference, reference_split=reference_split,
-                reward_model=reward_model, batch_size=batch_size)
+  result = finish(records, examples, model_order, timing={
+      "wall_seconds": time.perf_counter() - start, "input_pipeline_seconds": waited}, **finish_kw)
+  if memo_key is not None:
+    eval_memo.save(memo, memo_key, result.records)
+  return result
 
 
 def _member_records(members: EvalResult | None, examples, strategy: str | None,

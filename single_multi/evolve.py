@@ -160,7 +160,8 @@ class Loop:
     return dict(prompter=self.prompter, task_name=self.task.name, metric=self.task.spec.metric,
                 batch_size=self.config.batch_size, max_new_tokens=self.config.max_new_tokens,
                 progress=self.progress, seed=self.config.seed, reference=self.dev,
-                reward_model=self.reward_model, sampler=self.spec.sampler)
+                reward_model=self.reward_model, sampler=self.spec.sampler,
+                memo=self.config.get("eval_cache") or None)
 
   def key(self, purpose: str) -> jax.Array:
     """The sampling key of (seed, round, purpose); rows fold in their example ids."""

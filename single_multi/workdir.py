@@ -28,7 +28,7 @@ from single_multi.configs import ConfigError
 
 # Fields that do not change what a run computes: they may differ when a run resumes.
 NOT_RESULTS = frozenset({"keep_checkpoints", "compile_topology", "compile_prompt_length",
-                         "resume_allow"})
+                         "resume_allow", "eval_cache"})
 # Fields that cannot change on resume even when allowed: the checkpoints' stage layout.
 FIXED_ON_RESUME = frozenset({"fused_round"})
 

@@ -1,6 +1,7 @@
 """Evaluation runner on tiny random models: scoring kernels against a hand computation, pools
 against single models, bad-row accounting, records, bootstrap intervals."""
 
+import dataclasses
 import json
 
 import jax
@@ -8,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from single_multi import evaluate, pool as pool_lib
+from single_multi import decoding, evaluate, pool as pool_lib
 from single_multi.data import common, pipeline
 from single_multi.models import tiny, transformer
 
@@ -199,3 +200,62 @@ def test_generation_baselines_chance_zero_and_the_majority_answer_by_hand():
   assert "generation" not in b["by_subject"]["m"]
   only = evaluate.baselines(rows[:3], rows[:3], "dev")
   assert "mc_rows" not in only and "position_from" not in only and only["generation"]["rows"] == 3
+
+
+def test_a_kept_evaluation_is_read_not_decoded_and_any_change_of_its_inputs_decodes(
+    tmp_path, monkeypatch):
+  pool = pool_lib.from_models([_model(0), _model(1)], ["m0", "m1"])
+  exs = _examples()
+  kw = dict(prompter=pipeline.Prompter(Tok()), method="generate", batch_size=4, max_new_tokens=6,
+            progress=False, memo=tmp_path / "memo")
+  first = evaluate.evaluate(pool, exs, key=jax.random.key(1), **kw)
+  assert "memo" not in first.summary and len(list((tmp_path / "memo").iterdir())) == 1
+  decodes = []
+  real = pool_lib.decode_each
+  monkeypatch.setattr(pool_lib, "decode_each",
+                      lambda *a, **k: decodes.append(1) or real(*a, **k))
+
+  # The same evaluation (another key: greedy decoding does not use it) is read.
+  again = evaluate.evaluate(pool, exs, key=jax.random.key(2), output_dir=tmp_path / "out", **kw)
+  assert decodes == [] and again.summary["memo"]
+  assert again.records == first.records and again.summary["models"] == first.summary["models"]
+  assert [json.loads(line) for line in (tmp_path / "out" / "records.jsonl").open()] == \
+      first.records
+
+  def decoded(model, rows, **changes):
+    decodes.clear()
+    result = evaluate.evaluate(model, rows, **(kw | {"key": jax.random.key(1)} | changes))
+    return bool(decodes), result
+
+  # One element of one leaf of the params: decoded again, as a fresh evaluation would.
+  leaves, treedef = jax.tree.flatten(pool.params)
+  leaves[0] = leaves[0].at[(0,) * leaves[0].ndim].add(1e-3)
+  nudged = pool_lib.Pool(pool.config, jax.tree.unflatten(treedef, leaves), pool.names,
+                         pool.tokenizer)
+  hit, result = decoded(nudged, exs)
+  fresh = evaluate.evaluate(nudged, exs, **(kw | {"memo": None, "key": jax.random.key(1)}))
+  assert hit and result.records == fresh.records
+  # A row's gold answer, the token budget, the prompt format: each decodes again.
+  regold = [dataclasses.replace(e, targets=("maybe",)) if e.id == "s/0" else e for e in exs]
+  assert decoded(pool, regold)[0]
+  assert decoded(pool, exs, max_new_tokens=5)[0]
+  assert decoded(pool, exs, prompter=pipeline.Prompter(
+      Tok(), pipeline.PromptConfig(mc_instruction="Pick one letter.")))[0]
+  # Sampling: the key is part of the evaluation; the same key is read.
+  hot = {"sampler": decoding.Sampling(temperature=1.0)}
+  assert decoded(pool, exs, **hot)[0] and not decoded(pool, exs, **hot)[0]
+  assert decoded(pool, exs, **hot, key=jax.random.key(3))[0]
+
+
+def test_tree_digest_sees_every_bit_position_and_python_leaf():
+  from single_multi import eval_memo
+  tree = {"w": jnp.arange(6, dtype=jnp.float32).reshape(2, 3), "best": 1,
+          "rng": jax.random.key(0), "bf": jnp.ones((4,), jnp.bfloat16)}
+  base = eval_memo.tree_digest(tree)
+  assert eval_memo.tree_digest(dict(tree)) == base
+  flipped = jax.lax.bitcast_convert_type(
+      jax.lax.bitcast_convert_type(tree["w"], jnp.uint32).at[1, 2].add(1), jnp.float32)
+  changes = [{"w": flipped}, {"w": tree["w"][:, ::-1]}, {"w": tree["w"].reshape(3, 2)},
+             {"best": 2}, {"rng": jax.random.key(1)}, {"bf": tree["bf"].at[3].set(2)}]
+  digests = {eval_memo.tree_digest(tree | c) for c in changes}
+  assert base not in digests and len(digests) == len(changes)

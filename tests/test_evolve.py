@@ -849,3 +849,25 @@ def test_a_round_with_no_correct_collaborative_answer_distils_nothing_and_goes_o
   test answers in round 1 as in round 0), and the round's record says why."""
   check_round_without_training_rows(_config(**{"distill.correctness_filter": True}), tiny_pool,
                                     tmp_path, lambda: capsys.readouterr().out, "output_ids")
+
+
+def test_an_eval_cache_shares_evaluations_across_runs_and_rounds(tiny_pool, tmp_path,
+                                                                 monkeypatch):
+  """A second run of the same config in a fresh workdir decodes nothing and gives the same
+  metrics; within a run, round 1's collaborate stage reads the fit rows' answers round 0
+  decoded with the same params (greedy), so a cached run decodes less than a plain one."""
+  decodes = []
+  real = pool_lib.decode_each
+  monkeypatch.setattr(pool_lib, "decode_each",
+                      lambda *a, **k: decodes.append(1) or real(*a, **k))
+  plain = evolve.run(_config(strategy="trained_router"), tmp_path / "plain", tiny_pool,
+                     progress=False)
+  n_plain = len(decodes)
+  decodes.clear()
+  c = _config(strategy="trained_router", eval_cache=str(tmp_path / "cache"))
+  first = evolve.run(c, tmp_path / "a", tiny_pool, progress=False)
+  n_first = len(decodes)
+  decodes.clear()
+  second = evolve.run(c, tmp_path / "b", tiny_pool, progress=False)
+  assert first == plain and second == plain
+  assert 0 < n_first < n_plain and decodes == []
