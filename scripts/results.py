@@ -25,10 +25,10 @@ end is above 0. Per task family: each run's single mean and collaboration at rou
 end, next to the family's chance level and majority-class rate.
 
 --quick: supervised_kd only, at most 24 test and 20 dev (and fit) rows per family, 1 round
-(measured with 32 test and 24 dev rows per family and no evaluation cache: 40.9 minutes for the
-four default strategies on the embedded default, alone on 2
-cores, with the compilation cache: multiagent_refine 17.1, trained_router 11.8 with the
-specialists, dare_ties 6.9, logit_fusion 5.1); the full run's time is printed and written.
+(measured: 38.9 minutes for the four default strategies on the embedded default, alone on 2
+cores, the compilation cache filled as the sweep went: multiagent_refine 16.5, trained_router
+12.4 with the specialists, dare_ties 5.6, logit_fusion 4.4); the full run's time is printed and
+written.
 Where each run's time went (`timings.jsonl`: singles, collaboration, fit, base, the rest) is
 tabled on the page.
 """
