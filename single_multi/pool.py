@@ -174,11 +174,13 @@ def with_params(pool: Pool | Groups, params) -> Pool | Groups:
 _CACHE_AXES = {"k": 0, "v": 0, "pos": 0, "end": None}
 
 
-def init_cache(config: ModelConfig, n: int, batch: int, max_len: int, dtype=jnp.float32):
-  one = transformer.init_cache(config, batch, max_len, dtype)
-  return {"k": jnp.broadcast_to(one["k"], (n, *one["k"].shape)),
-          "v": jnp.broadcast_to(one["v"], (n, *one["v"].shape)),
-          "pos": jnp.broadcast_to(one["pos"], (n, *one["pos"].shape)), "end": one["end"]}
+def init_cache(config: ModelConfig, n: int, batch: int, max_len: int, dtype=jnp.float32, *,
+               per_layer: bool = False):
+  """transformer.init_cache with a leading pool axis N on every array but `end`."""
+  one = transformer.init_cache(config, batch, max_len, dtype, per_layer=per_layer)
+  stack = lambda a: jnp.broadcast_to(a, (n, *a.shape))
+  return {"k": jax.tree.map(stack, one["k"]), "v": jax.tree.map(stack, one["v"]),
+          "pos": stack(one["pos"]), "end": one["end"]}
 
 
 def forward(params_n: Params, tokens_bt: jax.Array, config: ModelConfig, *, mask_bt=None,
@@ -221,7 +223,8 @@ def _decode(params_n, prompt_bt, prompt_mask_bt, rng, choose, choose_state, *,
   params_n = decoding.unstack_for_loop(params_n, unstack, layer_axis=1)
   n = num_models(params_n)
   B, P = prompt_bt.shape[-2:]
-  cache = init_cache(config, n, B, P + max_new_tokens, params_n["embed"].dtype)
+  cache = init_cache(config, n, B, P + max_new_tokens, params_n["embed"].dtype,
+                     per_layer=isinstance(params_n["layers"], list))
   logits, cache = forward(params_n, prompt_bt, config, mask_bt=prompt_mask_bt, cache=cache,
                           lora=lora, per_model_tokens=prompt_bt.ndim == 3, extra_head=extra_head,
                           last_only=True)
