@@ -229,7 +229,7 @@ def decode(params, prompt_bt: jax.Array, prompt_mask_bt: jax.Array, rng: jax.Arr
   params = unstack_for_loop(params, unstack)
   B, P = prompt_bt.shape
   cache = transformer.init_cache(config, B, P + max_new_tokens, params["embed"].dtype,
-                                per_layer=isinstance(params["layers"], list))
+                                per_layer=transformer.is_unstacked(params))
   hidden, cache = transformer.hidden_states(params, prompt_bt, config, mask_bt=prompt_mask_bt,
                                             cache=cache, lora=lora)
   # The LM head on the last (left-padded: always real) position only: the next token's logits.

@@ -224,7 +224,7 @@ def _decode(params_n, prompt_bt, prompt_mask_bt, rng, choose, choose_state, *,
   n = num_models(params_n)
   B, P = prompt_bt.shape[-2:]
   cache = init_cache(config, n, B, P + max_new_tokens, params_n["embed"].dtype,
-                     per_layer=isinstance(params_n["layers"], list))
+                     per_layer=transformer.is_unstacked(params_n))
   logits, cache = forward(params_n, prompt_bt, config, mask_bt=prompt_mask_bt, cache=cache,
                           lora=lora, per_model_tokens=prompt_bt.ndim == 3, extra_head=extra_head,
                           last_only=True)

@@ -63,6 +63,11 @@ def init_params(config: ModelConfig, rng: jax.Array, dtype=jnp.float32) -> Param
   return jax.tree.unflatten(treedef, out)
 
 
+def is_unstacked(params: Params) -> bool:
+  """Whether the layers are per-layer (a list of L dicts, see `unstack_layers`), not stacked."""
+  return isinstance(params["layers"], (list, tuple))
+
+
 def unstack_layers(params: Params, axis: int = 0) -> Params:
   """Per-layer weights as a list of L dicts (forward then runs a Python loop over layers).
 
@@ -71,7 +76,7 @@ def unstack_layers(params: Params, axis: int = 0) -> Params:
   before its loop, and reads each layer's weights in place. axis: the L axis (1 in a pool).
   """
   layers = params["layers"]
-  if isinstance(layers, (list, tuple)):
+  if is_unstacked(params):
     return params
   num_layers = jax.tree.leaves(layers)[0].shape[axis]
   return {**params, "layers": [jax.tree.map(lambda a: jnp.take(a, i, axis=axis), layers)
@@ -245,13 +250,13 @@ def hidden_states(
     q = sharding.constrain(rope(dense("q", h, layer, lo), positions_bt, inv_freq), _ACT_BTNH)
     k = rope(dense("k", h, layer, lo), positions_bt, inv_freq).astype(dtype).swapaxes(1, 2)
     v = dense("v", h, layer, lo).astype(dtype).swapaxes(1, 2)
-    if kv is not None and isinstance(kv[0], list):  # Per-layer arrays (index is an int).
-      kv = tuple([*c[:index], jax.lax.dynamic_update_slice(c[index], new, (0, 0, end, 0)),
-                  *c[index + 1:]] for c, new in zip(kv, (k, v)))
-      k, v = kv[0][index], kv[1][index]
-    elif kv is not None:
-      kv = tuple(jax.lax.dynamic_update_slice(c, new[None], (index, 0, 0, end, 0))
-                 for c, new in zip(kv, (k, v)))
+    if kv is not None:
+      if isinstance(kv[0], list):  # Per-layer arrays (index is an int).
+        kv = tuple([*c[:index], jax.lax.dynamic_update_slice(c[index], new, (0, 0, end, 0)),
+                    *c[index + 1:]] for c, new in zip(kv, (k, v)))
+      else:
+        kv = tuple(jax.lax.dynamic_update_slice(c, new[None], (index, 0, 0, end, 0))
+                   for c, new in zip(kv, (k, v)))
       k, v = kv[0][index], kv[1][index]
     a = attention(q, k, v, positions_bt, k_pos, window, config)
     x = x + dense("o", a, layer, lo)
@@ -262,7 +267,7 @@ def hidden_states(
 
   layer_lora = None if lora is None else lora.params
   kv = (cache["k"], cache["v"]) if cache is not None else None
-  if isinstance(params["layers"], (list, tuple)):  # Unstacked layers: a Python loop.
+  if is_unstacked(params):  # A Python loop over the layers.
     for i, layer in enumerate(params["layers"]):
       li = None if layer_lora is None else jax.tree.map(lambda a: a[i], layer_lora)
       (x, kv), _ = layer_fn((x, kv), (layer, li, i, config.sliding_windows[i]))
