@@ -9,8 +9,8 @@ to all N models each step; the token comes from a pure
 the hook logit- and token-level collaboration strategies plug into (the row is the collaboration's
 next-token distribution: the teacher rows of logit distillation). All N caches advance together.
 
-Pool KV cache: k, v [N, L, B, K, S, H]; pos [N, B, S]; end [] shared (all models write the same
-slots, so the cache update stays a dynamic-update-slice under vmap).
+Pool KV cache: k [N, L, B, K, H, S], v [N, L, B, K, S, H]; pos [N, B, S]; end [] shared (all
+models write the same slots, so the cache update stays a dynamic-update-slice under vmap).
 """
 
 from __future__ import annotations

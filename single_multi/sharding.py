@@ -176,9 +176,12 @@ def init_params(config: ModelConfig, rng: jax.Array, mesh, dtype=np.float32):
 
 
 def cache_shardings(config: ModelConfig, mesh, batch: int, max_len: int) -> dict[str, Any]:
-  shape = (config.num_layers, batch, config.num_kv_heads, max_len, config.head_dim)
-  kv = named(mesh, shape, ("layers", "batch", "act_heads", "cache_seq", "head_dim"))
-  return {"k": kv, "v": kv, "pos": named(mesh, (batch, max_len), ("batch", "cache_seq")),
+  L, K, H = config.num_layers, config.num_kv_heads, config.head_dim  # See transformer.init_cache.
+  k = named(mesh, (L, batch, K, H, max_len), ("layers", "batch", "act_heads", "head_dim",
+                                              "cache_seq"))
+  v = named(mesh, (L, batch, K, max_len, H), ("layers", "batch", "act_heads", "cache_seq",
+                                              "head_dim"))
+  return {"k": k, "v": v, "pos": named(mesh, (batch, max_len), ("batch", "cache_seq")),
           "end": named(mesh, (), ())}
 
 

@@ -69,10 +69,11 @@ def test_doubling_the_batch_grows_arguments_and_cache_by_their_hand_count(monkey
   prompt_bytes = lambda b: 2 * (b // data) * P * 4  # noqa: E731
   assert (large["bytes_per_device"]["argument"] - small["bytes_per_device"]["argument"]
           == prompt_bytes(512) - prompt_bytes(256))
-  # Temporaries hold the KV cache (pool.init_cache: k and v [N, L, B, Kv, P + M, H] fp32, pos
-  # [N, B, P + M] int32), so doubling the batch adds at least its growth (214 MB per device), and
-  # (everything in the program being per row or fixed) at most doubles them, give or take the
-  # 128 MiB of VMEM the compiler may stop using for a buffer that grew.
+  # Temporaries hold the KV cache (pool.init_cache: k [N, L, B, Kv, H, P + M] and v
+  # [N, L, B, Kv, P + M, H] fp32, pos [N, B, P + M] int32), so doubling the batch adds at least
+  # its growth (214 MB per device), and (everything in the program being per row or fixed) at
+  # most doubles them, give or take the 128 MiB of VMEM the compiler may stop using for a buffer
+  # that grew.
   cache = lambda b: N * (b // data) * (P + M) * (  # noqa: E731
       2 * ARCH.num_layers * ARCH.num_kv_heads * ARCH.head_dim * 4 + 4)
   grown = large["bytes_per_device"]["temp"] - small["bytes_per_device"]["temp"]
