@@ -76,7 +76,8 @@ def get_config() -> config_dict.ConfigDict:
   c.strategy = "trained_router"
   # Overrides of the strategy's config dataclass. kind "head": the fast router (the reference's
   # LM router fine-tunes a separate model for 5 epochs).
-  c.strategy_config = config_dict.ConfigDict({"kind": "head"})
+  # labels "best": one model per dev query, as the reference; "tied": see collab/routers.py.
+  c.strategy_config = config_dict.ConfigDict({"kind": "head", "labels": "best"})
   # Task-vector merges (dare_ties, ties, task_arithmetic): the model the members were fine-tuned
   # from. "": the specialists' base (pool[0]) when the pool is built from specialists.
   c.merge_base = ""

@@ -792,3 +792,16 @@ def test_heterogeneous_pool_exchanges_text_and_refuses_logit_strategies(pool):
     summary = hetero.fill_text(templates._BUILDERS["summarize"](2, cfg), [q, *last])
     assert out[k]["output"] == decoding.generate(b, [[{"role": "user", "content": summary}]],
                                                  max_new_tokens=M)[0].strip()
+
+
+def test_router_tied_targets_spread_over_the_top_score():
+  scores = np.array([[1, 0, 1, 0], [1, 1, 0, 0], [0, 1, 1, 0]], np.float32)
+  np.testing.assert_array_equal(routers.tied_best_targets(scores), np.array(
+      [[.5, .5, 0], [0, .5, .5], [.5, 0, .5], [1 / 3, 1 / 3, 1 / 3]], np.float32))
+  # Graded scores: only the maximum counts.
+  np.testing.assert_array_equal(routers.tied_best_targets(np.array([[0.2], [0.7], [0.7]])),
+                                np.array([[0, .5, .5]], np.float32))
+  with pytest.raises(ValueError, match="needs kind 'head'"):
+    routers.TrainedRouterConfig(kind="lm", labels="tied")
+  with pytest.raises(ValueError, match="'best' or 'tied'"):
+    routers.TrainedRouterConfig(kind="head", labels="soft")

@@ -32,7 +32,11 @@ running variance with the biased estimate (torch: unbiased). Kind "fast": our bi
 Label rule of `trained_router` (both kinds): a dev query's label is the model with the highest score on it; among
 tied models the one with the higher mean dev score overall; then the lower pool index. (The
 reference breaks ties with a reward model's score of the answers; without one this rule stands
-in.)
+in.) Deviation, off by default (`labels="tied"`, kind "head"): the head's target is spread evenly
+over every model with the query's top score, so a tie names no winner. With exact-match scores
+most ties are between several right answers; the tie-break then hands every such row to the
+model best overall, and a router fitted on the labels learns that model's overall rank rather
+than which model is right on which kind of query.
 """
 
 from __future__ import annotations
@@ -67,6 +71,13 @@ def _dev_features(pool, dev: core.DevData, router: int, chunk: int = 32) -> np.n
                                                    b.prompt_mask[s:s + chunk],
                                                    config=pool.config))
                          for s in range(0, b.prompt.shape[0], chunk)])
+
+
+def tied_best_targets(scores_nq: np.ndarray) -> np.ndarray:
+  """Per dev query, a distribution [Q, N] spread evenly over the models with its top score."""
+  scores = np.asarray(scores_nq, np.float64).T
+  best = scores == scores.max(axis=1, keepdims=True)
+  return (best / best.sum(axis=1, keepdims=True)).astype(np.float32)
 
 
 def best_model_labels(scores_nq: np.ndarray) -> np.ndarray:
@@ -120,6 +131,9 @@ class TrainedRouterConfig:
   micro_batch: int = 1
   choice_tokens: int = 8  # The router's reply budget.
   # kind "head".
+  # "best": one model per dev query (the reference's rule, ties as documented above); "tied":
+  # the target spread evenly over the query's tied best models (a deviation, see above).
+  labels: str = "best"
   hidden: int = 0  # 0: a linear head; > 0: one hidden layer of this width.
   steps: int = 300
   learning_rate: float = 1e-2
@@ -129,6 +143,11 @@ class TrainedRouterConfig:
   def __post_init__(self):
     if self.kind not in ("lm", "head"):
       raise ValueError(f"trained_router kind must be 'lm' or 'head', got {self.kind!r}")
+    if self.labels not in ("best", "tied"):
+      raise ValueError(f"trained_router labels must be 'best' or 'tied', got {self.labels!r}")
+    if self.labels == "tied" and self.kind != "head":
+      raise ValueError("trained_router labels='tied' needs kind 'head' (the LM router is "
+                       "fine-tuned to name one model)")
 
   @property
   def lora(self) -> lora_lib.LoraConfig:
@@ -227,7 +246,9 @@ def _fit_trained_router(pool, dev, cfg: TrainedRouterConfig, env, rng):
   labels = best_model_labels(scores)
   if cfg.kind == "lm":
     return _fit_lm_router(pool, dev, cfg, env, labels)
-  labels = jnp.asarray(labels)
+  targets = (tied_best_targets(scores) if cfg.labels == "tied"
+             else np.eye(pool.size, dtype=np.float32)[labels])
+  targets = jnp.asarray(targets)
   feats = _dev_features(pool, dev, cfg.router)
   mean, std = feats.mean(0), feats.std(0) + 1e-6
   x = jnp.asarray((feats - mean) / std)
@@ -237,7 +258,7 @@ def _fit_trained_router(pool, dev, cfg: TrainedRouterConfig, env, rng):
   @jax.jit
   def train(head):
     def loss(h):
-      return optax.softmax_cross_entropy_with_integer_labels(_head_apply(h, x), labels).mean()
+      return optax.softmax_cross_entropy(_head_apply(h, x), targets).mean()
 
     def step(carry, _):
       h, s = carry
@@ -249,9 +270,12 @@ def _fit_trained_router(pool, dev, cfg: TrainedRouterConfig, env, rng):
     return head, losses
 
   head, losses = train(head)
-  accuracy = float(jnp.mean(jnp.argmax(_head_apply(head, x), -1) == labels))
+  chosen = np.asarray(jnp.argmax(_head_apply(head, x), -1))
   return {"head": head, "mean": jnp.asarray(mean), "std": jnp.asarray(std),
-          "train": {"final_loss": losses[-1], "label_accuracy": accuracy}}
+          "train": {"final_loss": losses[-1], "label_accuracy": float(np.mean(chosen == labels)),
+                    # The dev queries routed to a model with their top score (any of the tied).
+                    "top_score_accuracy": float(np.mean(
+                        tied_best_targets(scores)[np.arange(len(labels)), chosen] > 0))}}
 
 
 def trained_router_route(params_n, batch: core.Batch, rng, *, cfg: TrainedRouterConfig,
