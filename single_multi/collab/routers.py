@@ -246,9 +246,9 @@ def _fit_trained_router(pool, dev, cfg: TrainedRouterConfig, env, rng):
   labels = best_model_labels(scores)
   if cfg.kind == "lm":
     return _fit_lm_router(pool, dev, cfg, env, labels)
-  targets = (tied_best_targets(scores) if cfg.labels == "tied"
-             else np.eye(pool.size, dtype=np.float32)[labels])
-  targets = jnp.asarray(targets)
+  tied = tied_best_targets(scores)
+  one_hot = np.eye(pool.size, dtype=np.float32)[labels]
+  targets = jnp.asarray(tied if cfg.labels == "tied" else one_hot)
   feats = _dev_features(pool, dev, cfg.router)
   mean, std = feats.mean(0), feats.std(0) + 1e-6
   x = jnp.asarray((feats - mean) / std)
@@ -274,8 +274,7 @@ def _fit_trained_router(pool, dev, cfg: TrainedRouterConfig, env, rng):
   return {"head": head, "mean": jnp.asarray(mean), "std": jnp.asarray(std),
           "train": {"final_loss": losses[-1], "label_accuracy": float(np.mean(chosen == labels)),
                     # The dev queries routed to a model with their top score (any of the tied).
-                    "top_score_accuracy": float(np.mean(
-                        tied_best_targets(scores)[np.arange(len(labels)), chosen] > 0))}}
+                    "top_score_accuracy": float(np.mean(tied[np.arange(len(labels)), chosen] > 0))}}
 
 
 def trained_router_route(params_n, batch: core.Batch, rng, *, cfg: TrainedRouterConfig,
