@@ -109,6 +109,13 @@ def _index_url() -> str:
   return os.environ.get("PIP_INDEX_URL", "https://pypi.org/simple").rstrip("/")
 
 
+_BIGBENCH_FIX = (
+    "Put the sdist at {} by hand, or use a local BIG-bench checkout (`git clone --depth 1 "
+    "https://github.com/google/BIG-bench`): export SINGLE_MULTI_BIGBENCH=<its path>, or pass it as "
+    "--config.data_manual_dir. A checkout other than 1.0.0's files may give other rows, so other "
+    "scores than docs/results.md's.")
+
+
 def fetch_bigbench_sdist() -> pathlib.Path:
   """The `bigbench==1.0.0` sdist (358 MB) in the cache, downloaded from the package index once.
 
@@ -130,7 +137,8 @@ def fetch_bigbench_sdist() -> pathlib.Path:
     html = urllib.request.urlopen(page, timeout=30).read().decode()
     links = [l for l in re.findall(r'href="([^"]+)"', html) if BIGBENCH_SDIST in l]
     if not links:
-      raise AssetError(f"{page} lists no {BIGBENCH_SDIST}")
+      raise AssetError(f"{page} lists no {BIGBENCH_SDIST} (seen 2026-12-06: PyPI as reached from "
+                       f"some networks offers only bigbench 0.0.1). {_BIGBENCH_FIX.format(target)}")
     url = urllib.parse.urljoin(page, links[0].split("#")[0])
     partial = target.with_suffix(".partial")
     digest = hashlib.sha256()
@@ -139,9 +147,8 @@ def fetch_bigbench_sdist() -> pathlib.Path:
         digest.update(chunk)
         dst.write(chunk)
   except OSError as e:
-    raise AssetError(
-        f"could not download {BIGBENCH_SDIST} from {page} ({e}). Fetch it by hand and put it at "
-        f"{target}, or pass a local BIG-bench checkout as the builder's manual dir.") from e
+    raise AssetError(f"could not download {BIGBENCH_SDIST} from {page} ({e}). "
+                     f"{_BIGBENCH_FIX.format(target)}") from e
   if digest.hexdigest() != BIGBENCH_SHA256:
     partial.unlink()
     raise AssetError(f"{url}: sha256 {digest.hexdigest()} is not the pinned {BIGBENCH_SHA256}")

@@ -57,7 +57,8 @@ FIELDS: dict[str, str] = {
                    "choosing a setting without seeing a test score; summary.json records which.",
     "data_manual_dir": "The TFDS builders' manual dir (`mmlu`/`mmlu_redux` parquet files, "
                        "GSM8K's JSONL files, a BIG-bench checkout) for offline preparation; "
-                       "empty: download when online.",
+                       "empty: download when online (BIG-bench: `$SINGLE_MULTI_BIGBENCH`'s "
+                       "checkout when set, else the bigbench 1.0.0 sdist).",
     "moco_data_dir": "Directory of the MoCo toolkit's task files (`<task>.json`) that `moco:` "
                      "tasks read; empty: `$SINGLE_MULTI_MOCO_DATA`, else the cache (downloaded "
                      "once at the pinned commit, sha256-checked).",

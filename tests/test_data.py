@@ -317,6 +317,72 @@ def test_bigbench_max_examples_is_a_seeded_subsample(tmp_path):
   assert sorted(e.id for e in a.dev + a.test) == sorted(e.id for e in b.dev + b.test)
 
 
+def test_bigbench_local_checkout_rows_are_keyed_by_their_files(tmp_path, monkeypatch):
+  """$SINGLE_MULTI_BIGBENCH (a checkout) stands in for the sdist; the manual dir wins over it;
+  prepared rows are stored under the digest of the files read, so an edited file is re-read and
+  the sdist's config names are never taken by a checkout's rows."""
+  a = _bigbench_tree(tmp_path / "a")
+  b = _bigbench_tree(tmp_path / "b")
+  spec = json.loads((b / "bigbench/benchmark_tasks/gen_task/task.json").read_text())
+  spec["examples"][0]["target"] = "edited"
+  (b / "bigbench/benchmark_tasks/gen_task/task.json").write_text(json.dumps(spec))
+  data = str(tmp_path / "tfds")
+  sdist_name = tasks._bigbench_config(("gen_task",), None).name
+
+  def targets(**kw):
+    task = tasks.load_task("bigbench:gen_task", data_dir=data, **kw)
+    assert task.builder.builder_config.name != sdist_name
+    return {e.id: e.targets for e in task.dev + task.test}
+
+  monkeypatch.setenv("SINGLE_MULTI_BIGBENCH", str(a))
+  from_a = targets()
+  monkeypatch.setenv("SINGLE_MULTI_BIGBENCH", str(b))
+  from_b = targets()
+  assert from_b["gen_task/0"] == ("edited",) and from_a["gen_task/0"] != ("edited",)
+  assert {k: v for k, v in from_a.items() if k != "gen_task/0"} == {
+      k: v for k, v in from_b.items() if k != "gen_task/0"}
+  assert targets(manual_dir=str(a)) == from_a  # The manual dir wins over the variable.
+  monkeypatch.setenv("SINGLE_MULTI_BIGBENCH", str(tmp_path / "missing"))
+  with pytest.raises(common.DataError, match="SINGLE_MULTI_BIGBENCH"):
+    tasks.load_task("bigbench:gen_task", data_dir=data)
+
+
+def test_bigbench_sdist_missing_from_the_index_says_what_to_do(tmp_path, monkeypatch):
+  """An index whose page lists no bigbench 1.0.0 (as PyPI did here on 2026-12-06): a fast error
+  that names the ways to supply the files, not a traceback from deep inside TFDS."""
+  import http.server
+  import threading
+
+  from single_multi import assets
+
+  class Index(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):  # noqa: N802
+      body = b'<a href="bigbench-0.0.1.tar.gz#sha256=00">bigbench-0.0.1.tar.gz</a>'
+      self.send_response(200)
+      self.send_header("Content-Length", str(len(body)))
+      self.end_headers()
+      self.wfile.write(body)
+
+    def log_message(self, *args):
+      pass
+
+  server = http.server.HTTPServer(("127.0.0.1", 0), Index)
+  threading.Thread(target=server.serve_forever, daemon=True).start()
+  try:
+    monkeypatch.setenv("PIP_INDEX_URL", f"http://127.0.0.1:{server.server_port}/simple")
+    monkeypatch.setenv("SINGLE_MULTI_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("SINGLE_MULTI_BIGBENCH", raising=False)
+    start = time.time()
+    with pytest.raises(common.DataError) as e:
+      tasks.load_task("bigbench:gen_task", data_dir=str(tmp_path / "tfds"))
+    assert time.time() - start < 30
+    assert "lists no bigbench-1.0.0.tar.gz" in str(e.value)
+    assert "SINGLE_MULTI_BIGBENCH" in str(e.value) and "data_manual_dir" in str(e.value)
+    assert not (tmp_path / "cache" / "packages" / assets.BIGBENCH_SDIST).exists()
+  finally:
+    server.shutdown()
+
+
 # -------------------------------------------------------------------------------------------------
 # GSM8K: from its official JSONL files in a manual dir; bad lines; offline error.
 

@@ -2,8 +2,11 @@
 
 Source: the `task.json` files of `bigbench==1.0.0`, read as data (never installed) from its sdist
 on the package index (fetched once into the cache, see `assets.bigbench_tasks_dir`), or from a
-local checkout of https://github.com/google/BIG-bench passed as the manual dir (its root, its
-`bigbench/` package dir, or `benchmark_tasks/` itself).
+local checkout of https://github.com/google/BIG-bench (its root, its `bigbench/` package dir, or
+`benchmark_tasks/` itself) passed as the manual dir or named by $SINGLE_MULTI_BIGBENCH (the manual
+dir wins). Rows prepared from a local checkout are stored under a config keyed by the digest of the
+task files read (`source_digest`), so they never stand in for the sdist's rows or another
+checkout's.
 
 A task with subtasks (`logical_deduction/three_objects`, ...) expands to all of them; a subtask can
 also be named directly. Examples with `target_scores` become multiple-choice rows (options stored in
@@ -20,7 +23,9 @@ the split is deterministic, independent of file order, and one question text is 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
+import os
 import pathlib
 from typing import Iterator
 
@@ -48,6 +53,7 @@ class BigbenchConfig(tfds.core.BuilderConfig):
   dev_fraction: float = 0.5
   seed: int = 0
   max_examples_per_task: int | None = None  # Seeded subsample of each (sub)task when set.
+  source: str = ""  # "": the sdist; else the digest of the local task files (`source_digest`).
 
 
 class Bigbench(common.TaskBuilder):
@@ -69,9 +75,10 @@ class Bigbench(common.TaskBuilder):
       raise common.DataError(f"bigbench config {cfg.name!r} names no tasks")
     if not 0.0 < cfg.dev_fraction < 1.0:
       raise common.DataError(f"dev_fraction must be in (0, 1), got {cfg.dev_fraction}")
-    manual = common.manual_dir(dl_manager)
-    if manual is not None:
-      root = tasks_root(manual)
+    root = local_root(common.manual_dir(dl_manager))
+    if root is not None:
+      if cfg.source and cfg.source != source_digest(root, cfg.tasks):
+        raise common.DataError(f"{root}: its task files changed since this config was made")
     else:
       try:
         root = assets.bigbench_tasks_dir(cfg.tasks)
@@ -89,6 +96,32 @@ class Bigbench(common.TaskBuilder):
     common.check_disjoint((e.question for e in splits["dev"]),
                           (e.question for e in splits["test"]), f"bigbench/{cfg.name}")
     return {split: self._generate_examples(exs) for split, exs in splits.items() if exs}
+
+
+LOCAL_ENV = "SINGLE_MULTI_BIGBENCH"
+
+
+def local_root(manual_dir: "str | pathlib.Path | None") -> pathlib.Path | None:
+  """The benchmark_tasks/ directory to read instead of the sdist: the manual dir's when one is
+  given and holds files, else $SINGLE_MULTI_BIGBENCH's when set, else None (the sdist)."""
+  if manual_dir is not None and pathlib.Path(manual_dir).is_dir() and any(
+      pathlib.Path(manual_dir).iterdir()):
+    return tasks_root(pathlib.Path(manual_dir))
+  env = os.environ.get(LOCAL_ENV)
+  if env:
+    if not pathlib.Path(env).expanduser().is_dir():
+      raise common.DataError(f"${LOCAL_ENV}={env} is not a directory")
+    return tasks_root(pathlib.Path(env).expanduser())
+  return None
+
+
+def source_digest(root: pathlib.Path, tasks) -> str:
+  """A digest of every task.json the tasks read under `root` (paths and bytes)."""
+  h = hashlib.sha256()
+  for task in tasks:
+    for path in sorted((root / task).glob("**/task.json")):
+      h.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes())
+  return h.hexdigest()[:12]
 
 
 def tasks_root(path: pathlib.Path) -> pathlib.Path:

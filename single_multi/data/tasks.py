@@ -136,6 +136,7 @@ def default_data_dir() -> str:
 
 def _bigbench_config(tasks: Sequence[str], base: bigbench.BigbenchConfig | None, **overrides
                      ) -> bigbench.BigbenchConfig:
+  # "source" joins the key only when set: the sdist's configs keep their names.
   fields = dict(tasks=tuple(tasks), dev_fraction=0.5, seed=0, max_examples_per_task=None)
   if base is not None:
     fields.update(dev_fraction=base.dev_fraction, seed=base.seed,
@@ -181,6 +182,13 @@ def load_task(name: str, *, data_dir: str | None = None, manual_dir: str | None 
   overrides = dict(seed=seed, dev_fraction=dev_fraction,
                    max_examples_per_task=max_examples_per_task)
   kind, parts = parse_name(name)
+  if kind == "bigbench" or (kind == "named" and TASKS[name].builder == "bigbench"):
+    # Rows read from a local checkout are keyed by its files' digest (see data/bigbench.py).
+    root = bigbench.local_root(manual_dir)
+    if root is not None:
+      names = parts if kind == "bigbench" else next(
+          c for c in bigbench.Bigbench.BUILDER_CONFIGS if c.name == TASKS[name].config).tasks
+      overrides["source"] = bigbench.source_digest(root, names)
   if kind == "bigbench":
     spec = TaskSpec("bigbench", None, "dev", "test", "dev", "exact_match")
     builder = bigbench.Bigbench(data_dir=data_dir, config=_bigbench_config(parts, None, **overrides))
