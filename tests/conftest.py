@@ -111,3 +111,64 @@ def _release_compiled_programs():
   import jax
   jax.clear_caches()
   gc.collect()
+
+
+# The BIG-bench tasks the loop tests name, as rows these tests write (BIG-bench's task.json
+# format). The real files (the bigbench 1.0.0 sdist) are not always on the package index, and
+# tests never depend on them: only tests/test_eval_real.py reads the real ones, and skips without.
+REAL_BIGBENCH = os.environ.get("SINGLE_MULTI_BIGBENCH")
+
+
+def _mc(question, options, correct):
+  return {"input": question, "target_scores": {o: int(o == correct) for o in options}}
+
+
+def bigbench_tree(root):
+  """Writes <root>/benchmark_tasks/<task>/task.json for the tasks the tests name. Returns root."""
+  import json
+  import pathlib
+  words = [f"{a}{b}{c}" for a in ("b", "d", "f", "k", "m", "p", "t", "z")
+           for b in ("a", "e", "i", "o", "u") for c in ("g", "l", "n", "r")]  # 160 made-up stems.
+  files = {
+      # Multiple choice, the sum listed last as in BIG-bench's own arithmetic files.
+      "arithmetic/1_digit_addition": [
+          _mc(f"What is {a} plus {b}?", [str(a + b + 1), str(a + b + 2), str(abs(a - b) + 20),
+                                          str(a + b)], str(a + b))
+          for a in range(10) for b in range(10)],
+      "arithmetic/2_digit_addition": [
+          _mc(f"What is {a} plus {b}?", [str(a + b + 1), str(a + b + 10), str(a + b - 1),
+                                          str(a + b)], str(a + b))
+          for a in range(10, 100, 7) for b in range(10, 100, 9)],
+      "sports_understanding": [
+          _mc(f"Is the following sentence plausible? \"The {w} player scored a {s}.\"",
+              ["plausible", "implausible"], "plausible" if s == "goal" else "implausible")
+          for w in words[:40] for s in ("goal", "touchdown")],
+      "navigate": [_mc(f"If you follow these instructions, do you return to the starting point? "
+                       f"Take {n} steps. Turn around. Take {m} steps.", ["True", "False"],
+                       str(n == m)) for n in range(1, 9) for m in range(1, 9)],
+      "general_knowledge": [_mc(f"Which number comes after {n}?", [str(n - 1), str(n + 1),
+                                                                   str(n + 10), str(2 * n + 5)],
+                                str(n + 1)) for n in range(11, 71)],
+      "linguistic_mappings/past_tense_json": [{"input": w, "target": w + "ed"} for w in words],
+      "linguistic_mappings/plural_json": [{"input": w, "target": w + "s"} for w in words],
+      "linguistic_mappings/sentence_negation_json": [
+          {"input": f"The {w} is here.", "target": f"The {w} is not here."} for w in words],
+  }
+  for task, examples in files.items():
+    path = pathlib.Path(root) / "benchmark_tasks" / task / "task.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"name": task, "description": "written by tests/conftest.py",
+                                "examples": examples}))
+  return pathlib.Path(root)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _bigbench_rows(tmp_path_factory):
+  """Every test (and the processes it starts) reads the rows above as its BIG-bench tasks."""
+  root = bigbench_tree(tmp_path_factory.mktemp("bigbench"))
+  os.environ["SINGLE_MULTI_BIGBENCH"] = str(root)
+  yield root
+  if REAL_BIGBENCH is None:
+    os.environ.pop("SINGLE_MULTI_BIGBENCH", None)
+  else:
+    os.environ["SINGLE_MULTI_BIGBENCH"] = REAL_BIGBENCH

@@ -420,11 +420,12 @@ class _CharTok:
     return "".join(chr(65 + int(i) % 26) for i in ids)
 
 
-def test_co_llm_job_end_to_end_through_main_on_real_bigbench_rows(tmp_path):
-  """The job as `main` runs it, at toy sizes on the config's real BIG-bench rows (past tense and
-  plural): a tiny random base (byte tokenizer, `tiny:0`) and its two 3-step specialists (the
-  base's and the assistant's). (The real SmolLM2 pair runs the Co-LLM decode in the notebook
-  test; the full embedded job, configs/co_llm_bigbench.py, takes about 13 minutes on 2 cores.)"""
+def test_co_llm_job_end_to_end_through_main_on_bigbench_rows(tmp_path):
+  """The job as `main` runs it, at toy sizes on the config's BIG-bench task names (past tense and
+  plural; the rows tests/conftest.py writes): a tiny random base (byte tokenizer, `tiny:0`) and
+  its two 3-step specialists (the base's and the assistant's). (The real SmolLM2 pair runs the
+  Co-LLM decode in the notebook test; the full embedded job, configs/co_llm_bigbench.py, takes
+  about 13 minutes on 2 cores.)"""
   from configs_loader import load_config
   from single_multi import main
 

@@ -1,5 +1,6 @@
-"""The evolution loop on tiny random models and a real BIG-bench slice: one round per strategy,
-kill/resume at every stage, bad input, multi-student data never from test, the dry-run plan."""
+"""The evolution loop on tiny random models and BIG-bench-format rows (tests/conftest.py): one
+round per strategy, kill/resume at every stage, bad input, multi-student data never from test, the
+dry-run plan."""
 
 import functools
 import json
@@ -15,7 +16,7 @@ import pytest
 from configs_loader import (check_round_without_training_rows, dry_run_stdout,
                            killed_and_resumed, load_config)
 
-from single_multi import assets, evolve, fused, pool as pool_lib, report, rows, spec
+from single_multi import evolve, fused, pool as pool_lib, report, rows, spec
 from single_multi import workdir as wd
 from single_multi.data import tasks
 
@@ -26,10 +27,6 @@ ROOT = pathlib.Path(__file__).parent.parent
 
 @pytest.fixture(scope="module")
 def tiny_pool():
-  try:
-    tasks.load_task("bigbench:arithmetic/1_digit_addition")
-  except assets.AssetError as e:
-    pytest.skip(f"BIG-bench sdist unavailable: {e}")
   return pool_lib.from_models([_model(s) for s in range(3)], ["t0", "t1", "t2"])
 
 

@@ -13,19 +13,15 @@ from configs_loader import (check_round_without_training_rows, dry_run_stdout,
                            killed_and_resumed, load_config)
 from ml_collections import config_dict
 
-from single_multi import assets, collab, distill, evolve, hetero_loop, pool as pool_lib
+from single_multi import collab, distill, evolve, hetero_loop, pool as pool_lib
 from single_multi import workdir as wd
-from single_multi.data import pipeline, tasks
+from single_multi.data import pipeline
 from single_multi.models import tiny
 
 
 
 @pytest.fixture(scope="module")
 def groups(tmp_path_factory):
-  try:
-    tasks.load_task("bigbench:arithmetic/1_digit_addition")
-  except assets.AssetError as e:
-    pytest.skip(f"BIG-bench sdist unavailable: {e}")
   from single_multi import pools
   built = pools.build(load_config("tiny_hetero.py"), tmp_path_factory.mktemp("pool"))
   assert isinstance(built, pool_lib.Groups)

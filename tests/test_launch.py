@@ -13,8 +13,7 @@ import pytest
 
 from configs_loader import load_config
 
-from single_multi import assets, launch, main
-from single_multi.data import tasks
+from single_multi import launch, main
 
 ROOT = pathlib.Path(__file__).parent.parent
 TPU = dict(name="sm", zone="us-east5-a", accelerator="v5p-32", config="configs/mmlu.py",
@@ -102,10 +101,6 @@ def _records(workdir):
 
 @pytest.mark.slow
 def test_two_local_processes_give_the_single_process_metrics(tmp_path):
-  try:
-    tasks.load_task("bigbench:arithmetic/1_digit_addition")
-  except assets.AssetError as e:
-    pytest.skip(f"BIG-bench sdist unavailable: {e}")
   env = {**os.environ, "JAX_PLATFORMS": "cpu"}
   args = ["--config=configs/tiny.py", "--config.distill.epochs=2.0"]
   one = tmp_path / "one"  # One process: main's run in this process (what `main` calls).

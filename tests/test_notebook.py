@@ -6,8 +6,6 @@ import pathlib
 
 import pytest
 
-from single_multi import assets
-from single_multi.data import tasks
 
 NOTEBOOK = pathlib.Path(__file__).resolve().parent.parent / "notebooks" / "quickstart.ipynb"
 
@@ -22,10 +20,6 @@ def test_committed_notebook_has_no_outputs():
 def test_notebook_runs_top_to_bottom(tmp_path, monkeypatch):
   nbformat = pytest.importorskip("nbformat")
   nbclient = pytest.importorskip("nbclient")
-  try:
-    tasks.load_task("bigbench:arithmetic/1_digit_addition")
-  except assets.AssetError as e:
-    pytest.skip(f"BIG-bench sdist unavailable: {e}")
   monkeypatch.setenv("SINGLE_MULTI_NOTEBOOK_WORKDIR", str(tmp_path))
   monkeypatch.setenv("JAX_PLATFORMS", "cpu")
   nb = nbformat.read(NOTEBOOK, as_version=4)
