@@ -31,6 +31,9 @@ of their own family, and the refitted router saw their in-sample (nearly all rig
 so it routed below its best member. Round-1 collaboration on validation (round 0: 0.783): 1
 distillation epoch instead of 3 0.463; the correctness filter 0.750; the router fitted on 90
 held-out dev rows 0.753; both 0.780 (-0.003 [-0.053, +0.040]; single mean 0.279 -> 0.768), kept.
+Later, on the same rows and not adopted: distillation lr 5e-4 0.637; router labels "tied" 0.773;
+6 epochs instead of 3 0.813 (+0.030 [-0.010, +0.070]: a CI spanning 0, for twice the distillation
+time, which would take this run past 15 minutes on 2 cores).
 
 Run: python -m single_multi.main --config=configs/quickstart.py --workdir=/tmp/single_multi
 """
