@@ -76,10 +76,7 @@ class Bigbench(common.TaskBuilder):
     if not 0.0 < cfg.dev_fraction < 1.0:
       raise common.DataError(f"dev_fraction must be in (0, 1), got {cfg.dev_fraction}")
     root = local_root(common.manual_dir(dl_manager))
-    if root is not None:
-      if cfg.source and cfg.source != source_digest(root, cfg.tasks):
-        raise common.DataError(f"{root}: its task files changed since this config was made")
-    else:
+    if root is None:
       try:
         root = assets.bigbench_tasks_dir(cfg.tasks)
       except assets.AssetError as e:
@@ -104,9 +101,8 @@ LOCAL_ENV = "SINGLE_MULTI_BIGBENCH"
 def local_root(manual_dir: "str | pathlib.Path | None") -> pathlib.Path | None:
   """The benchmark_tasks/ directory to read instead of the sdist: the manual dir's when one is
   given and holds files, else $SINGLE_MULTI_BIGBENCH's when set, else None (the sdist)."""
-  if manual_dir is not None and pathlib.Path(manual_dir).is_dir() and any(
-      pathlib.Path(manual_dir).iterdir()):
-    return tasks_root(pathlib.Path(manual_dir))
+  if (manual := common.nonempty_dir(manual_dir)) is not None:
+    return tasks_root(manual)
   env = os.environ.get(LOCAL_ENV)
   if env:
     if not pathlib.Path(env).expanduser().is_dir():

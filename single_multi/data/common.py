@@ -283,7 +283,11 @@ class TaskBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 def manual_dir(dl_manager) -> "pathlib.Path | None":
   """The download manager's manual dir when it is given and holds files, else None (TFDS's public
   `manual_dir` property raises when it is missing; for these builders it is optional)."""
-  path = dl_manager._manual_dir  # pylint: disable=protected-access
+  return nonempty_dir(dl_manager._manual_dir)  # pylint: disable=protected-access
+
+
+def nonempty_dir(path) -> "pathlib.Path | None":
+  """`path` when it is a directory holding something, else None."""
   if path is not None and pathlib.Path(path).is_dir() and any(pathlib.Path(path).iterdir()):
     return pathlib.Path(path)
   return None

@@ -182,13 +182,14 @@ def load_task(name: str, *, data_dir: str | None = None, manual_dir: str | None 
   overrides = dict(seed=seed, dev_fraction=dev_fraction,
                    max_examples_per_task=max_examples_per_task)
   kind, parts = parse_name(name)
-  if kind == "bigbench" or (kind == "named" and TASKS[name].builder == "bigbench"):
+  preset = None  # A named BIG-bench task: its builder config.
+  if kind == "named" and TASKS[name].builder == "bigbench":
+    preset = next(c for c in bigbench.Bigbench.BUILDER_CONFIGS if c.name == TASKS[name].config)
+  if kind == "bigbench" or preset is not None:
     # Rows read from a local checkout are keyed by its files' digest (see data/bigbench.py).
     root = bigbench.local_root(manual_dir)
     if root is not None:
-      names = parts if kind == "bigbench" else next(
-          c for c in bigbench.Bigbench.BUILDER_CONFIGS if c.name == TASKS[name].config).tasks
-      overrides["source"] = bigbench.source_digest(root, names)
+      overrides["source"] = bigbench.source_digest(root, parts if preset is None else preset.tasks)
   if kind == "bigbench":
     spec = TaskSpec("bigbench", None, "dev", "test", "dev", "exact_match")
     builder = bigbench.Bigbench(data_dir=data_dir, config=_bigbench_config(parts, None, **overrides))
@@ -198,10 +199,9 @@ def load_task(name: str, *, data_dir: str | None = None, manual_dir: str | None 
                         config=moco.builder_config(parts, moco.source_dir(parts, moco_dir)))
   else:
     spec = TASKS[name]
-    if spec.builder == "bigbench":
-      base = next(c for c in bigbench.Bigbench.BUILDER_CONFIGS if c.name == spec.config)
+    if preset is not None:
       builder = bigbench.Bigbench(data_dir=data_dir,
-                                  config=_bigbench_config(base.tasks, base, **overrides))
+                                  config=_bigbench_config(preset.tasks, preset, **overrides))
     elif spec.builder == "mmlu":
       builder = mmlu.Mmlu(data_dir=data_dir, config=spec.config)
     else:
