@@ -166,9 +166,6 @@ def bigbench_tree(root):
 def _bigbench_rows(tmp_path_factory):
   """Every test (and the processes it starts) reads the rows above as its BIG-bench tasks."""
   root = bigbench_tree(tmp_path_factory.mktemp("bigbench"))
-  os.environ["SINGLE_MULTI_BIGBENCH"] = str(root)
-  yield root
-  if REAL_BIGBENCH is None:
-    os.environ.pop("SINGLE_MULTI_BIGBENCH", None)
-  else:
-    os.environ["SINGLE_MULTI_BIGBENCH"] = REAL_BIGBENCH
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setenv("SINGLE_MULTI_BIGBENCH", str(root))
+    yield root

@@ -30,13 +30,17 @@ def _real_bigbench():
     yield
 
 
+def _real_task(data_dir):
+  """general_knowledge + object_counting from the real files (raises when they cannot be had)."""
+  if bigbench.local_root(None) is None:
+    assets.bigbench_tasks_dir(("general_knowledge", "object_counting") + AUTHORED)  # One pass.
+  return tasks.load_task("bigbench:general_knowledge,object_counting", data_dir=data_dir)
+
+
 @pytest.fixture(scope="module")
 def task(tmp_path_factory):
   try:
-    if bigbench.local_root(None) is None:
-      assets.bigbench_tasks_dir(("general_knowledge", "object_counting") + AUTHORED)  # One pass.
-    return tasks.load_task("bigbench:general_knowledge,object_counting",
-                           data_dir=str(tmp_path_factory.mktemp("tfds")))
+    return _real_task(str(tmp_path_factory.mktemp("tfds")))
   except (common.DataError, assets.AssetError) as e:
     pytest.skip(f"BIG-bench files unavailable: {e}")
 
@@ -49,14 +53,11 @@ def rows(tmp_path_factory, _bigbench_rows):
   scoring, which any rows exercise."""
   data_dir = str(tmp_path_factory.mktemp("tfds_rows"))
   try:
-    if bigbench.local_root(None) is None:
-      assets.bigbench_tasks_dir(("general_knowledge", "object_counting"))
-    task, gen = tasks.load_task("bigbench:general_knowledge,object_counting",
-                                data_dir=data_dir), "object_counting"
+    task, gen = _real_task(data_dir), "object_counting"
   except (common.DataError, assets.AssetError):
-    task, gen = tasks.load_task("bigbench:general_knowledge,linguistic_mappings/plural_json",
-                                data_dir=data_dir, manual_dir=str(_bigbench_rows)), (
-                                    "linguistic_mappings/plural_json")
+    gen = "linguistic_mappings/plural_json"
+    task = tasks.load_task(f"bigbench:general_knowledge,{gen}", data_dir=data_dir,
+                           manual_dir=str(_bigbench_rows))
   mc = [e for e in task.test if e.subject == "general_knowledge"]
   return mc, [e for e in task.test if e.subject == gen], task.examples(task.spec.shot_split)
 

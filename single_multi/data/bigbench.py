@@ -104,11 +104,12 @@ def local_root(manual_dir: "str | pathlib.Path | None") -> pathlib.Path | None:
   if (manual := common.nonempty_dir(manual_dir)) is not None:
     return tasks_root(manual)
   env = os.environ.get(LOCAL_ENV)
-  if env:
-    if not pathlib.Path(env).expanduser().is_dir():
-      raise common.DataError(f"${LOCAL_ENV}={env} is not a directory")
-    return tasks_root(pathlib.Path(env).expanduser())
-  return None
+  if not env:
+    return None
+  path = pathlib.Path(env).expanduser()
+  if not path.is_dir():
+    raise common.DataError(f"${LOCAL_ENV}={env} is not a directory")
+  return tasks_root(path)
 
 
 def source_digest(root: pathlib.Path, tasks) -> str:
