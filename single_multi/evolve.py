@@ -376,7 +376,7 @@ def specialist_scores(loop: Loop, m: dict[str, Any], names, out_dir) -> dict[str
   own (round 0): whether the specialists differ where the pool is built from them. The base
   answers only the rows of the specialists' families (records under out_dir)."""
   config = loop.config
-  families = {n: t.removeprefix("bigbench:") for n, t in zip(names, config.specialists)}
+  families = {n: t.split(":", 1)[-1] for n, t in zip(names, config.specialists)}
   rows = [e for e in loop.test if not e.problem and e.subject in families.values()]
   base = {}
   if rows:

@@ -10,7 +10,7 @@ import time
 import numpy as np
 import pytest
 
-from single_multi.data import bigbench, common, gsm8k, mmlu, pipeline, tasks
+from single_multi.data import bigbench, common, gsm8k, metrics, mmlu, pipeline, synthetic, tasks
 from single_multi.models.tiny import ByteTokenizer as CharTokenizer
 
 # -------------------------------------------------------------------------------------------------
@@ -533,3 +533,76 @@ def test_balanced_rows_split_evenly_stable_and_seeded():
   assert common.balanced(list(reversed(rows)), 12, seed=0) == picked  # Not file order.
   assert common.balanced(rows, 12, seed=1) != picked
   assert len(common.balanced(rows, 100, seed=0)) == 23  # Every valid row, the bad one never.
+
+
+# -------------------------------------------------------------------------------------------------
+# Generated families (data/synthetic.py).
+
+
+def test_spell_hand_computed_numbers():
+  cases = {0: "zero", 7: "seven", 13: "thirteen", 20: "twenty", 42: "forty two",
+           100: "one hundred", 101: "one hundred one", 342: "three hundred forty two",
+           1000: "one thousand", 7005: "seven thousand five", 7500: "seven thousand five hundred",
+           9999: "nine thousand nine hundred ninety nine"}
+  assert {n: synthetic.spell(n) for n in cases} == cases
+  with pytest.raises(ValueError):
+    synthetic.spell(10000)
+
+
+def test_synthetic_rows_are_fixed_unique_and_right():
+  words_to_int = {w: i for i, w in enumerate(synthetic._ONES)}
+  words_to_int.update({w: 10 * i for i, w in enumerate(synthetic._TENS) if w})
+
+  def parse(text):  # An independent reading of the spelled number.
+    total, part = 0, 0
+    for w in text.split():
+      if w == "thousand":
+        total, part = total + part * 1000, 0
+      elif w == "hundred":
+        part *= 100
+      else:
+        part += words_to_int[w]
+    return total + part
+
+  for family in synthetic.FAMILIES:
+    rows = synthetic.family_rows(family, rows=300)
+    assert rows == synthetic.family_rows(family, rows=300), family  # Fixed, not run-seeded.
+    assert len({r["input"] for r in rows}) == len(rows) > 200, family
+    for r in rows:
+      text, target = r["input"], r["target"]
+      assert target == target.strip() and target, (family, r)
+      assert metrics.normalize_answer(target) == target.lower(), r  # Exact match keeps it.
+      if family == "number_words":
+        assert parse(target) == int(text), r
+      elif family == "reverse_words":
+        assert target.split()[::-1] == text.split() and 3 <= len(text.split()) <= 5, r
+      elif family == "key_value":
+        pairs, asked = text.split(" ; ")
+        assert dict(p.split("=") for p in pairs.split())[asked] == target, r
+      elif family == "acronym":
+        assert target == "".join(w[0] for w in text.split()) and target.isupper(), r
+      elif family == "sort_numbers":
+        assert [int(x) for x in target.split()] == sorted(int(x) for x in text.split()), r
+  with pytest.raises(common.DataError, match="unknown synthetic family"):
+    synthetic.family_rows("nope")
+
+
+def test_synthetic_task_loads_with_disjoint_seeded_splits(tmp_path, monkeypatch):
+  monkeypatch.setenv("SINGLE_MULTI_CACHE", str(tmp_path / "cache"))
+  monkeypatch.setattr("single_multi.data.synthetic.ROWS", 200)
+  name = "synthetic:reverse_words,key_value"
+  task = tasks.load_task(name, data_dir=str(tmp_path / "tfds"))
+  dev, test = common.composition(task.dev), common.composition(task.test)
+  assert set(dev) == set(test) == {"reverse_words", "key_value"}
+  assert all(60 <= n <= 140 for n in list(dev.values()) + list(test.values())), (dev, test)
+  assert task.spec.metric == "exact_match" and not any(e.is_mc for e in task.dev)
+  task.check_disjoint()
+  by_input = {r["input"]: r["target"] for r in synthetic.family_rows("key_value")}
+  row = next(e for e in task.test if e.subject == "key_value")
+  assert row.targets == (by_input[row.question],)
+  again = tasks.load_task(name, data_dir=str(tmp_path / "tfds"))  # Prepared once, read back.
+  assert [e.question for e in again.test] == [e.question for e in task.test]
+  other = tasks.load_task(name, data_dir=str(tmp_path / "tfds"), seed=1)
+  assert {e.question for e in other.test} != {e.question for e in task.test}
+  with pytest.raises(common.DataError, match="synthetic family"):
+    tasks.parse_name("synthetic:reverse_words,nope")

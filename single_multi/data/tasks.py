@@ -7,6 +7,8 @@
   load_task("gsm8k")                        the official JSONL files (online, or a manual dir)
   load_task("moco:bbh,gsm8k", moco_dir=...) the paper's task files (data/moco.py), published splits,
                                             the reference's prompts and scoring
+  load_task("synthetic:number_words,...")   generated exact-match families (data/synthetic.py),
+                                            nothing to download
 
 Preparing writes array_record files under `data_dir` (default: <cache>/tensorflow_datasets) once;
 later loads read them without rebuilding.
@@ -31,7 +33,7 @@ import tensorflow_datasets as tfds
 from absl import logging
 
 from single_multi import assets
-from single_multi.data import bigbench, common, gsm8k, mmlu, moco
+from single_multi.data import bigbench, common, gsm8k, mmlu, moco, synthetic
 
 
 @dataclasses.dataclass(frozen=True)
@@ -153,7 +155,7 @@ MOCO_SPEC = TaskSpec("moco", None, "dev", "test", "dev", "moco", prompt="moco")
 
 def parse_name(name: str) -> tuple[str, tuple[str, ...]]:
   """A task spec, checked without loading anything: ("bigbench", its tasks), ("moco", its file
-  names) or ("named", (name,)) for a TASKS entry. Raises DataError naming what is known."""
+  names), ("synthetic", its families) or ("named", (name,)) for a TASKS entry. Raises DataError naming what is known."""
   if name.startswith("bigbench:"):
     parts = tuple(t.strip() for t in name.split(":", 1)[1].split(",") if t.strip())
     if not parts:
@@ -166,10 +168,18 @@ def parse_name(name: str) -> tuple[str, tuple[str, ...]]:
       raise common.DataError(f"{name!r} names no MoCo task (moco:task1,task2,...; "
                              f"known: {sorted(moco.FILES)})")
     return "moco", moco.file_names(names)
+  if name.startswith("synthetic:"):
+    parts = tuple(t.strip() for t in name.split(":", 1)[1].split(",") if t.strip())
+    unknown = [p for p in parts if p not in synthetic.FAMILIES]
+    if not parts or unknown:
+      raise common.DataError(f"{name!r}: unknown or no synthetic family {unknown}; known: "
+                             f"{sorted(synthetic.FAMILIES)} (synthetic:family1,family2,...)")
+    return "synthetic", parts
   if name in TASKS:
     return "named", (name,)
   raise common.DataError(f"unknown task {name!r}; known: {sorted(TASKS)}, "
-                         "'bigbench:<task>[,<task>...]' or 'moco:<task>[,<task>...]'")
+                         "'bigbench:<task>[,<task>...]', 'moco:<task>[,<task>...]' or "
+                         "'synthetic:<family>[,<family>...]'")
 
 
 def load_task(name: str, *, data_dir: str | None = None, manual_dir: str | None = None,
@@ -182,15 +192,17 @@ def load_task(name: str, *, data_dir: str | None = None, manual_dir: str | None 
   overrides = dict(seed=seed, dev_fraction=dev_fraction,
                    max_examples_per_task=max_examples_per_task)
   kind, parts = parse_name(name)
+  if kind == "synthetic":  # Written once to the cache, then read as a local BIG-bench checkout.
+    manual_dir = str(synthetic.write(synthetic.default_root(), parts))
   preset = None  # A named BIG-bench task: its builder config.
   if kind == "named" and TASKS[name].builder == "bigbench":
     preset = next(c for c in bigbench.Bigbench.BUILDER_CONFIGS if c.name == TASKS[name].config)
-  if kind == "bigbench" or preset is not None:
+  if kind in ("bigbench", "synthetic") or preset is not None:
     # Rows read from a local checkout are keyed by its files' digest (see data/bigbench.py).
     root = bigbench.local_root(manual_dir)
     if root is not None:
       overrides["source"] = bigbench.source_digest(root, parts if preset is None else preset.tasks)
-  if kind == "bigbench":
+  if kind in ("bigbench", "synthetic"):
     spec = TaskSpec("bigbench", None, "dev", "test", "dev", "exact_match")
     builder = bigbench.Bigbench(data_dir=data_dir, config=_bigbench_config(parts, None, **overrides))
   elif kind == "moco":
