@@ -587,11 +587,15 @@ def test_synthetic_rows_are_fixed_unique_and_right():
     synthetic.family_rows("nope")
 
 
-def test_synthetic_task_loads_with_disjoint_seeded_splits(tmp_path, monkeypatch):
+def test_synthetic_task_loads_with_disjoint_seeded_splits(tmp_path, monkeypatch, capsys, caplog):
   monkeypatch.setenv("SINGLE_MULTI_CACHE", str(tmp_path / "cache"))
   monkeypatch.setattr("single_multi.data.synthetic.ROWS", 200)
   name = "synthetic:reverse_words,key_value"
-  task = tasks.load_task(name, data_dir=str(tmp_path / "tfds"))
+  with caplog.at_level("INFO"):
+    task = tasks.load_task(name, data_dir=str(tmp_path / "tfds"))
+  # TFDS's own "Downloading and preparing ..." prints go to the log, not the console.
+  assert "preparing" not in capsys.readouterr().out
+  assert any("tfds: Downloading and preparing" in r.getMessage() for r in caplog.records)
   dev, test = common.composition(task.dev), common.composition(task.test)
   assert set(dev) == set(test) == {"reverse_words", "key_value"}
   assert all(60 <= n <= 140 for n in list(dev.values()) + list(test.values())), (dev, test)

@@ -18,8 +18,10 @@ pipelines and metrics are written once:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
+import io
 import pathlib
 import socket
 import string
@@ -28,6 +30,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 import tensorflow_datasets as tfds
+from absl import logging
 
 
 class DataError(ValueError):
@@ -307,7 +310,12 @@ def prepare(builder: tfds.core.DatasetBuilder, manual_dir: str | None = None) ->
   """Builds the array_record files once (a no-op when they exist)."""
   config = tfds.download.DownloadConfig(manual_dir=manual_dir) if manual_dir else None
   tfds.disable_progress_bar()  # Its "Generating" / "Shuffling ... incomplete" bars: not ours.
-  builder.download_and_prepare(download_config=config, file_format="array_record")
+  printed = io.StringIO()  # Its "Downloading and preparing dataset ..." lines: to the log.
+  with contextlib.redirect_stdout(printed):
+    builder.download_and_prepare(download_config=config, file_format="array_record")
+  for line in printed.getvalue().splitlines():
+    if line.strip():
+      logging.info("tfds: %s", line.strip())
 
 
 def read_split(builder: tfds.core.DatasetBuilder, split: str) -> Sequence[Mapping[str, Any]]:
