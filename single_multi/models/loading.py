@@ -17,6 +17,7 @@ the file and the tensor, never a silent partial load.
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import json
 import math
 import os
@@ -247,12 +248,28 @@ def load_gguf(path, dtype=jnp.float32, tokenizer: bool = True,
   return Model(config, params, tok, str(path))
 
 
+def _import_transformers_quietly() -> None:
+  """Imports transformers without its console advice that PyTorch is missing (the main job runs
+  without torch on purpose; its other warnings stay)."""
+  key = "TRANSFORMERS_NO_ADVISORY_WARNINGS"
+  before = os.environ.get(key)
+  os.environ[key] = "1"
+  try:
+    importlib.import_module("transformers")
+  finally:
+    if before is None:
+      del os.environ[key]
+    else:
+      os.environ[key] = before
+
+
 def gguf_tokenizer(gguf: GGUFFile):
   """The HF fast tokenizer a GGUF file describes, built from our parsed metadata.
 
   Uses transformers' own GGUF tokenizer converter (vocabulary, merges, pre-tokenizer split, control
   tokens) but not its GGUF reader, which needs torch: the main job runs without torch installed.
   """
+  _import_transformers_quietly()
   from transformers import PreTrainedTokenizerFast
   from transformers.integrations.gguf.gguf_tokenizer_mapping import (
       GGUF_TOKENIZER_MAPPING, convert_gguf_tokenizer)
