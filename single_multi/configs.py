@@ -47,8 +47,9 @@ FIELDS: dict[str, str] = {
     "temperature": "Sampling temperature; 0 is greedy decoding.",
     "top_p": "Nucleus sampling mass (with temperature > 0).",
     "task": "Task spec: `bbh`, `mmlu`, `mmlu_redux`, `gsm8k`, `bigbench_knowledge`, "
-            "`bigbench:<task>[/<subtask>],...` or `moco:<task>,...` (the paper's 15 tasks; "
-            "data/tasks.py, data/moco.py).",
+            "`bigbench:<task>[/<subtask>],...`, `moco:<task>,...` (the paper's 15 tasks) or "
+            "`synthetic:<family>,...` (generated, nothing to download); data/tasks.py, "
+            "data/moco.py, data/synthetic.py.",
     "test_examples": "Held-out test rows scored: split evenly over the task's families, each "
                      "family's rows in a seeded order (`common.balanced`).",
     "evaluate_on": "`test`: every round scores test_examples test rows. `validation`: it scores "
@@ -188,8 +189,8 @@ FIELDS: dict[str, str] = {
     "train.init_learning_rate": "Gate-init AdamW learning rate (reference: 2e-5).",
 }
 
-SECTIONS = (("evolve", ("quickstart.py", "tiny.py", "mmlu.py", "paper.py", "bbh.py",
-                        "tiny_hetero.py", "hetero.py")),
+SECTIONS = (("evolve", ("quickstart.py", "quickstart_bigbench.py", "tiny.py", "mmlu.py",
+                        "paper.py", "bbh.py", "tiny_hetero.py", "hetero.py")),
             ("co_llm", ("co_llm_bigbench.py", "co_llm_gsm8k.py")),
             ("chat", ("chat.py",)))
 

@@ -1,5 +1,5 @@
-"""notebooks/quickstart.ipynb runs top to bottom on CPU, offline (real SmolLM2 + BIG-bench from
-the PyPI caches), and is committed without outputs."""
+"""notebooks/quickstart.ipynb runs top to bottom on CPU, offline (real SmolLM2 from the PyPI cache,
+generated task families), and is committed without outputs."""
 
 import json
 import pathlib
