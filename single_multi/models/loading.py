@@ -299,6 +299,7 @@ def gguf_tokenizer(gguf: GGUFFile):
 
 
 def _auto_tokenizer(location: str, **kwargs):
+  _import_transformers_quietly()
   from transformers import AutoTokenizer
 
   try:
