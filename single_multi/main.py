@@ -14,9 +14,11 @@ Multi-process: `--distributed` (TPU pods, SLURM: discovered from the environment
 
 from __future__ import annotations
 
+import contextlib
 import logging as std_logging
 import pathlib
 import sys
+from typing import Iterator
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -41,6 +43,42 @@ flags.mark_flags_as_required(["config"])
 
 
 JOBS = ("evolve", "chat", "co_llm")
+DEFAULT_WORKDIRS = {"evolve": "/tmp/single_multi", "co_llm": "/tmp/co_llm"}
+# Libraries whose INFO records (Orbax's save steps, TFDS's dataset generation and reads) stay off
+# the console; a loop run keeps them in its workdir's log file (`log_file`) with everything else.
+QUIET_LIBRARIES = ("orbax", "tensorflow_datasets")
+LOG_FILE = "log.txt"
+
+
+def console_filter(record: std_logging.LogRecord) -> bool:
+  """Whether the console shows an absl log record: all of ours; a quiet library's warnings and
+  errors only, less TFDS's "Using custom data configuration" (every task here is one)."""
+  if not any(f"{name}/" in record.pathname.replace("\\", "/") for name in QUIET_LIBRARIES):
+    return True
+  return (record.levelno >= std_logging.WARNING
+          and not record.getMessage().startswith("Using custom data configuration"))
+
+
+@contextlib.contextmanager
+def log_file(workdir: str, process: int = 0) -> Iterator[pathlib.Path | None]:
+  """While open, every absl log record from INFO up also goes to `<workdir>/log.txt` (process 0;
+  process i writes `log.<i>.txt`), appended, so a resumed run adds to it. Nothing for a bucket
+  workdir (gs://...): the console only."""
+  if "://" in str(workdir):
+    yield None
+    return
+  name = LOG_FILE if process == 0 else LOG_FILE.replace(".txt", f".{process}.txt")
+  path = pathlib.Path(workdir) / name
+  handler = std_logging.FileHandler(path, encoding="utf-8")
+  handler.setLevel(std_logging.INFO)
+  handler.setFormatter(logging.PythonFormatter())
+  logger = logging.get_absl_logger()
+  logger.addHandler(handler)
+  try:
+    yield path
+  finally:
+    logger.removeHandler(handler)
+    handler.close()
 
 
 def run_chat(config, workdir: str | None = None) -> list[dict]:
@@ -64,29 +102,29 @@ def run(config, workdir: str | None = None, dry_run: bool = False):
     return run_chat(config, workdir)
   if job == "co_llm":
     from single_multi import co_llm_run
-    return co_llm_run.run(config, workdir or "/tmp/co_llm")
+    return co_llm_run.run(config, workdir or DEFAULT_WORKDIRS["co_llm"])
   from single_multi import evolve, pools, workdir as workdir_lib
   evolve.validate(config)
   if dry_run:
     if config.get("compile_topology"):
       from single_multi import compile_plan
-      return compile_plan.plan(config, workdir or "/tmp/single_multi")
+      return compile_plan.plan(config, workdir or DEFAULT_WORKDIRS["evolve"])
     return pools.dry_run(config)
-  workdir = workdir or "/tmp/single_multi"
+  workdir = workdir or DEFAULT_WORKDIRS["evolve"]
   # Before the pool is built (specialists are fine-tuned into the workdir): this run owns it, and
   # a resumed run has the workdir's config.
   with workdir_lib.workdir_lock(workdir):
     workdir_lib.check_workdir_config(config, workdir)
-    pool = pools.build(config, workdir)
-    return evolve.run(config, workdir, pool)
+    import jax
+    with log_file(workdir, jax.process_index()):
+      pool = pools.build(config, workdir)
+      return evolve.run(config, workdir, pool)
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  # Orbax reports every save step at INFO; keep its warnings, and our own progress.
-  logging.get_absl_handler().addFilter(
-      lambda r: r.levelno >= std_logging.WARNING or "orbax" not in r.pathname)
+  logging.get_absl_handler().addFilter(console_filter)
   if _DISTRIBUTED.value or _COORDINATOR.value:
     from single_multi import sharding
     sharding.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)

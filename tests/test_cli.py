@@ -131,3 +131,34 @@ def test_second_run_on_a_locked_workdir_is_refused_in_one_line(tmp_path):
   assert f"is in use by pid {os.getpid()}" in proc.stderr and "Traceback" not in proc.stderr
   assert sorted(p.name for p in workdir.iterdir()) == ["LOCK"]
   assert (workdir / "LOCK").read_text() == lock
+
+
+def test_console_hides_library_info_and_the_run_log_keeps_it(tmp_path):
+  import logging as std_logging
+
+  from absl import logging as absl_logging
+
+  from single_multi import main
+
+  def record(path, level, msg):
+    return std_logging.LogRecord("absl", level, path, 1, msg, None, None)
+
+  builder = "/venv/site-packages/tensorflow_datasets/core/dataset_builder.py"
+  records = [record(builder, std_logging.INFO, "Generating dataset bigbench (/c/bigbench)"),
+             record(builder, std_logging.WARNING, "Using custom data configuration: Bigbench"),
+             record(builder, std_logging.WARNING, "a real TFDS warning"),
+             record("/venv/site-packages/orbax/checkpoint/manager.py", std_logging.INFO, "saved"),
+             record(str(ROOT / "single_multi" / "evolve.py"), std_logging.INFO, "round 0")]
+  assert [main.console_filter(r) for r in records] == [False, False, True, False, True]
+  logger = absl_logging.get_absl_logger()
+  handlers = list(logger.handlers)
+  with main.log_file(str(tmp_path)) as path:
+    for r in records:
+      logger.handle(r)
+  assert logger.handlers == handlers  # Detached again.
+  text = path.read_text()
+  assert path.name == "log.txt" and all(r.getMessage() in text for r in records)
+  with main.log_file(str(tmp_path), process=3) as other:
+    assert other.name == "log.3.txt"
+  with main.log_file("gs://bucket/run") as none:
+    assert none is None
