@@ -25,10 +25,10 @@ end is above 0. Per task family: each run's single mean and collaboration at rou
 end, next to the family's chance level and majority-class rate.
 
 --quick: supervised_kd only, at most 24 test and 20 dev (and fit) rows per family, 1 round
-(measured: 38.9 minutes for the four default strategies on the embedded default, alone on 2
-cores, the compilation cache filled as the sweep went: multiagent_refine 16.5, trained_router
-12.4 with the specialists, dare_ties 5.6, logit_fusion 4.4); the full run's time is printed and
-written.
+(measured: 27.4 minutes for the four default strategies on the embedded default, on 2 cores,
+the compilation cache warm from earlier runs of the default: multiagent_refine 12.0, trained_router 9.1
+with the specialists, logit_fusion 3.2, dare_ties 3.1; 38.9 on the earlier BIG-bench default);
+the full run's time is printed and written.
 Where each run's time went (`timings.jsonl`: singles, collaboration, fit, base, the rest) is
 tabled on the page.
 """
