@@ -610,3 +610,8 @@ def test_synthetic_task_loads_with_disjoint_seeded_splits(tmp_path, monkeypatch,
   assert {e.question for e in other.test} != {e.question for e in task.test}
   with pytest.raises(common.DataError, match="synthetic family"):
     tasks.parse_name("synthetic:reverse_words,nope")
+  # An edited generator (here: more draws) rewrites the cached file and gives other rows.
+  monkeypatch.setattr("single_multi.data.synthetic.ROWS", 300)
+  edited = tasks.load_task(name, data_dir=str(tmp_path / "tfds"))
+  assert len(edited.dev) + len(edited.test) > len(task.dev) + len(task.test)
+  assert edited.builder.builder_config.name != task.builder.builder_config.name

@@ -4,10 +4,11 @@
 
 Each family is a fixed list of `ROWS` rows drawn by a generator seeded with the family's name
 (the rows do not depend on any run's seed), with duplicate inputs dropped. The rows are written
-once as BIG-bench `task.json` files under `<cache>/synthetic/v<VERSION>/benchmark_tasks/` and read
-by the BIG-bench builder (data/bigbench.py) like a local checkout: a seeded hash of each input
-puts it in dev or test, and the prepared rows are keyed by the digest of the files, so a changed
-generator is a new dataset, never stale rows. Inputs are bare (no instruction), as in BIG-bench's
+as BIG-bench `task.json` files under `<cache>/synthetic/v<VERSION>/benchmark_tasks/` (rewritten
+whenever the generator's output differs from the file) and read by the BIG-bench builder
+(data/bigbench.py) like a local checkout: a seeded hash of each input puts it in dev or test, and
+the prepared rows are keyed by the digest of the files, so a changed generator is a new dataset,
+never stale rows. Inputs are bare (no instruction), as in BIG-bench's
 linguistic_mappings tasks: a model must learn which mapping a format asks for. Each family has
 its own input format, so the family is visible in the input (a router can tell them apart); the
 targets have no punctuation, so the SQuAD normalisation of exact match cannot merge two answers.
@@ -141,15 +142,16 @@ def task_spec(family: str) -> dict:
 
 
 def write(root: pathlib.Path, families) -> pathlib.Path:
-  """Writes (once; atomically) each family's task.json under `root/benchmark_tasks/<family>/`;
-  returns that benchmark_tasks/ directory."""
+  """Writes each family's task.json under `root/benchmark_tasks/<family>/` (atomically, and only
+  where the file differs from what the generator gives now, so an edited generator never leaves
+  stale rows); returns that benchmark_tasks/ directory."""
   tasks_dir = pathlib.Path(root) / "benchmark_tasks"
   for family in families:
     path = tasks_dir / family / "task.json"
-    if path.exists():
+    text = json.dumps(task_spec(family), indent=1)
+    if path.exists() and path.read_text(encoding="utf-8") == text:
       continue
     path.parent.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(task_spec(family), indent=1)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".task.json.")
     with os.fdopen(fd, "w", encoding="utf-8") as f:
       f.write(text)

@@ -155,26 +155,25 @@ MOCO_SPEC = TaskSpec("moco", None, "dev", "test", "dev", "moco", prompt="moco")
 
 def parse_name(name: str) -> tuple[str, tuple[str, ...]]:
   """A task spec, checked without loading anything: ("bigbench", its tasks), ("moco", its file
-  names), ("synthetic", its families) or ("named", (name,)) for a TASKS entry. Raises DataError naming what is known."""
+  names), ("synthetic", its families) or ("named", (name,)) for a TASKS entry. Raises DataError
+  naming what is known."""
+  listed = tuple(t.strip() for t in name.split(":", 1)[-1].split(",") if t.strip())
   if name.startswith("bigbench:"):
-    parts = tuple(t.strip() for t in name.split(":", 1)[1].split(",") if t.strip())
-    if not parts:
+    if not listed:
       raise common.DataError(f"{name!r} names no BIG-bench task (bigbench:task1,task2,...)")
-    return "bigbench", parts
+    return "bigbench", listed
   if name.startswith("moco:"):
-    names = [t.strip().removeprefix("moco:") for t in name.split(":", 1)[1].split(",")
-             if t.strip()]  # "moco:bbh,gsm8k" or "moco:bbh,moco:gsm8k".
+    names = [t.removeprefix("moco:") for t in listed]  # "moco:bbh,gsm8k" or "moco:bbh,moco:gsm8k".
     if not names:
       raise common.DataError(f"{name!r} names no MoCo task (moco:task1,task2,...; "
                              f"known: {sorted(moco.FILES)})")
     return "moco", moco.file_names(names)
   if name.startswith("synthetic:"):
-    parts = tuple(t.strip() for t in name.split(":", 1)[1].split(",") if t.strip())
-    unknown = [p for p in parts if p not in synthetic.FAMILIES]
-    if not parts or unknown:
+    unknown = [p for p in listed if p not in synthetic.FAMILIES]
+    if not listed or unknown:
       raise common.DataError(f"{name!r}: unknown or no synthetic family {unknown}; known: "
                              f"{sorted(synthetic.FAMILIES)} (synthetic:family1,family2,...)")
-    return "synthetic", parts
+    return "synthetic", listed
   if name in TASKS:
     return "named", (name,)
   raise common.DataError(f"unknown task {name!r}; known: {sorted(TASKS)}, "
