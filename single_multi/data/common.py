@@ -306,6 +306,9 @@ def require_online(url: str, what: str, fix: str, timeout: float = 5.0) -> None:
                     f"{fix}") from e
 
 
+TFDS_PRINT = "tfds: "  # Prefixes TFDS's own prints, logged at INFO (the console leaves them out).
+
+
 def prepare(builder: tfds.core.DatasetBuilder, manual_dir: str | None = None) -> None:
   """Builds the array_record files once (a no-op when they exist)."""
   config = tfds.download.DownloadConfig(manual_dir=manual_dir) if manual_dir else None
@@ -315,7 +318,7 @@ def prepare(builder: tfds.core.DatasetBuilder, manual_dir: str | None = None) ->
     builder.download_and_prepare(download_config=config, file_format="array_record")
   for line in printed.getvalue().splitlines():
     if line.strip():
-      logging.info("tfds: %s", line.strip())
+      logging.info("%s%s", TFDS_PRINT, line.strip())
 
 
 def read_split(builder: tfds.core.DatasetBuilder, split: str) -> Sequence[Mapping[str, Any]]:
