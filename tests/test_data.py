@@ -564,6 +564,7 @@ def test_synthetic_rows_are_fixed_unique_and_right():
         part += words_to_int[w]
     return total + part
 
+  assert set(synthetic.INSTRUCTIONS) == set(synthetic.FAMILIES)  # Every family says its task.
   for family in synthetic.FAMILIES:
     rows = synthetic.family_rows(family, rows=300)
     assert rows == synthetic.family_rows(family, rows=300), family  # Fixed, not run-seeded.
@@ -603,7 +604,9 @@ def test_synthetic_task_loads_with_disjoint_seeded_splits(tmp_path, monkeypatch,
   task.check_disjoint()
   by_input = {r["input"]: r["target"] for r in synthetic.family_rows("key_value")}
   row = next(e for e in task.test if e.subject == "key_value")
-  assert row.targets == (by_input[row.question],)
+  instruction, text = row.question.split("\n")  # The family's instruction, then the input.
+  assert instruction == synthetic.INSTRUCTIONS["key_value"]
+  assert row.targets == (by_input[text],)
   again = tasks.load_task(name, data_dir=str(tmp_path / "tfds"))  # Prepared once, read back.
   assert [e.question for e in again.test] == [e.question for e in task.test]
   other = tasks.load_task(name, data_dir=str(tmp_path / "tfds"), seed=1)

@@ -8,10 +8,12 @@ as BIG-bench `task.json` files under `<cache>/synthetic/v<VERSION>/benchmark_tas
 whenever the generator's output differs from the file) and read by the BIG-bench builder
 (data/bigbench.py) like a local checkout: a seeded hash of each input puts it in dev or test, and
 the prepared rows are keyed by the digest of the files, so a changed generator is a new dataset,
-never stale rows. Inputs are bare (no instruction), as in BIG-bench's
-linguistic_mappings tasks: a model must learn which mapping a format asks for. Each family has
-its own input format, so the family is visible in the input (a router can tell them apart); the
-targets have no punctuation, so the SQuAD normalisation of exact match cannot merge two answers.
+never stale rows. Each family's rows carry a one-line instruction (`INSTRUCTIONS`, the task
+file's `task_prefix`, so the question is "<instruction>\n<input>"): a model distilled on several
+families must know which mapping a row asks for, and bare inputs do not say it (number_words'
+"4342" and sort_numbers' "42 7 19 88" are both digits; a member distilled on both spelled sort
+answers out, see configs/quickstart.py). The targets have no punctuation, so the SQuAD
+normalisation of exact match cannot merge two answers.
 
 Families (chance level 0: every answer is a free string):
   number_words   "4342" -> "four thousand three hundred forty two" (0-9999)
@@ -122,6 +124,15 @@ FAMILIES: dict[str, Callable[[np.random.Generator], tuple[str, str]]] = {
 }
 
 
+INSTRUCTIONS = {
+    "number_words": "Write the number in English words.",
+    "reverse_words": "Write the words in reverse order.",
+    "key_value": "Give the value of the key after the semicolon.",
+    "acronym": "Write the first letter of each word.",
+    "sort_numbers": "Sort the numbers from smallest to largest.",
+}
+
+
 def family_rows(family: str, rows: int | None = None) -> list[dict[str, str]]:
   """The family's rows as BIG-bench examples ({"input", "target"}), first occurrence of each
   input kept, from a generator seeded by the family's name; `rows` draws (default `ROWS`)."""
@@ -138,7 +149,8 @@ def family_rows(family: str, rows: int | None = None) -> list[dict[str, str]]:
 def task_spec(family: str) -> dict:
   return {"name": family, "description": f"single_multi synthetic family {family} v{VERSION}",
           "keywords": ["synthetic"], "metrics": ["exact_str_match"],
-          "preferred_score": "exact_str_match", "examples": family_rows(family)}
+          "preferred_score": "exact_str_match", "task_prefix": INSTRUCTIONS[family],
+          "examples": family_rows(family)}
 
 
 def write(root: pathlib.Path, families) -> pathlib.Path:
