@@ -4,43 +4,56 @@ file (SmolLM2-135M-Instruct's GGUF).
 A pool of three specialists is built from SmolLM2-135M-Instruct, each a short LoRA fine-tune on
 rows of one generated task family (data/synthetic.py: numbers to words, "4342" -> "four thousand
 three hundred forty two"; word order reversed, "river stone lamp" -> "lamp stone river"; numbers
-sorted, "42 7 19 88" -> "7 19 42 88"; bare inputs, exact match, chance level 0) that never appear
-among the loop's dev or test rows (`pools.specialist_rows`). The loop's task is the held-out rows
-of the same three families: 90 dev rows (30 per family) the pool collaborates on and distils from,
-90 other dev rows the router is fitted on (`fit_examples`), 300 test rows (100 per family). The
-collaboration is a trained router (a linear head on the first member's hidden states, fitted on
-the fit rows' per-model scores); each member distils the router's dev answers that are correct
-(`correctness_filter`). Until 2026-12-06 the families were three BIG-bench ones
-(configs/quickstart_bigbench.py); the package index then stopped offering the BIG-bench sdist.
+sorted, "42 7 19 88" -> "7 19 42 88"; each input led by the family's one-line instruction, exact
+match, chance level 0) that never appear among the loop's dev or test rows
+(`pools.specialist_rows`). The loop's task is the held-out rows of the same three families: 90 dev
+rows (30 per family) the pool collaborates on and distils from, 90 other dev rows the router is
+fitted on (`fit_examples`), 300 test rows (100 per family). The collaboration is a trained router
+(a linear head on the first member's hidden states, fitted on the fit rows' per-model scores, its
+target spread over every model right on a row: labels "tied"); each member distils the router's
+dev answers that are correct (`correctness_filter`). Until 2026-12-06 the families were three
+BIG-bench ones (configs/quickstart_bigbench.py); the package index then stopped offering the
+BIG-bench sdist.
 
-Chosen on dev rows only (`scripts/screen_families.py`: the base and a specialist per candidate
-family, scored on the loop's dev selection). The base scores 0.00 on every candidate (it
-explains or echoes instead of answering); each specialist scores 0.00 on every family but its
-own. Own-family scores, first screen (5 families, 18 rows each) / second screen (4 families,
-22-23 rows each): number_words 0.78 / 0.74, reverse_words 0.72 / 0.68, sort_numbers 0.67 / 0.64,
-key_value 0.83 / 0.26, acronym 0.44 / not rescreened. Rule: the three with the highest pooled
-score. (number_words drew from 0-999 in both screens, which leaves 395 dev rows, too few for
-the loop's dev, fit, specialist and validation selections; it draws from 0-9999 since. The
-second screen meant to score the new version but read the old rows from a cached file, a bug
-since fixed (data/synthetic.py rewrites a file that differs from its generator); the new
-version's specialist scores 0.79 on the validation rows below.) Every other setting is the BIG-bench default's, kept
-without retuning (chosen there on validation rows: the specialists' recipe, 30 steps at lr 2e-3
-on 120 rows; the distillation, LoRA rank 8, lr 2e-3, batch 8, 3 epochs; and two deviations from
-the reference, which fits the strategy on the same dev rows the members then distil and keeps
-every collaborative output: here the router is fitted on 90 held-out dev rows and the members
-distil only its correct answers).
-
-On 300 validation rows (`--config.evaluate_on=validation`: dev rows outside every other
-selection; never test rows): round-0 router 0.597 against the best single's 0.263; round 1 single
-mean +0.121 [+0.083, +0.158], router -0.207 [-0.273, -0.147]. The members forget part of their own
-family, most of all sort_numbers (0.55 -> 0.15): after distilling number_words rows (digits in,
-words out) the sort member spells numbers on 61 of 100 sort rows, both families' inputs being
-digits. Variants on the same rows, not adopted: 6 distillation epochs, router -0.153 [-0.210,
--0.100] and single mean +0.206, 13:34 wall with the specialists reused (about 3 minutes more
-with them trained, past the 15-minute target); dare_ties as the
-collaboration, its uniform merge of the specialists scores 0.053 at round 0 (stopped there);
-key_value for sort_numbers, its specialist scores 0.39 and its one-digit answers have a chance
-level near 0.1, not 0 (stopped after round 0). See docs/results.md for the measured test run.
+Everything was chosen on dev rows only; no test score was looked at before a choice.
+1. Families (`scripts/screen_families.py`: the base and a specialist per candidate family, scored
+   on the loop's dev selection; bare inputs then, no instruction). The base scored 0.00 on every
+   candidate (it explains or echoes instead of answering); each specialist 0.00 on every family
+   but its own. Own-family scores, first screen (5 families, 18 rows each) / second screen (4
+   families, 22-23 rows each): number_words 0.78 / 0.74, reverse_words 0.72 / 0.68, sort_numbers
+   0.67 / 0.64, key_value 0.83 / 0.26, acronym 0.44 / not rescreened. Rule: the three with the
+   highest pooled score. (number_words drew from 0-999 in both screens, too few dev rows for the
+   loop's selections; it draws from 0-9999 since. The second screen read the old rows from a
+   cached file, a bug since fixed.)
+2. The rest, on 300 validation rows (`--config.evaluate_on=validation`: dev rows outside every
+   other selection). Specialists: the BIG-bench default's recipe, 30 steps at lr 2e-3 on 120 rows.
+   Distillation: LoRA rank 8, batch 8, 3 epochs (from the BIG-bench default). Paired changes,
+   round 1 minus round 0 (single mean; collaboration), with the round-0 router:
+     bare inputs, labels "best", lr 2e-3 (the 2026-12-06 default)  +0.121 [+0.083, +0.158];
+       -0.207 [-0.273, -0.147] (router 0.597 -> 0.390). The sort member, after distilling
+       number_words rows, spelled numbers on 61 of 100 sort rows: both inputs are digit strings.
+     instructions, "best", 2e-3   +0.200 [+0.159, +0.237]; -0.117 [-0.177, -0.060] (0.590 -> 0.473).
+       The round-1 router sent 92 of 100 number_words rows to the reverse_words member: with
+       "best" labels a tie (two members right) goes to the member best overall.
+     instructions, "tied", 2e-3   +0.224 [+0.183, +0.263]; -0.067 [-0.123, -0.010] (0.563 -> 0.497).
+     instructions, "tied", 1e-3   +0.163 [+0.129, +0.199]; -0.047 [-0.103, +0.013] (0.563 -> 0.517).
+     instructions, "tied", 7e-4   +0.134 [+0.103, +0.163]; -0.003 [-0.053, +0.057] (0.563 -> 0.560).
+     instructions, "tied", 5e-4   +0.067 [+0.046, +0.089]; +0.017 [-0.030, +0.067] (0.563 -> 0.580).
+   A lower distillation lr makes the members forget less of their own family (with "tied": the
+   number_words member on number_words after the round 0.72 at 2e-3, 0.81 at 7e-4; the sort member
+   on sort 0.41, 0.56) and learn less of the others. Rule, fixed after the 5e-4 run and before the
+   7e-4 one: the setting whose single mean meets the 8-point target with the largest collaboration
+   change, so 7e-4. "tied" against "best" (instructions, 2e-3, paired): round-0 router -0.027
+   [-0.057, +0.003], final router +0.023 [-0.017, +0.063], final single mean +0.024 [+0.008,
+   +0.043]; it lowers the round-0 router, which the collaboration change is measured from, as much
+   as it raises the final one. Also tried with bare inputs, not
+   adopted: 6 distillation epochs (-0.153 [-0.210, -0.100], past 15 minutes); dare_ties as the
+   collaboration (round-0 merge 0.053); key_value for sort_numbers (specialist 0.39, chance near
+   0.1).
+Three deviations from the reference, which fits the strategy on the same dev rows the members
+then distil, labels each with one best model and keeps every collaborative output: the router is
+fitted on 90 held-out dev rows, on "tied" labels (collab/routers.py), and the members distil only
+its correct answers. See docs/results.md for the measured test runs.
 
 Run: python -m single_multi.main --config=configs/quickstart.py --workdir=/tmp/single_multi
 """
@@ -84,7 +97,7 @@ def get_config() -> config_dict.ConfigDict:
   # Overrides of the strategy's config dataclass. kind "head": the fast router (the reference's
   # LM router fine-tunes a separate model for 5 epochs).
   # labels "best": one model per dev query, as the reference; "tied": see collab/routers.py.
-  c.strategy_config = config_dict.ConfigDict({"kind": "head", "labels": "best"})
+  c.strategy_config = config_dict.ConfigDict({"kind": "head", "labels": "tied"})
   # Task-vector merges (dare_ties, ties, task_arithmetic): the model the members were fine-tuned
   # from. "": the specialists' base (pool[0]) when the pool is built from specialists.
   c.merge_base = ""
@@ -94,7 +107,7 @@ def get_config() -> config_dict.ConfigDict:
   c.distill.lora_alpha = 16.0
   c.distill.lora_dropout = 0.0
   c.distill.lora_targets = ("q", "k", "v", "o")
-  c.distill.learning_rate = 2e-3
+  c.distill.learning_rate = 7e-4
   c.distill.schedule = "cosine"
   c.distill.warmup_fraction = 0.1
   c.distill.clip_norm = 1.0
