@@ -54,10 +54,10 @@ def console_filter(record: std_logging.LogRecord) -> bool:
   """Whether the console shows an absl log record: all of ours but TFDS's prints we pass on
   (data/common.py's `prepare`); a quiet library's warnings and errors only, less TFDS's "Using
   custom data configuration" (every task here is one)."""
-  if record.levelno < std_logging.WARNING:
-    from single_multi.data import common  # Lazily: main imports nothing heavy at start-up.
-    if record.getMessage().startswith(common.TFDS_PRINT):
-      return False
+  common = sys.modules.get("single_multi.data.common")  # Not imported: it logged nothing yet.
+  if (common is not None and record.levelno < std_logging.WARNING
+      and record.getMessage().startswith(common.TFDS_PRINT)):
+    return False
   if not any(f"{name}/" in record.pathname.replace("\\", "/") for name in QUIET_LIBRARIES):
     return True
   return (record.levelno >= std_logging.WARNING

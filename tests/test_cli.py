@@ -139,6 +139,7 @@ def test_console_hides_library_info_and_the_run_log_keeps_it(tmp_path):
   from absl import logging as absl_logging
 
   from single_multi import main
+  from single_multi.data import common
 
   def record(path, level, msg):
     return std_logging.LogRecord("absl", level, path, 1, msg, None, None)
@@ -150,7 +151,7 @@ def test_console_hides_library_info_and_the_run_log_keeps_it(tmp_path):
              record("/venv/site-packages/orbax/checkpoint/manager.py", std_logging.INFO, "saved"),
              record(str(ROOT / "single_multi" / "evolve.py"), std_logging.INFO, "round 0"),
              record(str(ROOT / "single_multi" / "data" / "common.py"), std_logging.INFO,
-                    "tfds: Downloading and preparing dataset Unknown size")]
+                    common.TFDS_PRINT + "Downloading and preparing dataset Unknown size")]
   assert [main.console_filter(r) for r in records] == [False, False, True, False, True, False]
   logger = absl_logging.get_absl_logger()
   handlers = list(logger.handlers)
