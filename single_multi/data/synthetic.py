@@ -6,7 +6,7 @@ Each family is a fixed list of `ROWS` rows drawn by a generator seeded with the 
 (the rows do not depend on any run's seed), with duplicate inputs dropped. The rows are written
 as BIG-bench `task.json` files under `<cache>/synthetic/v<VERSION>/benchmark_tasks/` (rewritten
 whenever the generator's output differs from the file) and read by the BIG-bench builder
-(data/bigbench.py) like a local checkout: a seeded hash of each input puts it in dev or test, and
+(data/bigbench.py) like a local checkout: a seeded hash of each question puts it in dev or test, and
 the prepared rows are keyed by the digest of the files, so a changed generator is a new dataset,
 never stale rows. Each family's rows carry a one-line instruction (`INSTRUCTIONS`, the task
 file's `task_prefix`, so the question is "<instruction>\n<input>"): a model distilled on several
