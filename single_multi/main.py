@@ -74,6 +74,7 @@ def log_file(workdir: str, process: int = 0) -> Iterator[pathlib.Path | None]:
     return
   name = LOG_FILE if process == 0 else LOG_FILE.replace(".txt", f".{process}.txt")
   path = pathlib.Path(workdir) / name
+  path.parent.mkdir(parents=True, exist_ok=True)  # Process i > 0 may come before process 0 made it.
   handler = std_logging.FileHandler(path, encoding="utf-8")
   handler.setLevel(std_logging.INFO)
   handler.setFormatter(logging.PythonFormatter())

@@ -161,7 +161,7 @@ def test_console_hides_library_info_and_the_run_log_keeps_it(tmp_path):
   assert logger.handlers == handlers  # Detached again.
   text = path.read_text()
   assert path.name == "log.txt" and all(r.getMessage() in text for r in records)
-  with main.log_file(str(tmp_path), process=3) as other:
-    assert other.name == "log.3.txt"
+  with main.log_file(str(tmp_path / "not_yet"), process=3) as other:  # Before process 0 makes it.
+    assert other.name == "log.3.txt" and other.exists()
   with main.log_file("gs://bucket/run") as none:
     assert none is None
