@@ -398,8 +398,10 @@ def evaluate(model: pool_lib.Pool | Model, examples: Sequence[common.Example], *
                           sampler=sampler)
     env_cfg = strategy_cfg if strategy_cfg is not None else collab.get(strategy).Config()
   make = pipeline.loglik_batches if method == "loglik" else pipeline.generation_batches
+  # The singles' decode prefills the prompts' shared head (the chat template's) once per batch.
+  split = {"split_prefix": True} if method == "generate" and strategy is None else {}
   batches = make(examples, prompter, batch_size=batch_size,
-                 shard=(jax.process_index(), jax.process_count()))
+                 shard=(jax.process_index(), jax.process_count()), **split)
   stop_ids = decoding.stop_ids_for(pool.config, pool.tokenizer)
   pad_id = pipeline.pad_id_of(pool.tokenizer)
   key = jax.random.key(seed) if key is None else key
@@ -468,10 +470,12 @@ def evaluate(model: pool_lib.Pool | Model, examples: Sequence[common.Example], *
           tokens, lengths = selected(spec, out, examples, rows, pool.tokenizer, metric,
                                      env_cfg, strategy_state)
       else:
-        out = pool_lib.decode_each(pool.params, batch["tokens"], batch["mask"], keys,
+        headed = "prefix" in batch
+        out = pool_lib.decode_each(pool.params, batch["rest" if headed else "tokens"],
+                                   batch["rest_mask" if headed else "mask"], keys,
                                    config=pool.config, sampler=sampler,
                                    max_new_tokens=max_new_tokens, stop_ids=stop_ids,
-                                   pad_id=pad_id)
+                                   pad_id=pad_id, prefix_p=batch.get("prefix"))
         names = pool.names
         tokens, lengths = np.asarray(out.tokens), np.asarray(out.lengths)
       records += generation_records(examples, rows, names, tokens, lengths, pool.tokenizer,

@@ -214,17 +214,30 @@ def forward(params_n: Params, tokens_bt: jax.Array, config: ModelConfig, *, mask
 def _decode(params_n, prompt_bt, prompt_mask_bt, rng, choose, choose_state, *,
             config: ModelConfig, per_model_tokens: bool, max_new_tokens: int,
             stop_ids: tuple[int, ...], pad_id: int, return_rows: bool, lora, unstack,
-            extra_head=None):
+            extra_head=None, prefix_p=None):
   """Pool prefill + the shared decode loop; tokens [N, B] per model or [B] shared by all.
 
   prompt_bt: [B, P] shared by every model, or [N, B, P] (a prompt per model and row).
+  prefix_p: tokens [Pp] that every row's prompt starts with, prompt_bt then holding only the rest
+  (left-padded). The prefix is prefilled once per model and its cache copied to every row, so a
+  batch pays for a chat template's fixed head once, not B times. The rows see exactly the keys
+  and positions of the whole prompt: a pad between prefix and rest is masked like a left pad.
   """
   decoding.check_max_new_tokens(max_new_tokens)
   params_n = decoding.unstack_for_loop(params_n, unstack, layer_axis=1)
   n = num_models(params_n)
   B, P = prompt_bt.shape[-2:]
-  cache = init_cache(config, n, B, P + max_new_tokens, params_n["embed"].dtype,
-                     per_layer=transformer.is_unstacked(params_n))
+  dtype, per_layer = params_n["embed"].dtype, transformer.is_unstacked(params_n)
+  if prefix_p is None:
+    cache = init_cache(config, n, B, P + max_new_tokens, dtype, per_layer=per_layer)
+  else:
+    Pp = prefix_p.shape[0]
+    cache = init_cache(config, n, 1, Pp + P + max_new_tokens, dtype, per_layer=per_layer)
+    _, cache = forward(params_n, prefix_p[None], config, cache=cache, lora=lora,
+                       extra_head=extra_head, last_only=True)
+    rows = lambda a: jnp.broadcast_to(a, (a.shape[0], B, *a.shape[2:]))  # [N, 1, ...] -> B rows.
+    cache = {"k": jax.tree.map(rows, cache["k"]), "v": jax.tree.map(rows, cache["v"]),
+             "pos": rows(cache["pos"]), "end": cache["end"]}
   logits, cache = forward(params_n, prompt_bt, config, mask_bt=prompt_mask_bt, cache=cache,
                           lora=lora, per_model_tokens=prompt_bt.ndim == 3, extra_head=extra_head,
                           last_only=True)
@@ -247,10 +260,11 @@ def _decode(params_n, prompt_bt, prompt_mask_bt, rng, choose, choose_state, *,
 def decode_each(params_n: Params, prompt_bt, prompt_mask_bt, rng, *, config: ModelConfig,
                 sampler: Any = decoding.Greedy(), max_new_tokens: int,
                 stop_ids: tuple[int, ...] = (), pad_id: int = 0, return_rows: bool = False,
-                lora=None, unstack: bool | None = None) -> decoding.DecodeOutput:
+                lora=None, unstack: bool | None = None, prefix_p=None) -> decoding.DecodeOutput:
   """Every model answers the prompts on its own: tokens [N, B, M]; one program for all N.
 
-  prompt_bt: [B, P] shared, or [N, B, P]: model i answers prompt_bt[i].
+  prompt_bt: [B, P] shared, or [N, B, P]: model i answers prompt_bt[i]. prefix_p: a head [Pp]
+  every prompt starts with, prompt_bt then the rest (see `_decode`; `pipeline.split_prefix`).
 
   Model i samples with key `fold_in(rng, i)`: the same tokens as `decoding.decode(member i,
   rng=fold_in(rng, i))`.
@@ -258,7 +272,7 @@ def decode_each(params_n: Params, prompt_bt, prompt_mask_bt, rng, *, config: Mod
   return _decode(params_n, prompt_bt, prompt_mask_bt, rng, decoding.sampler_choice(sampler), None,
                  config=config, per_model_tokens=True, max_new_tokens=max_new_tokens,
                  stop_ids=stop_ids, pad_id=pad_id, return_rows=return_rows, lora=lora,
-                 unstack=unstack)
+                 unstack=unstack, prefix_p=prefix_p)
 
 
 @functools.partial(jax.jit, static_argnames=("config", "combine", "max_new_tokens", "stop_ids",

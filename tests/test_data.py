@@ -3,6 +3,7 @@
 import dataclasses
 import io
 import json
+import os
 import socket
 import tarfile
 import time
@@ -483,6 +484,35 @@ def test_generation_batches_bucket_shard_and_skip_bad_rows():
   assert len(shards[0]) == len(shards[1])
   per_shard = [{int(i) for b in s for i in b["index"] if i >= 0} for s in shards]
   assert not per_shard[0] & per_shard[1] and per_shard[0] | per_shard[1] == set(seen)
+
+
+def test_shared_prefix_by_hand():
+  assert pipeline.shared_prefix([[1, 2, 3, 4], [1, 2, 5], [1, 2, 3]]) == [1, 2]
+  # Each prompt keeps at least its last token: identical prompts share all but one.
+  assert pipeline.shared_prefix([[7, 8, 9], [7, 8, 9]]) == [7, 8]
+  assert pipeline.shared_prefix([[1, 2], [3, 2]]) == [] and pipeline.shared_prefix([]) == []
+
+
+def test_generation_batches_split_prefix_rebuilds_every_prompt():
+  exs = _examples(9)
+  exs[2] = common.Example("s/2", "s", "bad", ("a", "b"), 9, (), "answer index 9 out of range")
+  prompter = pipeline.Prompter(CharTokenizer())
+  valid = [prompter.ids(e) for e in exs if not e.problem]
+  head = pipeline.shared_prefix(valid)
+  assert head and head == os.path.commonprefix(valid)  # The template's fixed head.
+  for b in pipeline.generation_batches(exs, prompter, batch_size=4, split_prefix=True):
+    assert b["prefix"].tolist() == head
+    for row, i in enumerate(b["index"]):
+      rest = b["rest"][row][b["rest_mask"][row] == 1].tolist()
+      if i >= 0:
+        assert head + rest == prompter.ids(exs[i])
+        assert b["rest"][row, -len(rest):].tolist() == rest  # Left-padded.
+      else:
+        assert not rest
+  # A single prompt: all but its last token is the head.
+  one = [common.Example("a/0", "a", "x", ("yes", "no"), 0, ("yes",))]
+  b = next(iter(pipeline.generation_batches(one, prompter, batch_size=2, split_prefix=True)))
+  assert len(b["prefix"]) == len(prompter.ids(one[0])) - 1 and b["rest_mask"][0].sum() == 1
 
 
 def test_loglik_batches_layout():

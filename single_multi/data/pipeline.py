@@ -163,24 +163,51 @@ def _left_pad_batch(rows: Sequence[list[int]], batch_size: int, pad_id: int, fin
   return decoding.left_pad(rows, pad_id, length)
 
 
-def _generation_batch(indices: list[int], *, examples, prompter: Prompter, batch_size: int):
+def shared_prefix(prompts: Sequence[Sequence[int]]) -> list[int]:
+  """The longest token prefix every prompt starts with, leaving each at least one token of its
+  own (the next token's logits come from a prompt's last position)."""
+  if not prompts:
+    return []
+  first, n = prompts[0], min(len(p) for p in prompts) - 1
+  for p in prompts[1:]:
+    n = next((i for i in range(n) if p[i] != first[i]), n)
+  return list(first[:max(n, 0)])
+
+
+def _generation_batch(indices: list[int], *, examples, prompter: Prompter, batch_size: int,
+                      prefix: Sequence[int] = ()):
   pad = pad_id_of(prompter.tokenizer)
-  tokens, mask = _left_pad_batch([prompter.ids(examples[i]) for i in indices], batch_size, pad)
+  ids = [prompter.ids(examples[i]) for i in indices]
+  tokens, mask = _left_pad_batch(ids, batch_size, pad)
   question, question_mask = _left_pad_batch([prompter.question_ids(examples[i]) for i in indices],
                                             batch_size, pad)
   index = np.full((batch_size,), -1, np.int32)
   index[:len(indices)] = indices
-  return {"tokens": tokens, "mask": mask, "question": question, "question_mask": question_mask,
-          "index": index}
+  batch = {"tokens": tokens, "mask": mask, "question": question, "question_mask": question_mask,
+           "index": index}
+  if prefix:
+    batch["prefix"] = np.asarray(prefix, np.int32)
+    batch["rest"], batch["rest_mask"] = _left_pad_batch([r[len(prefix):] for r in ids],
+                                                        batch_size, pad)
+  return batch
 
 
 def generation_batches(examples: Sequence[common.Example], prompter: Prompter, *, batch_size: int,
-                       shard: tuple[int, int] = (0, 1)) -> grain.MapDataset:
+                       shard: tuple[int, int] = (0, 1),
+                       split_prefix: bool = False) -> grain.MapDataset:
   """Prompt batches for generation: tokens/mask [B, T] (left-padded), the bare questions
-  question/question_mask [B, Q] (left-padded), index [B] (-1: filler row)."""
+  question/question_mask [B, Q] (left-padded), index [B] (-1: filler row).
+
+  split_prefix: also the head every valid prompt of `examples` starts with (`shared_prefix`; the
+  same for every batch and process), prefix [Pp], and each prompt's rest, rest/rest_mask [B, R]
+  (left-padded), for a decode that prefills the head once (`pool.decode_each(prefix_p=)`); no
+  such keys when the prompts share no head."""
   order = _order(examples, batch_size, shard, lambda ex: len(ex.question) + sum(map(len, ex.choices)))
+  prefix = (shared_prefix([prompter.ids(ex) for ex in examples if not ex.problem])
+            if split_prefix else [])
   return grain.MapDataset.source(order).map(functools.partial(
-      _generation_batch, examples=examples, prompter=prompter, batch_size=batch_size))
+      _generation_batch, examples=examples, prompter=prompter, batch_size=batch_size,
+      prefix=tuple(prefix)))
 
 
 def _loglik_batch(indices: list[int], *, examples, prompter: Prompter, batch_size: int):
