@@ -434,6 +434,26 @@ def test_router_learns_separable_labels_and_returns_the_chosen_answer(pool, name
   np.testing.assert_array_equal(np.asarray(routed), choice)
 
 
+def test_trained_router_head_l2_shrinks_the_weights(pool):
+  """l2 adds l2/2 |w|^2 to the head's loss: a moderate penalty keeps the two kinds of queries
+  apart with smaller weights; a huge one leaves the bias alone, every query to one model."""
+  dev_batch, kinds, scores = _router_data(pool, 48, 0)
+  fitted = {}
+  for l2 in (0.0, 1.0, 1e6):
+    cfg = routers.TrainedRouterConfig(kind="head", labels="tied", l2=l2)
+    state = collab.fit(pool, "trained_router", collab.DevData(dev_batch, scores),
+                       env=_env(pool, "trained_router", cfg), cfg=cfg)
+    choice, _ = collab.route(pool, "trained_router", dev_batch, env=_env(pool, "trained_router",
+                                                                          cfg),
+                             cfg=cfg, state=state)
+    fitted[l2] = float(jnp.linalg.norm(state["head"]["w"])), np.asarray(choice)
+  assert fitted[1e6][0] < 1e-4 * fitted[0.0][0] and len(set(fitted[1e6][1])) == 1
+  assert fitted[1.0][0] < fitted[0.0][0]
+  np.testing.assert_array_equal(fitted[1.0][1], kinds)  # Model 0 on 'a', model 1 on 'z'.
+  with pytest.raises(ValueError, match="l2 must be >= 0"):
+    routers.TrainedRouterConfig(kind="head", l2=-1.0)
+
+
 def test_a_router_scored_from_the_members_answers_equals_its_own_decoding(pool, tmp_path):
   """evaluate(members=singles): the router only routes and each row keeps its chosen member's
   answer and score; greedy, that is exactly what it decodes itself. A non-router ignores them."""

@@ -13,7 +13,11 @@ goes to the highest k whose digit its reply contains (none: a random model). Dev
 router is a pool member (`router`; the reference fine-tunes a separate Qwen2.5-7B-Instruct); its
 reply is at most `choice_tokens` tokens; pools of at most 9 models (a one-digit k).
 Kind "head": a fast alternative: a linear head on the router member's mean final hidden state
-over the prompt (`query_features`, standardised with dev statistics).
+over the prompt (`query_features`, standardised with dev statistics), trained by softmax
+cross-entropy (AdamW, `steps` full-batch steps) plus `l2`/2 times the squared norm of its weights
+(not the bias). Off by default; with ~100 fit rows and 576 features an unpenalised head fits each
+row's noise: on the quickstart's validation runs (configs/quickstart.py) l2=1 routed whole
+families to their member where l2=0 sent half of one family elsewhere.
 
 `graph_router`, kind "reference" (default): the reference's GraphRouter (.../method/
 api_graph_routing.py): `ReferenceGraphNet` (two GeneralConv layers of width 2 x 8 with BatchNorm
@@ -137,7 +141,8 @@ class TrainedRouterConfig:
   hidden: int = 0  # 0: a linear head; > 0: one hidden layer of this width.
   steps: int = 300
   learning_rate: float = 1e-2
-  weight_decay: float = 1e-4
+  weight_decay: float = 1e-4  # AdamW's decoupled decay (x learning rate per step).
+  l2: float = 0.0  # The penalty l2/2 * |w|^2 added to the head's loss (kind "head").
   seed: int = 0
 
   def __post_init__(self):
@@ -145,6 +150,8 @@ class TrainedRouterConfig:
       raise ValueError(f"trained_router kind must be 'lm' or 'head', got {self.kind!r}")
     if self.labels not in ("best", "tied"):
       raise ValueError(f"trained_router labels must be 'best' or 'tied', got {self.labels!r}")
+    if not self.l2 >= 0:
+      raise ValueError(f"trained_router l2 must be >= 0, got {self.l2}")
     if self.labels == "tied" and self.kind != "head":
       raise ValueError("trained_router labels='tied' needs kind 'head' (the LM router is "
                        "fine-tuned to name one model)")
@@ -258,7 +265,8 @@ def _fit_trained_router(pool, dev, cfg: TrainedRouterConfig, env, rng):
   @jax.jit
   def train(head):
     def loss(h):
-      return optax.softmax_cross_entropy(_head_apply(h, x), targets).mean()
+      penalty = 0.5 * cfg.l2 * sum(jnp.sum(h[k] ** 2) for k in ("w", "w1") if k in h)
+      return optax.softmax_cross_entropy(_head_apply(h, x), targets).mean() + penalty
 
     def step(carry, _):
       h, s = carry
