@@ -399,9 +399,9 @@ def evaluate(model: pool_lib.Pool | Model, examples: Sequence[common.Example], *
     env_cfg = strategy_cfg if strategy_cfg is not None else collab.get(strategy).Config()
   make = pipeline.loglik_batches if method == "loglik" else pipeline.generation_batches
   # The singles' decode prefills the prompts' shared head (the chat template's) once per batch.
-  split = {"split_prefix": True} if method == "generate" and strategy is None else {}
+  head = {"split_prefix": True} if method == "generate" and strategy is None else {}
   batches = make(examples, prompter, batch_size=batch_size,
-                 shard=(jax.process_index(), jax.process_count()), **split)
+                 shard=(jax.process_index(), jax.process_count()), **head)
   stop_ids = decoding.stop_ids_for(pool.config, pool.tokenizer)
   pad_id = pipeline.pad_id_of(pool.tokenizer)
   key = jax.random.key(seed) if key is None else key

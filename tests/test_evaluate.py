@@ -101,6 +101,22 @@ def test_generated_answers_are_scored_by_the_task_metric():
   assert evaluate.score_generated(num, "#### 999", "numeric")["score"] == 0.0
 
 
+def test_singles_decode_with_the_shared_head_as_with_whole_prompts(monkeypatch):
+  """The singles' evaluation prefills the prompts' shared head once per batch: the same records
+  as decoding the whole prompts (the head disabled), and the split keeps its label."""
+  pool = pool_lib.from_models([_model(0), _model(1)], names=["a", "b"])
+  prompter = pipeline.Prompter(pool.tokenizer)
+  exs = [e for e in _examples() if not e.problem]
+  assert len(pipeline.shared_prefix([prompter.ids(e) for e in exs])) > 0
+  kw = dict(prompter=prompter, split="dev", batch_size=4, max_new_tokens=6, progress=False)
+  headed = evaluate.evaluate(pool, exs, **kw)
+  monkeypatch.setattr(pipeline, "shared_prefix", lambda prompts: [])
+  whole = evaluate.evaluate(pool, exs, **kw)
+  key = lambda r: (r["model"], r["id"], r["output_ids"], r["score"])
+  assert sorted(map(key, headed.records)) == sorted(map(key, whole.records))
+  assert headed.summary["split"] == whole.summary["split"] == "dev"
+
+
 def test_bootstrap_ci():
   assert evaluate.bootstrap_ci([1.0] * 20) == (1.0, 1.0)
   x = [0.0, 1.0] * 200
