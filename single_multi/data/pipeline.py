@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 from typing import Any, Sequence
 
 import grain
@@ -168,10 +169,8 @@ def shared_prefix(prompts: Sequence[Sequence[int]]) -> list[int]:
   own (the next token's logits come from a prompt's last position)."""
   if not prompts:
     return []
-  first, n = prompts[0], min(len(p) for p in prompts) - 1
-  for p in prompts[1:]:
-    n = next((i for i in range(n) if p[i] != first[i]), n)
-  return list(first[:max(n, 0)])
+  head = os.path.commonprefix([list(p) for p in prompts])  # Element-wise: works on lists.
+  return head[:max(min(map(len, prompts)) - 1, 0)]
 
 
 def _generation_batch(indices: list[int], *, examples, prompter: Prompter, batch_size: int,
