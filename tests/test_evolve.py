@@ -350,6 +350,20 @@ def test_disk_full_at_save_is_one_clear_error_and_resumes(tiny_pool, tmp_path, m
   assert [m["round"] for m in history] == [0, 1]
 
 
+def test_on_cpu_a_save_is_written_before_the_loop_goes_on(tmp_path):
+  """On CPU an asynchronous save's host copy of the params would share memory with the next
+  stage: `Checkpoints.save` returns only once the step is committed."""
+  ckpt = wd.Checkpoints(tmp_path / "checkpoints", 2)
+  assert ckpt.wait == (jax.default_backend() == "cpu")
+  params = {"w": np.arange(1 << 20, dtype=np.float32)}
+  ckpt.save(0, params, {}, {"round": 0, "stage": "evaluate"})
+  assert not ckpt.manager.is_saving_in_progress() and ckpt.latest() == 0
+  assert not list((tmp_path / "checkpoints").glob("*tmp*"))
+  restored, _, meta = ckpt.restore(0, jax.tree.map(np.zeros_like, params))
+  np.testing.assert_array_equal(restored["w"], params["w"])
+  ckpt.close()
+
+
 @pytest.mark.parametrize("fused", [False, True])
 def test_finite_divergence_stops_and_keeps_the_last_good_checkpoint(tiny_pool, tmp_path, fused):
   """lr 1e6: finite losses, but the weights blow up (the reported case: every loss ln(V),
