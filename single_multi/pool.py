@@ -264,7 +264,7 @@ def decode_each(params_n: Params, prompt_bt, prompt_mask_bt, rng, *, config: Mod
   """Every model answers the prompts on its own: tokens [N, B, M]; one program for all N.
 
   prompt_bt: [B, P] shared, or [N, B, P]: model i answers prompt_bt[i]. prefix_p: a head [Pp]
-  every prompt starts with, prompt_bt then the rest (see `_decode`; `pipeline.split_prefix`).
+  every prompt starts with, prompt_bt then the rest (see `_decode`; `pipeline.shared_prefix`).
 
   Model i samples with key `fold_in(rng, i)`: the same tokens as `decoding.decode(member i,
   rng=fold_in(rng, i))`.
