@@ -28,7 +28,8 @@ end, next to the family's chance level and majority-class rate.
 (measured: 31.9 minutes for the four default strategies on the embedded default, on 2 cores,
 the compilation cache warm from earlier runs of the default: multiagent_refine 14.5,
 trained_router 10.0 with the specialists, logit_fusion 3.9, dare_ties 3.5; 27.4 before the
-families' inputs carried instructions, 38.9 on the earlier BIG-bench default);
+families' inputs carried instructions, 38.9 on the earlier BIG-bench default; not remeasured
+since the router head's L2 penalty and the singles' shared-head prefill);
 the full run's time is printed and written.
 Where each run's time went (`timings.jsonl`: singles, collaboration, fit, base, the rest) is
 tabled on the page.
