@@ -441,11 +441,10 @@ def test_trained_router_head_l2_shrinks_the_weights(pool):
   fitted = {}
   for l2 in (0.0, 1.0, 1e6):
     cfg = routers.TrainedRouterConfig(kind="head", labels="tied", l2=l2)
-    state = collab.fit(pool, "trained_router", collab.DevData(dev_batch, scores),
-                       env=_env(pool, "trained_router", cfg), cfg=cfg)
-    choice, _ = collab.route(pool, "trained_router", dev_batch, env=_env(pool, "trained_router",
-                                                                          cfg),
-                             cfg=cfg, state=state)
+    env = _env(pool, "trained_router", cfg)
+    state = collab.fit(pool, "trained_router", collab.DevData(dev_batch, scores), env=env,
+                       cfg=cfg)
+    choice, _ = collab.route(pool, "trained_router", dev_batch, env=env, cfg=cfg, state=state)
     fitted[l2] = float(jnp.linalg.norm(state["head"]["w"])), np.asarray(choice)
   assert fitted[1e6][0] < 1e-4 * fitted[0.0][0] and len(set(fitted[1e6][1])) == 1
   assert fitted[1.0][0] < fitted[0.0][0]
