@@ -82,7 +82,9 @@ def get_config() -> config_dict.ConfigDict:
   c.seed = 0
   c.dtype = "float32"
   c.jax_cache_dir = "auto"  # The compilation cache ("": off; see docs/config.md).
-  c.eval_cache = ""  # Kept evaluations, read instead of decoded ("": off; see docs/config.md).
+  # Kept evaluations, read instead of decoded ("workdir": <workdir>/eval_cache; see docs/config.md):
+  # round 1's collaborate stage reads the fit rows' answers round 0 decoded with the same models.
+  c.eval_cache = "workdir"
   # The pool: model sources (dir, .gguf, hf:org/name, embedded:...). With `specialists`, the
   # first source is the base each specialist is fine-tuned from (one per task family).
   c.pool = ("embedded:smollm2-135m-instruct",)

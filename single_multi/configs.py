@@ -41,7 +41,8 @@ FIELDS: dict[str, str] = {
                   "whose params, rows, prompts, decoding, strategy state and code all match a "
                   "kept one is read, not decoded (a sweep's runs share round 0; round 1 reuses "
                   "round 0's answers on the fit rows); staged rounds only (a fused round "
-                  "decodes inside its program); empty: off.",
+                  "decodes inside its program); `workdir`: `<workdir>/eval_cache` (a resumed run "
+                  "re-scores nothing); empty: off.",
     "batch_size": "Examples per decoding / scoring batch.",
     "max_new_tokens": "Tokens generated per answer at most.",
     "temperature": "Sampling temperature; 0 is greedy decoding.",

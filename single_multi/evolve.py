@@ -145,6 +145,7 @@ class Loop:
   # dev rows themselves (the reference), or held-out dev rows (`fit_examples`).
   fit_rows: list[common.Example] | None = None
   watch: Stopwatch = dataclasses.field(default_factory=Stopwatch)
+  memo: str | None = None  # The kept evaluations' directory (`eval_cache_dir`); None: off.
 
   def __post_init__(self):
     if self.fit_rows is None:
@@ -161,7 +162,7 @@ class Loop:
                 batch_size=self.config.batch_size, max_new_tokens=self.config.max_new_tokens,
                 progress=self.progress, seed=self.config.seed, reference=self.dev,
                 reward_model=self.reward_model, sampler=self.spec.sampler,
-                memo=self.config.get("eval_cache") or None)
+                memo=self.memo)
 
   def key(self, purpose: str) -> jax.Array:
     """The sampling key of (seed, round, purpose); rows fold in their example ids."""
@@ -280,12 +281,24 @@ def run(config: config_dict.ConfigDict, workdir, pool: pool_lib.Pool | pool_lib.
     return _run(config, workdir, pool, lock, progress=progress, stop_after=stop_after)
 
 
+def eval_cache_dir(config: config_dict.ConfigDict, workdir=None) -> str | None:
+  """Where the loop keeps its evaluations (`eval_memo.py`): `config.eval_cache`, "workdir" being
+  `<workdir>/eval_cache` (a resumed run re-scores nothing it scored); None when off ("")."""
+  setting = config.get("eval_cache") or ""
+  if setting != "workdir":
+    return setting or None
+  if workdir is None:
+    raise ConfigError('eval_cache="workdir" needs the loop\'s workdir')
+  return str(epath.Path(workdir) / "eval_cache")
+
+
 def make_loop(config: config_dict.ConfigDict, pool: pool_lib.Pool | pool_lib.Groups,
-              progress: bool) -> Loop:
+              progress: bool, workdir=None) -> Loop:
   """The task's dev and test rows drawn evenly from every task family (seeded, stable; the test
   split's bad rows kept so that the evaluation lists them as excluded), the rows strategies are
   fitted on (the dev rows, or `fit_examples` held-out dev rows), the prompter, the reward model
-  (reward tasks) and the merge base (task-vector merges)."""
+  (reward tasks), the merge base (task-vector merges) and the kept evaluations' directory."""
+  memo = eval_cache_dir(config, workdir)
   task = tasks.from_config(config.task, config)
   dev = common.balanced(task.dev, config.dev_examples, config.seed)
   validating = config.get("evaluate_on", "test") == "validation"
@@ -314,7 +327,7 @@ def make_loop(config: config_dict.ConfigDict, pool: pool_lib.Pool | pool_lib.Gro
   return Loop(config, pool, task, dev, test, prompters[0], progress,
               reward_lib.for_rows(dev + separate + test, task.spec.metric,
                                   config.get("reward_model")),
-              merge_base_params(config, pool), prompters=prompters, fit_rows=fit)
+              merge_base_params(config, pool), prompters=prompters, fit_rows=fit, memo=memo)
 
 
 def held_out_dev_rows(config: config_dict.ConfigDict, task, held: list[common.Example],
@@ -443,7 +456,7 @@ def _run(config, workdir, pool, lock, *, progress: bool, stop_after: int | None)
   progress = progress and primary
   if primary and jax.process_count() > 1:
     print(f"{jax.process_count()} processes, {jax.device_count()} devices in all")
-  loop = make_loop(config, pool, progress)
+  loop = make_loop(config, pool, progress, workdir)
   stages = stage_list(config.rounds, loop.spec.fused)
   ckpt = Checkpoints(workdir / "checkpoints", config.keep_checkpoints)
   # One process: the pool lives on the mesh for the whole loop (every program follows its params;

@@ -882,3 +882,13 @@ def test_an_eval_cache_shares_evaluations_across_runs_and_rounds(tiny_pool, tmp_
   second = evolve.run(c, tmp_path / "b", tiny_pool, progress=False)
   assert first == plain and second == plain
   assert 0 < n_first < n_plain and decodes == []
+  # eval_cache="workdir": the run's own <workdir>/eval_cache, so a fresh run decodes as much as
+  # the first cached one and keeps its records there.
+  own = evolve.run(_config(strategy="trained_router", eval_cache="workdir"), tmp_path / "w",
+                   tiny_pool, progress=False)
+  assert own == plain and len(decodes) == n_first
+  kept = lambda d: sorted(p.name for p in d.glob("*.jsonl"))
+  assert kept(tmp_path / "w" / "eval_cache") == kept(tmp_path / "cache") != []
+  with pytest.raises(evolve.ConfigError, match="workdir"):
+    evolve.eval_cache_dir(_config(eval_cache="workdir"))
+
