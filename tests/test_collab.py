@@ -294,6 +294,16 @@ def test_refine_prompts_in_the_program_hold_own_answer_then_the_others(pool, bat
         ids += list(piece) + _answer(each.tokens, each.lengths, env.stop_ids, j, b)
       ids += list(pieces[-1])
       assert prompt[-len(ids):] == ids and all(t == env.pad_id for t in prompt[:-len(ids)])
+  # The refinement decodes the rows without the template's head, prefilled once per model
+  # (`text_level.answer_all`): the same answers as decoding the whole prompts.
+  whole = [text_level.fill(env, "refine", (q_tokens, q_len),
+                           templates.order_answers("refine", text_level._answers(each, env), i))
+           for i in range(3)]
+  np.testing.assert_array_equal(jnp.stack([w[0] for w in whole]), out.extras["refine_prompts"])
+  again = pool_lib.decode_each(pool.params, jnp.stack([w[0] for w in whole]),
+                               jnp.stack([w[1] for w in whole]), jax.random.key(1),
+                               **env.decode_kw)
+  np.testing.assert_array_equal(out.extras["answers"][1], again.tokens)
 
 
 def test_blender_ranking_and_pairwise_preferences(pool, batch):

@@ -28,8 +28,10 @@ def _answers(out: decoding.DecodeOutput, env: core.Env) -> list[core.Segment]:
 
 
 def fill(env: core.Env, template: str, question: core.Segment,
-         answers: list[core.Segment]) -> tuple[jax.Array, jax.Array]:
-  """Pack a template: piece, question, piece, answer 1, piece, ..., piece -> tokens, mask."""
+         answers: list[core.Segment], *, head: bool = True) -> tuple[jax.Array, jax.Array]:
+  """Pack a template: piece, question, piece, answer 1, piece, ..., piece -> tokens, mask.
+  head=False leaves out the first piece (the chat template's head and the template's text up to
+  the question: the same in every row), for a decode that prefills it once (`answer_all`)."""
   pieces = env.template(template)
   if len(pieces) != len(answers) + 2:
     raise core.StrategyError(f"template {template!r} has {len(pieces) - 2} answer slots, "
@@ -40,6 +42,8 @@ def fill(env: core.Env, template: str, question: core.Segment,
     segments += [core.piece(piece, B), answer]
   segments.append(core.piece(pieces[-1], B))
   length = sum(len(p) for p in pieces) + sum(s[0].shape[1] for s in [question, *answers])
+  if not head:
+    segments, length = segments[1:], length - len(pieces[0])
   return core.pack(segments, length, env.pad_id)
 
 
@@ -48,14 +52,32 @@ def _decode_one(params_n, index, tokens, mask, rng, env: core.Env) -> decoding.D
                          **env.decode_kw)
 
 
-def _answer_all(params_n, tokens, mask, rng, env: core.Env) -> decoding.DecodeOutput:
-  return pool_lib.decode_each(params_n, tokens, mask, rng, sampler=env.sampler, **env.decode_kw)
+def _answer_all(params_n, tokens, mask, rng, env: core.Env, prefix_p=None) -> decoding.DecodeOutput:
+  return pool_lib.decode_each(params_n, tokens, mask, rng, sampler=env.sampler,
+                              prefix_p=prefix_p, **env.decode_kw)
+
+
+def answer_all(params_n, template: str, question: core.Segment, answers_n, rng, env: core.Env):
+  """Model i answers `template` filled with answers_n[i] (its own order of the answers). The
+  template's first piece, the same in every row and model, is prefilled once per model and its
+  cache shared by the rows (`pool.decode_each(prefix_p=)`): a refine prompt's chat head and
+  instruction are ~40% of its tokens. The rows see exactly the keys and positions of the whole
+  prompts. Returns the decode and the whole prompts (tokens, mask) [N, B, P]."""
+  rest = [fill(env, template, question, a, head=False) for a in answers_n]
+  whole = [fill(env, template, question, a) for a in answers_n]
+  first = env.template(template)[0]
+  if not first:  # Nothing shared: the whole prompts.
+    rest = whole
+  head = jnp.asarray(first, jnp.int32) if first else None
+  out = _answer_all(params_n, jnp.stack([r[0] for r in rest]), jnp.stack([r[1] for r in rest]),
+                    rng, env, prefix_p=head)
+  return out, (jnp.stack([w[0] for w in whole]), jnp.stack([w[1] for w in whole]))
 
 
 def _exchange_rounds(params_n, batch, rng, env, rounds: int, template: str):
   """All models answer; then `rounds` times each model answers again from `template` filled with
-  the previous answers in its order (`templates.order_answers`). Returns the last answers, every
-  round's, the last prompts."""
+  the previous answers in its order (`templates.order_answers`, `answer_all`). Returns the last
+  answers, every round's, the last prompts."""
   n = pool_lib.num_models(params_n)
   question = _question(batch)
   rng, key = decoding.split_keys(rng)
@@ -63,11 +85,10 @@ def _exchange_rounds(params_n, batch, rng, env, rounds: int, template: str):
   history, prompts = [out.tokens], None
   for _ in range(rounds):
     answers = _answers(out, env)
-    filled = [fill(env, template, question, templates.order_answers(template, answers, i))
-              for i in range(n)]
-    prompts = (jnp.stack([f[0] for f in filled]), jnp.stack([f[1] for f in filled]))
     rng, key = decoding.split_keys(rng)
-    out = _answer_all(params_n, *prompts, key, env)
+    out, prompts = answer_all(params_n, template, question,
+                              [templates.order_answers(template, answers, i) for i in range(n)],
+                              key, env)
     history.append(out.tokens)
   return out, jnp.stack(history), prompts
 
