@@ -398,8 +398,10 @@ def evaluate(model: pool_lib.Pool | Model, examples: Sequence[common.Example], *
                           sampler=sampler)
     env_cfg = strategy_cfg if strategy_cfg is not None else collab.get(strategy).Config()
   make = pipeline.loglik_batches if method == "loglik" else pipeline.generation_batches
-  # The singles' decode prefills the prompts' shared head (the chat template's) once per batch.
-  head = {"split_prefix": True} if method == "generate" and strategy is None else {}
+  # The singles' decode prefills the prompts' shared head (the chat template's) once per batch;
+  # so does a router's routing (`routers.query_features`).
+  head = ({"split_prefix": True} if method == "generate" and (strategy is None or own is not None)
+          else {})
   batches = make(examples, prompter, batch_size=batch_size,
                  shard=(jax.process_index(), jax.process_count()), **head)
   stop_ids = decoding.stop_ids_for(pool.config, pool.tokenizer)

@@ -464,8 +464,9 @@ def test_trained_router_head_l2_shrinks_the_weights(pool):
 
 
 def test_a_router_scored_from_the_members_answers_equals_its_own_decoding(pool, tmp_path):
-  """evaluate(members=singles): the router only routes and each row keeps its chosen member's
-  answer and score; greedy, that is exactly what it decodes itself. A non-router ignores them."""
+  """evaluate(members=singles): the router only routes (its features from the prompts split at
+  their shared head) and each row keeps its chosen member's answer and score; greedy, that is
+  exactly what it decodes itself from the whole prompts. A non-router ignores them."""
   from single_multi import evaluate
   dev_batch, _, scores = _router_data(pool, 48, 0)
   cfg = routers.TrainedRouterConfig(kind="head")
@@ -476,6 +477,9 @@ def test_a_router_scored_from_the_members_answers_equals_its_own_decoding(pool, 
                         targets=("aa",)) for i in range(10)]
   kw = dict(prompter=pipeline.Prompter(pool.tokenizer), batch_size=4, max_new_tokens=M,
             progress=False)
+  # The routing runs the prompts' shared head once (`routers.batch_features`); the router's own
+  # decoding below reads the whole prompts.
+  assert pipeline.shared_prefix([kw["prompter"].ids(e) for e in exs])
   singles = evaluate.evaluate(pool, exs, **kw)
   own = evaluate.evaluate(pool, exs, strategy="trained_router", strategy_cfg=cfg,
                           strategy_state=state, **kw)

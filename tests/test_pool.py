@@ -84,6 +84,26 @@ def test_decode_each_with_a_prefilled_head_equals_the_whole_prompt(pool, sampler
                              rtol=0)
 
 
+def test_router_features_with_a_prefilled_head_equal_the_whole_prompts(pool):
+  """`routers.query_features` with the head run once (`prefix_p`), the rows holding only the
+  rest: each row's mean hidden state over its whole prompt, as from the whole prompts (float32,
+  1e-5), through `batch_features` as a router's routing takes a split batch."""
+  from single_multi.collab import core, routers
+  ids, mask, _ = _args(4)
+  head = np.asarray(ids)[0, -5:-1].tolist()
+  rows = [head + np.asarray(ids)[b][np.asarray(mask)[b] == 1].tolist() for b in range(3)]
+  rows[1] = rows[1][:6]
+  whole, whole_mask = (jnp.asarray(x) for x in sm.left_pad(rows, 0))
+  rest, rest_mask = (jnp.asarray(x) for x in sm.left_pad([r[4:] for r in rows], 0))
+  params = pool.member(1)
+  full = routers.query_features(params, whole, whole_mask, config=pool.config)
+  q = jnp.zeros((3, 1), jnp.int32)
+  split = routers.batch_features(params, core.Batch(whole, whole_mask, q, q, jnp.asarray(head),
+                                                    rest, rest_mask), pool.config)
+  np.testing.assert_allclose(np.asarray(split), np.asarray(full), atol=1e-5, rtol=0)
+  assert not np.allclose(np.asarray(full[0]), np.asarray(full[1]), atol=1e-3)  # Rows differ.
+
+
 @pytest.mark.parametrize("index", [0, 2])
 def test_combine_take_model_i_equals_model_i_alone(pool, members, index):
   ids, mask, rng = _args(2)

@@ -48,6 +48,11 @@ class Batch:
   prompt_mask: jax.Array
   question: jax.Array
   question_mask: jax.Array
+  # Optional: the head every prompt starts with [Pp] and each prompt's rest [B, R] (left-padded;
+  # `pipeline.generation_batches(split_prefix=True)`), for work that runs the head once.
+  prefix: jax.Array | None = None
+  rest: jax.Array | None = None
+  rest_mask: jax.Array | None = None
 
 
 @flax.struct.dataclass
@@ -210,5 +215,6 @@ class DevData:
 
 def batch_from(data: dict[str, Any]) -> Batch:
   """A `Batch` from a `data.pipeline.generation_batches` element."""
+  split = {k: jnp.asarray(data[k]) for k in ("prefix", "rest", "rest_mask") if k in data}
   return Batch(jnp.asarray(data["tokens"]), jnp.asarray(data["mask"]),
-               jnp.asarray(data["question"]), jnp.asarray(data["question_mask"]))
+               jnp.asarray(data["question"]), jnp.asarray(data["question_mask"]), **split)

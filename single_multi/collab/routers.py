@@ -61,11 +61,33 @@ from single_multi.models.config import ModelConfig
 
 
 @functools.partial(jax.jit, static_argnames=("config",))
-def query_features(params, tokens_bt, mask_bt, *, config: ModelConfig) -> jax.Array:
-  """Mean final hidden state over the real prompt tokens [B, D] (float32)."""
-  hidden, _ = transformer.hidden_states(params, tokens_bt, config, mask_bt=mask_bt)
+def query_features(params, tokens_bt, mask_bt, *, config: ModelConfig, prefix_p=None) -> jax.Array:
+  """Mean final hidden state over the real prompt tokens [B, D] (float32). prefix_p: a head [Pp]
+  every prompt starts with, tokens_bt then holding only each prompt's rest: the head runs once
+  and the rows attend to its cached keys, at the whole prompts' positions (as `pool.decode_each`
+  prefills it), its hidden states counted in every row's mean."""
   m = mask_bt.astype(jnp.float32)[..., None]
-  return jnp.sum(hidden.astype(jnp.float32) * m, axis=1) / jnp.maximum(jnp.sum(m, axis=1), 1.0)
+  if prefix_p is None:
+    hidden, _ = transformer.hidden_states(params, tokens_bt, config, mask_bt=mask_bt)
+    return jnp.sum(hidden.astype(jnp.float32) * m, axis=1) / jnp.maximum(jnp.sum(m, axis=1), 1.0)
+  (B, P), Pp = tokens_bt.shape, prefix_p.shape[0]
+  cache = transformer.init_cache(config, 1, Pp + P, params["embed"].dtype)
+  head, cache = transformer.hidden_states(params, prefix_p[None], config, cache=cache)
+  rows = lambda a, axis: jnp.broadcast_to(a, (*a.shape[:axis], B, *a.shape[axis + 1:]))
+  cache = {"k": rows(cache["k"], 1), "v": rows(cache["v"], 1), "pos": rows(cache["pos"], 0),
+           "end": cache["end"]}  # k, v [L, 1, ...] and pos [1, S] -> B rows.
+  hidden, _ = transformer.hidden_states(params, tokens_bt, config, mask_bt=mask_bt, cache=cache)
+  total = jnp.sum(head.astype(jnp.float32), axis=1) + jnp.sum(hidden.astype(jnp.float32) * m,
+                                                                axis=1)
+  return total / (Pp + jnp.sum(m, axis=1))
+
+
+def batch_features(params, batch: core.Batch, config: ModelConfig) -> jax.Array:
+  """`query_features` of a batch's prompts, their shared head run once when the batch has it."""
+  if batch.prefix is not None:
+    return query_features(params, batch.rest, batch.rest_mask, config=config,
+                          prefix_p=batch.prefix)
+  return query_features(params, batch.prompt, batch.prompt_mask, config=config)
 
 
 def _dev_features(pool, dev: core.DevData, router: int, chunk: int = 32) -> np.ndarray:
@@ -296,8 +318,7 @@ def trained_router_route(params_n, batch: core.Batch, rng, *, cfg: TrainedRouter
   if cfg.kind == "lm":
     choice, reply = lm_router_choice(params_n, batch, rng, cfg, env, state)
     return choice, {"router_reply": reply}
-  feats = query_features(core.member(params_n, cfg.router), batch.prompt, batch.prompt_mask,
-                         config=env.config)
+  feats = batch_features(core.member(params_n, cfg.router), batch, env.config)
   return route_choice("trained_router", state, cfg, feats), {}
 
 
@@ -621,8 +642,7 @@ def graph_router_route(params_n, batch: core.Batch, rng, *, cfg: GraphRouterConf
                        env: core.Env, state=None):
   """The member each query goes to [B]: the highest predicted edge score."""
   del rng
-  feats = query_features(core.member(params_n, cfg.router), batch.prompt, batch.prompt_mask,
-                         config=env.config)
+  feats = batch_features(core.member(params_n, cfg.router), batch, env.config)
   return route_choice("graph_router", state, cfg, feats), {}
 
 
