@@ -134,6 +134,7 @@ def get_config() -> config_dict.ConfigDict:
   c.distill.accumulation = 1
   c.distill.epochs = 3.0
   c.distill.correctness_filter = True  # Off in the reference (see above).
+  c.distill.replay = 0  # Rows of each member's own specialist data added to its rows (0: none).
   c.distill.max_norm_growth = 10.0  # Divergence guard: a weight norm x this since a stage's start.
   c.mesh = config_dict.ConfigDict({"data": -1})
   c.keep_checkpoints = 2

@@ -191,7 +191,7 @@ def programs(config, arch, n: int, mesh, tokenizer=None) -> list[Program]:
                      dict(name=config.strategy, cfg=scfg, env=env), c_note))
   # One distillation step: per_step rows of prompt + output (+ the eos the rows end with).
   per_step = dcfg.batch_size * dcfg.optim.accumulation
-  per_model = method.per_model
+  per_model = rows.per_model(dcfg)
   lead = (n,) if per_model else ()
   T = P + M
   data = {k: rows_struct(mesh, lead + (per_step, T), pool=per_model)

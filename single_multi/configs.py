@@ -119,6 +119,10 @@ FIELDS: dict[str, str] = {
                                   "A round in which none is correct distils nothing: the members "
                                   "keep their params, with a warning and `distill.skipped` in "
                                   "the round's record.",
+    "distill.replay": "Each member also trains on the first this many rows its specialist was "
+                      "fine-tuned on (gold answers; `pools.replay_rows`), to keep its own "
+                      "family; not in the reference. Needs `specialists`, a stacked pool, staged "
+                      "rounds and supervised_kd. 0: off.",
     "distill.max_norm_growth": "Divergence guard: a member whose weight norm exceeds this factor "
                                "of its norm at a stage's start stops the run, checked "
                                "every step (the fused round: at its end), the last good "

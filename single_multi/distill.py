@@ -48,6 +48,9 @@ class DistillConfig:
   batch_size: int = 1  # Micro-batch rows; x optim.accumulation per optimizer step.
   epochs: float = 1.0
   correctness_filter: bool = False
+  # Rows of each member's own specialist data added to its rows (`pools.replay_rows`; 0: none,
+  # as the reference).
+  replay: int = 0
   seed: int = 0
   # Divergence guard: a member whose weight norm grows beyond this factor of its norm at the
   # stage's start (checked every step) stops the run (`check_step`).
@@ -56,6 +59,8 @@ class DistillConfig:
   def __post_init__(self):
     if self.method not in METHODS:
       raise ValueError(f"unknown distillation method {self.method!r}; choose one of {METHODS}")
+    if self.replay < 0:
+      raise ValueError(f"replay={self.replay!r}: give a number of rows >= 0")
     if not self.max_norm_growth > 1.0:
       raise ValueError(f"max_norm_growth={self.max_norm_growth!r}: give a factor > 1")
 

@@ -52,7 +52,7 @@ from absl import logging
 from etils import epath
 from ml_collections import config_dict
 
-from single_multi import collab, distill, evaluate, fused, hetero_loop, multihost, pools
+from single_multi import collab, decoding, distill, evaluate, fused, hetero_loop, multihost, pools
 from single_multi import pool as pool_lib
 from single_multi import reward as reward_lib
 from single_multi import rows as rows_lib, sharding
@@ -422,6 +422,9 @@ def collaborate_stage(d: Driver, st: State, r: int) -> State:
   state = loop.fit(pool, loop.fit_scores(pool, dev_singles))
   arrays = rows_lib.or_skip(lambda: rows_lib.method(loop.spec.dcfg.method).host(
       rows_lib.HostInputs(loop, pool, state, dev_singles, scores, d.workdir / f"round_{r}")), r)
+  if arrays and loop.spec.dcfg.replay:  # [N, R + k, T]: each member's own specialist rows added.
+    eos = decoding.stop_ids_for(pool.config, pool.tokenizer)[0]
+    arrays = pools.replay_rows(loop.config, pool.tokenizer, eos, arrays, loop.spec.dcfg.replay)
   return dataclasses.replace(st, arrays=arrays)
 
 
@@ -431,7 +434,7 @@ def distill_stage(d: Driver, st: State, r: int) -> State:
   if not st.arrays:  # collaborate_stage found no training rows: nothing changes this round.
     return State(pool, {}, st.history, {**st.distill_stats, str(r): rows_lib.SKIPPED})
   params, losses = distill.train_pool(pool.params, st.arrays, pool.config, dcfg,
-                                      per_model_batch=rows_lib.method(dcfg.method).per_model,
+                                      per_model_batch=rows_lib.per_model(dcfg),
                                       progress=d.progress, mesh=d.mesh)
   return State(dataclasses.replace(pool, params=params), {}, st.history,
                {**st.distill_stats, str(r): distill.loss_stats(losses, dcfg)})

@@ -92,14 +92,44 @@ def specialist_rows(config, task_name: str) -> list:
   return rows
 
 
+def specialist_prompter(config, tokenizer, task_name: str) -> pipeline.Prompter:
+  """The prompter a specialist is fine-tuned with (its family's prompt style, no shots)."""
+  task = tasks.from_config(task_name, config)
+  return pipeline.Prompter(tokenizer, pipeline.PromptConfig(k_shot=0, style=task.spec.prompt))
+
+
+def replay_rows(config, tokenizer, eos_id: int, rows: dict[str, np.ndarray],
+                k: int) -> dict[str, np.ndarray]:
+  """`distill.replay`: each member's training rows [N, R + k, T], the round's rows [R, T'] (the
+  same for every member), then the first k rows its specialist was fine-tuned on
+  (`specialist_rows`: the same prompts, the gold answer, eos), so that a member keeps its own
+  family while it learns the others'. Member i is the specialist of `config.specialists[i]`
+  (`build`). Not in the reference, which trains on the collaboration's outputs only."""
+  own = []
+  for name in config.specialists:
+    examples = specialist_rows(config, name)[:k]
+    if len(examples) < k:
+      raise common.DataError(f"distill.replay={k}: specialist {name} has {len(examples)} rows")
+    t, m, lm = pipeline.sft_rows(specialist_prompter(config, tokenizer, name), examples,
+                                 [pipeline.gold_answer(e) for e in examples], eos_id)
+    own.append({"tokens": t, "mask": m, "loss_mask": lm})
+  width = max(x["tokens"].shape[-1] for x in [rows, *own])
+  pad_id = pipeline.pad_id_of(tokenizer)
+
+  def left(x, key):  # Left-pad the sequence axis to the common width.
+    return np.pad(np.asarray(x), ((0, 0), (width - x.shape[-1], 0)),
+                  constant_values=pad_id if key == "tokens" else 0)
+
+  return {key: np.stack([np.concatenate([left(rows[key], key), left(o[key], key)]) for o in own])
+          for key in ("tokens", "mask", "loss_mask")}
+
+
 def specialist(base: loading.Model, task_name: str, directory: pathlib.Path, config) -> Any:
   """The base fine-tuned (LoRA, merged) on `specialist_rows`; cached in `directory`."""
 
   def rows():
-    task = tasks.from_config(task_name, config)
     return (specialist_rows(config, task_name),
-            pipeline.Prompter(base.tokenizer, pipeline.PromptConfig(k_shot=0,
-                                                                    style=task.spec.prompt)))
+            specialist_prompter(config, base.tokenizer, task_name))
 
   return finetuned(base, rows, directory, steps=config.specialist_steps,
                    optim=train_lib.OptimConfig(learning_rate=config.specialist_learning_rate),

@@ -299,6 +299,12 @@ METHODS: dict[str, Method] = {
 }
 
 
+def per_model(dcfg: distill.DistillConfig) -> bool:
+  """Whether a round's training arrays are [N, R, ...], each member's own rows: the method's
+  (`Method.per_model`), or each member's specialist rows replayed (`pools.replay_rows`)."""
+  return method(dcfg.method).per_model or dcfg.replay > 0
+
+
 def method(name: str) -> Method:
   if name not in METHODS:
     raise ValueError(f"unknown distillation method {name!r}; choose one of {list(METHODS)}")

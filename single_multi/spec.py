@@ -54,7 +54,8 @@ def distill_config(config: config_dict.ConfigDict) -> distill.DistillConfig:
                                 clip_norm=d.clip_norm, weight_decay=d.weight_decay)
   return distill.DistillConfig(method=d.method, lora=lora, optim=optim, batch_size=d.batch_size,
                                epochs=d.epochs, correctness_filter=d.correctness_filter,
-                               seed=config.seed, max_norm_growth=d.max_norm_growth)
+                               seed=config.seed, max_norm_growth=d.max_norm_growth,
+                               replay=d.get("replay", 0))
 
 
 def sampler_of(config) -> Any:
@@ -199,6 +200,11 @@ def _validate(config: config_dict.ConfigDict) -> None:
     raise ConfigError(f"fused_round: {config.strategy} votes on answers extracted from text on "
                       "the host (the reference's rule), which one program cannot; set "
                       "fused_round=False")
+  if run_spec.dcfg.replay and (not config.specialists or kind != "stacked" or run_spec.fused
+                               or config.distill.method != "supervised_kd"):
+    raise ConfigError(f"distill.replay={run_spec.dcfg.replay}: replaying each member's specialist "
+                      "rows needs a stacked pool built from `specialists`, staged rounds and "
+                      "distill.method='supervised_kd'; set distill.replay=0")
   if method.needs_combine and spec.combine is None:
     raise ConfigError(f"on_policy_kd scores the students' samples with the collaboration token "
                       f"by token; {config.strategy} cannot score given tokens: use one of "

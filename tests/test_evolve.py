@@ -16,9 +16,9 @@ import pytest
 from configs_loader import (check_round_without_training_rows, dry_run_stdout,
                            killed_and_resumed, load_config)
 
-from single_multi import evolve, fused, pool as pool_lib, report, rows, spec
+from single_multi import decoding, distill, evolve, fused, pool as pool_lib, report, rows, spec
 from single_multi import workdir as wd
-from single_multi.data import tasks
+from single_multi.data import pipeline, tasks
 
 from test_evaluate import _model
 
@@ -892,3 +892,44 @@ def test_an_eval_cache_shares_evaluations_across_runs_and_rounds(tiny_pool, tmp_
   with pytest.raises(evolve.ConfigError, match="workdir"):
     evolve.eval_cache_dir(_config(eval_cache="workdir"))
 
+
+def test_replay_adds_each_members_own_specialist_rows_to_its_distillation(tiny_pool, tmp_path,
+                                                                         monkeypatch):
+  """distill.replay=k: member i trains on the round's rows (the same for every member) and then
+  the first k rows its specialist was fine-tuned on, as that fine-tune saw them (its prompt, the
+  gold answer, eos; the loss on the answer and eos); the config check refuses replay where there
+  are no specialists' rows to replay or the method builds its own per-member rows."""
+  from single_multi import pools
+  families = ("arithmetic/1_digit_addition", "navigate", "general_knowledge")
+  c = _config(pool=("tiny:0",), specialists=tuple(f"bigbench:{f}" for f in families),
+              **{"distill.replay": 2})
+  seen = {}
+  real = distill.train_pool
+
+  def spy(params, data, *a, per_model_batch=False, **k):
+    seen.update(data=data, per_model=per_model_batch)
+    return real(params, data, *a, per_model_batch=per_model_batch, **k)
+
+  monkeypatch.setattr(distill, "train_pool", spy)
+  evolve.run(c, tmp_path, tiny_pool, progress=False)
+  data = {k: np.asarray(v) for k, v in seen["data"].items()}
+  R = c.dev_examples  # No correctness filter: every dev row.
+  assert seen["per_model"] and data["tokens"].shape[:2] == (3, R + 2)
+  for i, name in enumerate(c.specialists):
+    # The round's rows: the same for every member.
+    for key in data:
+      np.testing.assert_array_equal(data[key][i, :-2], data[key][0, :-2])
+    prompter = pools.specialist_prompter(c, tiny_pool.tokenizer, name)
+    eos = decoding.stop_ids_for(tiny_pool.config, tiny_pool.tokenizer)[0]
+    for j, ex in enumerate(pools.specialist_rows(c, name)[:2]):
+      tokens, mask, loss = (data[k][i, R + j] for k in ("tokens", "mask", "loss_mask"))
+      answer = tiny_pool.tokenizer(pipeline.gold_answer(ex), add_special_tokens=False)[
+          "input_ids"] + [eos]
+      assert tokens[mask > 0].tolist() == prompter.ids(ex) + answer
+      assert tokens[loss > 0].tolist() == answer and (loss <= mask).all()
+  for overrides in ({"specialists": (), "pool": ("tiny:0", "tiny:1", "tiny:2")},
+                    {"distill.method": "multi_student_kd"},
+                    {"fused_round": True, "distill.correctness_filter": False}):
+    with pytest.raises(evolve.ConfigError, match="distill.replay=2"):
+      spec.validate(_config(**{"pool": ("tiny:0",), "specialists": c.specialists,
+                               "distill.replay": 2, **overrides}))
