@@ -304,6 +304,10 @@ def test_refine_prompts_in_the_program_hold_own_answer_then_the_others(pool, bat
                                jnp.stack([w[1] for w in whole]), jax.random.key(1),
                                **env.decode_kw)
   np.testing.assert_array_equal(out.extras["answers"][1], again.tokens)
+  whole_env = dataclasses.replace(env, prefill_heads=False)  # What benchmarks/shared_head.py times.
+  unsplit = collab.run(pool, "multiagent_refine", batch, env=whole_env,
+                       cfg=collab.get("multiagent_refine").Config(rounds=1))
+  np.testing.assert_array_equal(unsplit.extras["answers"], out.extras["answers"])
 
 
 def test_blender_ranking_and_pairwise_preferences(pool, batch):

@@ -82,6 +82,9 @@ class Env:
   templates: tuple[tuple[str, tuple[tuple[int, ...], ...]], ...] = ()
   names: tuple[str, ...] = ()  # The pool members' names.
   return_rows: bool = False  # Logit/token-level strategies: also return the teacher rows.
+  # Text-level exchange rounds prefill their template's first piece once per model and share its
+  # cache across the rows (`text_level.answer_all`); False: decode the whole prompts.
+  prefill_heads: bool = True
 
   def template(self, name: str) -> tuple[tuple[int, ...], ...]:
     for key, pieces in self.templates:

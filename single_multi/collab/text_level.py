@@ -52,7 +52,8 @@ def _decode_one(params_n, index, tokens, mask, rng, env: core.Env) -> decoding.D
                          **env.decode_kw)
 
 
-def _answer_all(params_n, tokens, mask, rng, env: core.Env, prefix_p=None) -> decoding.DecodeOutput:
+def _answer_all(params_n, tokens, mask, rng, env: core.Env,
+                prefix_p=None) -> decoding.DecodeOutput:
   return pool_lib.decode_each(params_n, tokens, mask, rng, sampler=env.sampler,
                               prefix_p=prefix_p, **env.decode_kw)
 
@@ -66,8 +67,8 @@ def answer_all(params_n, template: str, question: core.Segment, answers_n, rng, 
   rest = [fill(env, template, question, a, head=False) for a in answers_n]
   whole = [fill(env, template, question, a) for a in answers_n]
   first = env.template(template)[0]
-  if not first:  # Nothing shared: the whole prompts.
-    rest = whole
+  if not first or not env.prefill_heads:  # The whole prompts.
+    rest, first = whole, ()
   head = jnp.asarray(first, jnp.int32) if first else None
   out = _answer_all(params_n, jnp.stack([r[0] for r in rest]), jnp.stack([r[1] for r in rest]),
                     rng, env, prefix_p=head)
