@@ -933,3 +933,30 @@ def test_replay_adds_each_members_own_specialist_rows_to_its_distillation(tiny_p
     with pytest.raises(evolve.ConfigError, match="distill.replay=2"):
       spec.validate(_config(**{"pool": ("tiny:0",), "specialists": c.specialists,
                                "distill.replay": 2, **overrides}))
+
+
+def test_fingerprints_are_the_bits_checksums_and_copy_nothing():
+  """workdir.fingerprints: per leaf the sum and the position-weighted sum (1-based) of its bits
+  modulo 2^32, as a numpy replica computes them (float32, bfloat16, bool, int64 leaves); the
+  program keeps no copy of the tree (XLA:CPU's temporaries: bytes, not the leaves' size)."""
+  rng = np.random.default_rng(0)
+  tree = {"f": rng.normal(size=(3, 70, 50)).astype(np.float32),
+          "h": jax.numpy.asarray(rng.normal(size=(9, 7)), jax.numpy.bfloat16),
+          "b": rng.random(33) < 0.5, "i": rng.integers(-2**40, 2**40, size=(5,), dtype=np.int64)}
+
+  def replica(x):
+    x = np.asarray(x)
+    if x.dtype == np.bool_:
+      bits = x.astype(np.uint64).reshape(-1)
+    else:
+      view = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint32}[x.dtype.itemsize]
+      bits = x.view(view).astype(np.uint64).reshape(-1)
+    index = np.arange(1, bits.size + 1, dtype=np.uint64)
+    return [int(bits.sum() % 2**32), int((bits * index % 2**32).sum() % 2**32)]
+
+  with jax.enable_x64(True):
+    got = wd.fingerprints(tree)
+    assert got == {f"['{k}']": replica(v) for k, v in tree.items()}
+  big = {"a": jax.numpy.ones((64, 1024, 256)), "b": jax.numpy.ones((16, 1024, 256))}  # 80 MiB.
+  temp = wd._fingerprints.lower(big).compile().memory_analysis().temp_size_in_bytes
+  assert temp < 2**20, temp
