@@ -59,7 +59,17 @@ Everything was chosen on dev rows only; no test score was looked at before a cho
      2e-3  -0.067 / -0.080 [-0.130, -0.030] (the best member per row: 0.613 at round 1)
      1e-3  -0.047 / -0.027 [-0.070, +0.020]
      7e-4  -0.003 / +0.010 [-0.030, +0.050] (router 0.640 -> 0.650; best member per row 0.667)
-   The rule of 2. still picks 7e-4.
+   The rule of 2. still picks 7e-4. The first run of this setting itself (validation rows, the
+   code of 2026-12-07): single mean +0.148 [+0.117, +0.181], collaboration 0.640 -> 0.647,
+   +0.007 [-0.037, +0.050].
+4. `distill.replay` (each member also trains on 30 of its own specialist rows), tried after 3.
+   and not adopted. Rule, fixed before either run finished: adopt it if its single mean meets the
+   8-point target and its final collaboration beats the run without it (paired, same rows). On
+   the validation rows with the same round 0: single mean +0.200 [+0.166, +0.237] (without:
+   +0.148); members on their own family 0.83 / 0.67 / 0.46 (without: 0.80 / 0.60 / 0.55);
+   collaboration 0.640 -> 0.597, -0.043 [-0.090, +0.003] (without: 0.647): the round-1 router
+   sent sort rows to members that had learnt some sorting (sort 0.34 against its member's 0.46).
+   It also trains 35 steps instead of 23 (243 s against 166 s).
 Also tried with bare inputs, not
    adopted: 6 distillation epochs (-0.153 [-0.210, -0.100], past 15 minutes); dare_ties as the
    collaboration (round-0 merge 0.053); key_value for sort_numbers (specialist 0.39, chance near
