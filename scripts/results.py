@@ -25,11 +25,11 @@ end is above 0. Per task family: each run's single mean and collaboration at rou
 end, next to the family's chance level and majority-class rate.
 
 --quick: supervised_kd only, at most 24 test and 20 dev (and fit) rows per family, 1 round
-(measured: 31.9 minutes for the four default strategies on the embedded default, on 2 cores,
-the compilation cache warm from earlier runs of the default: multiagent_refine 14.5,
-trained_router 10.0 with the specialists, logit_fusion 3.9, dare_ties 3.5; 27.4 before the
-families' inputs carried instructions, 38.9 on the earlier BIG-bench default; not remeasured
-since the router head's L2 penalty and the singles' shared-head prefill);
+(measured: 23.8 minutes for the four default strategies on the embedded default, on 2 cores,
+the compilation cache warm from earlier runs of the default: multiagent_refine 10.2,
+trained_router 7.8 with the specialists, logit_fusion 3.1, dare_ties 2.7; 31.9 before the
+singles, the routing and the text-level rounds prefilled the prompts' shared head and the
+router head got its L2 penalty, 38.9 on the earlier BIG-bench default);
 the full run's time is printed and written.
 Where each run's time went (`timings.jsonl`: singles, collaboration, fit, base, the rest) is
 tabled on the page.
