@@ -232,6 +232,7 @@ class Checkpoints:
     # came at a stage start while the previous stage's 1.5 GiB save was being written), so there a
     # save is finished before the loop goes on; on accelerators it overlaps the next stage.
     self.wait = jax.default_backend() == "cpu"
+    self.failed = False  # A write failed (its CheckpointError raised): `close` raises no more.
 
   def latest(self) -> int | None:
     return self.manager.latest_step()
@@ -243,20 +244,32 @@ class Checkpoints:
       params = multihost.replicate(params, self.mesh)
     meta = dict(meta, fingerprints={"params": fingerprints(params),
                                     "arrays": fingerprints(arrays)})
+    if not self.wait and self.manager.is_saving_in_progress():  # The last write's error first.
+      self._wait(self.manager.latest_step())
     try:
       self.manager.save(index, args=ocp.args.Composite(
           params=ocp.args.StandardSave(params), arrays=ocp.args.StandardSave(arrays),
           meta=ocp.args.JsonSave(meta)))
-      if self.wait:
-        self.manager.wait_until_finished()
     except OSError as e:  # Disk full, permissions, a vanished bucket: the step is not committed.
       raise self._write_error(index, e) from e
+    if self.wait:
+      self._wait(index)
 
-  def _write_error(self, index, e: OSError) -> CheckpointError:
+  def _wait(self, index):
+    """Waits for the background write; its failure is the loop's one CheckpointError. Orbax
+    re-raises the writer thread's error as is: an OSError, or tensorstore's ValueError
+    ("RESOURCE_EXHAUSTED ... No space left on device" on a full disk)."""
+    try:
+      self.manager.wait_until_finished()
+    except Exception as e:
+      self.failed = True
+      raise self._write_error(index, e) from e
+
+  def _write_error(self, index, e: Exception) -> CheckpointError:
     return CheckpointError(
-        f"cannot write checkpoint {index} in {self.manager.directory}: {e}. Nothing of that "
-        "stage was committed; free space (or fix the path) and rerun the same command: it "
-        "resumes after the last finished stage.")
+        f"cannot write checkpoint {index} in {self.manager.directory}: {type(e).__name__}: "
+        f"{str(e)[:300]}. Nothing of that stage was committed; free space (or fix the path) and "
+        "rerun the same command: it resumes after the last finished stage.")
 
   def restore(self, index: int, abstract_params):
     ocp = self._ocp
@@ -289,9 +302,16 @@ class Checkpoints:
     return multihost.local(out["params"]), arrays, out["meta"]
 
   def close(self):
-    try:  # An asynchronous write's error surfaces here (or at the next save).
-      self.manager.wait_until_finished()
-    except OSError as e:
-      raise self._write_error(self.manager.latest_step(), e) from e
+    """Waits for the last write (an asynchronous write's error surfaces here, or at the next
+    save) and closes the manager. After a write already failed (`failed`), nothing raises again:
+    the loop's first CheckpointError is the one the user sees."""
+    try:
+      if not self.failed:
+        self._wait(self.manager.latest_step())
     finally:
-      self.manager.close()
+      try:
+        self.manager.close()
+      except Exception:
+        if not self.failed:
+          raise
+        logging.warning("closing the checkpoint manager after a failed write", exc_info=True)

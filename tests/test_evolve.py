@@ -350,6 +350,30 @@ def test_disk_full_at_save_is_one_clear_error_and_resumes(tiny_pool, tmp_path, m
   assert [m["round"] for m in history] == [0, 1]
 
 
+def test_a_failed_background_write_is_one_clear_error_and_resumes(tiny_pool, tmp_path,
+                                                                   monkeypatch):
+  """The writer thread's error (tensorstore raises a ValueError, e.g. RESOURCE_EXHAUSTED on a
+  full disk) surfaces from Orbax's wait, there and again when the manager closes: the run stops
+  with one CheckpointError naming the step and the way out, not the raw error nor a second one
+  raised over it while closing; the same command then resumes and finishes."""
+  import orbax.checkpoint as ocp
+  real = ocp.CheckpointManager.wait_until_finished
+
+  def failing(self):
+    real(self)
+    if self.latest_step() == 1:
+      raise ValueError("RESOURCE_EXHAUSTED: Error writing local file: No space left on device")
+
+  monkeypatch.setattr(ocp.CheckpointManager, "wait_until_finished", failing)
+  c = _config()
+  with pytest.raises(wd.CheckpointError, match=r"cannot write checkpoint 1 .*ValueError: "
+                                               r"RESOURCE_EXHAUSTED.*rerun the same command"):
+    evolve.run(c, tmp_path, tiny_pool, progress=False)
+  monkeypatch.setattr(ocp.CheckpointManager, "wait_until_finished", real)
+  history = evolve.run(c, tmp_path, tiny_pool, progress=False)
+  assert [m["round"] for m in history] == [0, 1]
+
+
 def test_on_cpu_a_save_is_written_before_the_loop_goes_on(tmp_path):
   """On CPU an asynchronous save's host copy of the params would share memory with the next
   stage: `Checkpoints.save` returns only once the step is committed."""
