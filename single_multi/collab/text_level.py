@@ -62,7 +62,7 @@ def answer_all(params_n, template: str, question: core.Segment, answers_n, rng, 
   """Model i answers `template` filled with answers_n[i] (its own order of the answers). The
   template's first piece, the same in every row and model, is prefilled once per model and its
   cache shared by the rows (`pool.decode_each(prefix_p=)`): a refine prompt's chat head and
-  instruction are ~40% of its tokens. The rows see exactly the keys and positions of the whole
+  instruction are 64 tokens with SmolLM2's template (1.35x, benchmarks/shared_head.py). The rows see exactly the keys and positions of the whole
   prompts. Returns the decode and the whole prompts (tokens, mask) [N, B, P]."""
   rest = [fill(env, template, question, a, head=False) for a in answers_n]
   whole = [fill(env, template, question, a) for a in answers_n]
