@@ -327,49 +327,36 @@ def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_good_checkpoint(ti
   ckpt.close()
 
 
-def test_disk_full_at_save_is_one_clear_error_and_resumes(tiny_pool, tmp_path, monkeypatch):
-  """Orbax's write of the second stage fails with ENOSPC: one CheckpointError saying nothing of
-  that stage was committed; the same command then resumes after the first stage."""
+@pytest.mark.parametrize("where", ["save", "wait_until_finished"])
+def test_a_failed_checkpoint_write_is_one_clear_error_and_resumes(tiny_pool, tmp_path,
+                                                                   monkeypatch, where):
+  """Orbax's write of the second stage fails, at its start with ENOSPC (an OSError), or in the
+  writer thread: tensorstore's ValueError (RESOURCE_EXHAUSTED on a full disk), re-raised from
+  Orbax's wait there and again when the manager closes. The run stops with one CheckpointError
+  naming the step and the way out (not the raw error, nor a second one raised over it while
+  closing); the same command then resumes and finishes."""
   import errno
 
   import orbax.checkpoint as ocp
-  real = ocp.CheckpointManager.save
+  real = getattr(ocp.CheckpointManager, where)
 
   def full(self, step, *args, **kwargs):
     if step == 1:
       raise OSError(errno.ENOSPC, "No space left on device")
     return real(self, step, *args, **kwargs)
 
-  monkeypatch.setattr(ocp.CheckpointManager, "save", full)
-  c = _config()
-  with pytest.raises(wd.CheckpointError, match=r"cannot write checkpoint 1 .*No space left "
-                                               r"on device.*rerun the same command"):
-    evolve.run(c, tmp_path, tiny_pool, progress=False)
-  monkeypatch.setattr(ocp.CheckpointManager, "save", real)
-  history = evolve.run(c, tmp_path, tiny_pool, progress=False)
-  assert [m["round"] for m in history] == [0, 1]
-
-
-def test_a_failed_background_write_is_one_clear_error_and_resumes(tiny_pool, tmp_path,
-                                                                   monkeypatch):
-  """The writer thread's error (tensorstore raises a ValueError, e.g. RESOURCE_EXHAUSTED on a
-  full disk) surfaces from Orbax's wait, there and again when the manager closes: the run stops
-  with one CheckpointError naming the step and the way out, not the raw error nor a second one
-  raised over it while closing; the same command then resumes and finishes."""
-  import orbax.checkpoint as ocp
-  real = ocp.CheckpointManager.wait_until_finished
-
-  def failing(self):
+  def writer_failed(self):
     real(self)
     if self.latest_step() == 1:
       raise ValueError("RESOURCE_EXHAUSTED: Error writing local file: No space left on device")
 
-  monkeypatch.setattr(ocp.CheckpointManager, "wait_until_finished", failing)
+  monkeypatch.setattr(ocp.CheckpointManager, where, full if where == "save" else writer_failed)
   c = _config()
-  with pytest.raises(wd.CheckpointError, match=r"cannot write checkpoint 1 .*ValueError: "
-                                               r"RESOURCE_EXHAUSTED.*rerun the same command"):
+  error = "" if where == "save" else "ValueError: RESOURCE_EXHAUSTED.*"
+  with pytest.raises(wd.CheckpointError, match=rf"cannot write checkpoint 1 .*{error}No space "
+                                               r"left on device.*rerun the same command"):
     evolve.run(c, tmp_path, tiny_pool, progress=False)
-  monkeypatch.setattr(ocp.CheckpointManager, "wait_until_finished", real)
+  monkeypatch.setattr(ocp.CheckpointManager, where, real)
   history = evolve.run(c, tmp_path, tiny_pool, progress=False)
   assert [m["round"] for m in history] == [0, 1]
 
