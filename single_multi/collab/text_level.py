@@ -61,15 +61,17 @@ def _answer_all(params_n, tokens, mask, rng, env: core.Env,
 def answer_all(params_n, template: str, question: core.Segment, answers_n, rng, env: core.Env):
   """Model i answers `template` filled with answers_n[i] (its own order of the answers). The
   template's first piece, the same in every row and model, is prefilled once per model and its
-  cache shared by the rows (`pool.decode_each(prefix_p=)`): a refine prompt's chat head and
-  instruction are 64 tokens with SmolLM2's template (1.35x, benchmarks/shared_head.py). The rows see exactly the keys and positions of the whole
-  prompts. Returns the decode and the whole prompts (tokens, mask) [N, B, P]."""
-  rest = [fill(env, template, question, a, head=False) for a in answers_n]
+  cache shared by the rows (`pool.decode_each(prefix_p=)`; a refine prompt's chat head and
+  instruction are 64 tokens with SmolLM2's template: 1.35x, benchmarks/shared_head.py). The rows
+  see exactly the keys and positions of the whole prompts. Returns the decode and the whole
+  prompts (tokens, mask) [N, B, P]."""
   whole = [fill(env, template, question, a) for a in answers_n]
   first = env.template(template)[0]
-  if not first or not env.prefill_heads:  # The whole prompts.
-    rest, first = whole, ()
-  head = jnp.asarray(first, jnp.int32) if first else None
+  if first and env.prefill_heads:
+    rest = [fill(env, template, question, a, head=False) for a in answers_n]
+    head = jnp.asarray(first, jnp.int32)
+  else:  # Nothing shared, or switched off: the whole prompts.
+    rest, head = whole, None
   out = _answer_all(params_n, jnp.stack([r[0] for r in rest]), jnp.stack([r[1] for r in rest]),
                     rng, env, prefix_p=head)
   return out, (jnp.stack([w[0] for w in whole]), jnp.stack([w[1] for w in whole]))
