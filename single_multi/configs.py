@@ -42,7 +42,7 @@ FIELDS: dict[str, str] = {
                   "kept one is read, not decoded (a sweep's runs share round 0; round 1 reuses "
                   "round 0's answers on the fit rows); staged rounds only (a fused round "
                   "decodes inside its program); `workdir`: `<workdir>/eval_cache` (a resumed run "
-                  "re-scores nothing); empty: off.",
+                  "re-scores nothing; a Loop made without a workdir keeps nothing); empty: off.",
     "batch_size": "Examples per decoding / scoring batch.",
     "max_new_tokens": "Tokens generated per answer at most.",
     "temperature": "Sampling temperature; 0 is greedy decoding.",

@@ -283,13 +283,12 @@ def run(config: config_dict.ConfigDict, workdir, pool: pool_lib.Pool | pool_lib.
 
 def eval_cache_dir(config: config_dict.ConfigDict, workdir=None) -> str | None:
   """Where the loop keeps its evaluations (`eval_memo.py`): `config.eval_cache`, "workdir" being
-  `<workdir>/eval_cache` (a resumed run re-scores nothing it scored); None when off ("")."""
+  `<workdir>/eval_cache` (a resumed run re-scores nothing it scored); None when off ("") or when
+  "workdir" has no workdir (a Loop made outside `run`, e.g. by a test, keeps nothing)."""
   setting = config.get("eval_cache") or ""
   if setting != "workdir":
     return setting or None
-  if workdir is None:
-    raise ConfigError('eval_cache="workdir" needs the loop\'s workdir')
-  return str(epath.Path(workdir) / "eval_cache")
+  return None if workdir is None else str(epath.Path(workdir) / "eval_cache")
 
 
 def make_loop(config: config_dict.ConfigDict, pool: pool_lib.Pool | pool_lib.Groups,

@@ -882,8 +882,8 @@ def test_an_eval_cache_shares_evaluations_across_runs_and_rounds(tiny_pool, tmp_
   real = pool_lib.decode_each
   monkeypatch.setattr(pool_lib, "decode_each",
                       lambda *a, **k: decodes.append(1) or real(*a, **k))
-  plain = evolve.run(_config(strategy="trained_router"), tmp_path / "plain", tiny_pool,
-                     progress=False)
+  plain = evolve.run(_config(strategy="trained_router", eval_cache=""), tmp_path / "plain",
+                     tiny_pool, progress=False)
   n_plain = len(decodes)
   decodes.clear()
   c = _config(strategy="trained_router", eval_cache=str(tmp_path / "cache"))
@@ -900,8 +900,9 @@ def test_an_eval_cache_shares_evaluations_across_runs_and_rounds(tiny_pool, tmp_
   assert own == plain and len(decodes) == n_first
   kept = lambda d: sorted(p.name for p in d.glob("*.jsonl"))
   assert kept(tmp_path / "w" / "eval_cache") == kept(tmp_path / "cache") != []
-  with pytest.raises(evolve.ConfigError, match="workdir"):
-    evolve.eval_cache_dir(_config(eval_cache="workdir"))
+  # A loop made outside `run` (no workdir) keeps nothing.
+  assert evolve.eval_cache_dir(_config(eval_cache="workdir")) is None
+  assert evolve.make_loop(_config(eval_cache="workdir"), tiny_pool, progress=False).memo is None
 
 
 def test_replay_adds_each_members_own_specialist_rows_to_its_distillation(tiny_pool, tmp_path,
