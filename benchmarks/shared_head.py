@@ -29,16 +29,6 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import numpy as np  # noqa: E402
 
 
-def flat(answers) -> list:
-  """The singles' records, or every batch row's answer tokens."""
-  return answers if not answers or isinstance(answers[0], tuple) else [
-      row for batch in answers for row in batch]
-
-
-def differing(a, b) -> int:
-  return sum(x != y for x, y in zip(flat(a), flat(b), strict=True))
-
-
 def main():
   parser = argparse.ArgumentParser()
   parser.add_argument("--rounds", type=int, default=2)
@@ -66,9 +56,10 @@ def main():
                                                                          batch_size=16)]
 
   def once(case):
-    if args.strategy:  # Every row's final answer (filler rows included: the same in both).
-      return [np.asarray(collab.run(pool, args.strategy, b, env=envs[case]).tokens).tolist()
-              for b in batches]
+    if args.strategy:  # Every batch row's final answer (filler rows too: the same in both).
+      return [row for b in batches
+              for row in np.asarray(collab.run(pool, args.strategy, b, env=envs[case]).tokens)
+              .tolist()]
     result = evaluate.evaluate(pool, rows, prompter=prompter, batch_size=16, max_new_tokens=12,
                                progress=False)
     return sorted((r["model"], r["id"], r["output"]) for r in result.records)
@@ -92,8 +83,9 @@ def main():
       "split_first_pass_seconds": round(times["split"][0], 2),
       "whole_first_pass_seconds": round(times["whole"][0], 2),
       "speedup": round(warm["whole"] / warm["split"], 3),
-      "answers_differing": differing(answers["split"], answers["whole"]),
-      "answers": len(flat(answers["split"]))}))
+      "answers_differing": sum(a != b for a, b in zip(answers["split"], answers["whole"],
+                                                      strict=True)),
+      "answers": len(answers["split"])}))
 
 
 if __name__ == "__main__":
