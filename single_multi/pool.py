@@ -235,9 +235,7 @@ def _decode(params_n, prompt_bt, prompt_mask_bt, rng, choose, choose_state, *,
     cache = init_cache(config, n, 1, Pp + P + max_new_tokens, dtype, per_layer=per_layer)
     _, cache = forward(params_n, prefix_p[None], config, cache=cache, lora=lora,
                        extra_head=extra_head, last_only=True)
-    rows = lambda a: jnp.broadcast_to(a, (a.shape[0], B, *a.shape[2:]))  # [N, 1, ...] -> B rows.
-    cache = {"k": jax.tree.map(rows, cache["k"]), "v": jax.tree.map(rows, cache["v"]),
-             "pos": rows(cache["pos"]), "end": cache["end"]}
+    cache = transformer.broadcast_rows(cache, B, lead=1)
   logits, cache = forward(params_n, prompt_bt, config, mask_bt=prompt_mask_bt, cache=cache,
                           lora=lora, per_model_tokens=prompt_bt.ndim == 3, extra_head=extra_head,
                           last_only=True)

@@ -64,9 +64,11 @@ def test_decode_each_equals_python_loop_over_models(pool, members, sampler):
 
 
 @pytest.mark.parametrize("sampler", [sm.Greedy(), sm.Sampling(temperature=1.5, top_k=20)])
-def test_decode_each_with_a_prefilled_head_equals_the_whole_prompt(pool, sampler):
+@pytest.mark.parametrize("unstack", [True, False])
+def test_decode_each_with_a_prefilled_head_equals_the_whole_prompt(pool, sampler, unstack):
   """A head every row starts with, prefilled once (`prefix_p`), the rows holding only the rest:
-  the same tokens and log-probs as decoding the whole left-padded prompts."""
+  the same tokens and log-probs as decoding the whole left-padded prompts, with the layers
+  unstacked (CPU's default) and stacked (accelerators' default: the cache [N, L, B, ...])."""
   ids, mask, rng = _args(4)
   head = np.asarray(ids)[0, -5:-1].tolist()  # 4 tokens put in front of every row's prompt.
   rows = [head + np.asarray(ids)[b][np.asarray(mask)[b] == 1].tolist() for b in range(3)]
@@ -74,10 +76,10 @@ def test_decode_each_with_a_prefilled_head_equals_the_whole_prompt(pool, sampler
   whole, whole_mask = sm.left_pad(rows, 0)
   rest, rest_mask = sm.left_pad([r[4:] for r in rows], 0)
   full = pool_lib.decode_each(pool.params, jnp.asarray(whole), jnp.asarray(whole_mask), rng,
-                              config=pool.config, sampler=sampler, **KW)
+                              config=pool.config, sampler=sampler, unstack=unstack, **KW)
   split = pool_lib.decode_each(pool.params, jnp.asarray(rest), jnp.asarray(rest_mask), rng,
                                config=pool.config, sampler=sampler, prefix_p=jnp.asarray(head),
-                               **KW)
+                               unstack=unstack, **KW)
   np.testing.assert_array_equal(np.asarray(split.tokens), np.asarray(full.tokens))
   np.testing.assert_array_equal(np.asarray(split.lengths), np.asarray(full.lengths))
   np.testing.assert_allclose(np.asarray(split.logprobs), np.asarray(full.logprobs), atol=1e-5,

@@ -73,9 +73,7 @@ def query_features(params, tokens_bt, mask_bt, *, config: ModelConfig, prefix_p=
   (B, P), Pp = tokens_bt.shape, prefix_p.shape[0]
   cache = transformer.init_cache(config, 1, Pp + P, params["embed"].dtype)
   head, cache = transformer.hidden_states(params, prefix_p[None], config, cache=cache)
-  rows = lambda a, axis: jnp.broadcast_to(a, (*a.shape[:axis], B, *a.shape[axis + 1:]))
-  cache = {"k": rows(cache["k"], 1), "v": rows(cache["v"], 1), "pos": rows(cache["pos"], 0),
-           "end": cache["end"]}  # k, v [L, 1, ...] and pos [1, S] -> B rows.
+  cache = transformer.broadcast_rows(cache, B)
   hidden, _ = transformer.hidden_states(params, tokens_bt, config, mask_bt=mask_bt, cache=cache)
   total = jnp.sum(head.astype(jnp.float32), axis=1) + jnp.sum(hidden.astype(jnp.float32) * m,
                                                                 axis=1)

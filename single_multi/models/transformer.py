@@ -104,6 +104,19 @@ def init_cache(config: ModelConfig, batch: int, max_len: int, dtype=jnp.float32,
   }
 
 
+def broadcast_rows(cache: Cache, rows: int, lead: int = 0) -> Cache:
+  """A cache of one row (a prefilled head every row starts with) read by `rows` rows, without a
+  copy. lead: the axes in front of every array but `end` (a pool's N). The row axis of k and v is
+  0 per layer (a list of [1, ...]) and 1 stacked ([L, 1, ...]); of pos, 0."""
+  def broadcast(a, axis):
+    axis += lead
+    return jnp.broadcast_to(a, (*a.shape[:axis], rows, *a.shape[axis + 1:]))
+  kv_axis = 0 if isinstance(cache["k"], (list, tuple)) else 1
+  return {"k": jax.tree.map(lambda a: broadcast(a, kv_axis), cache["k"]),
+          "v": jax.tree.map(lambda a: broadcast(a, kv_axis), cache["v"]),
+          "pos": broadcast(cache["pos"], 0), "end": cache["end"]}
+
+
 # Logical names of activations (see sharding.RULES).
 _ACT_BTD = ("batch", "seq", "act_embed")
 _ACT_BTNH = ("batch", "seq", "act_heads", "head_dim")
