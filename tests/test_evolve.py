@@ -242,6 +242,32 @@ def test_kill_after_each_stage_then_resume_gives_the_same_metrics(tiny_pool, tmp
     assert [(t["round"], t["stage"]) for t in report.read_timings(workdir)] == stages
 
 
+def test_a_round_with_stacked_layers_equals_the_cpu_default(tiny_pool, tmp_path, monkeypatch):
+  """Decoding on GPU/TPU keeps the layers stacked (`decoding.unstack_for_loop`), CPU unstacks
+  them, so the tests take CPU's path unless told: the same round with stacked layers gives the
+  same history, its shared prompt heads prefilled (a stacked cache broadcast to the rows: the
+  members' decoding and the router's features)."""
+  strategy = "trained_router"
+  from single_multi.models import transformer
+  want = _check_one_round(tiny_pool, tmp_path / "unstacked", strategy)
+  stacked_for_loop = decoding.unstack_for_loop
+  monkeypatch.setattr(decoding, "unstack_for_loop",
+                      lambda params, unstack, layer_axis=0: stacked_for_loop(
+                          params, False if unstack is None else unstack, layer_axis))
+  heads = []
+  broadcast_rows = transformer.broadcast_rows
+  monkeypatch.setattr(transformer, "broadcast_rows",
+                      lambda cache, *a, **k: heads.append(cache["k"]) or broadcast_rows(
+                          cache, *a, **k))
+  jax.clear_caches()  # Trace again: the programs above were traced with unstacked layers.
+  try:
+    got = _check_one_round(tiny_pool, tmp_path / "stacked", strategy)
+  finally:
+    jax.clear_caches()
+  assert heads and not any(isinstance(k, list) for k in heads)  # Stacked heads were prefilled.
+  assert got == want
+
+
 def test_bad_input_fails_clearly(tiny_pool, tmp_path):
   with pytest.raises(Exception, match="unknown strategy 'nope'"):
     evolve.validate(_config(strategy="nope"))
