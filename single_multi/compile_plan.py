@@ -15,6 +15,8 @@ set against the chip's HBM (`HBM_GB`) for a fit verdict. The anchor for this pra
 Programs (the ones `evolve.run` calls, with the config's shapes):
   singles_decode   every model answers a prompt batch (`pool.decode_each`): batch_size rows of
                    `compile_prompt_length` tokens, `max_new_tokens` decoded
+  singles_decode_head  the same with the prompts' shared head prefilled once (evaluate's decode
+                   of generated answers): half the prompt bucket as the head, half per row
   collaboration    the strategy's program (`collab._run`) on the same batch (strategies fitted
                    on dev are planned with their fitted state only when it has a known shape:
                    otherwise the line says so)
@@ -174,14 +176,25 @@ def programs(config, arch, n: int, mesh, tokenizer=None) -> list[Program]:
   dcfg = spec_lib.distill_config(config)
   method = rows.method(dcfg.method)
   scfg = spec_lib.strategy_config(config)
-  env = collab.make_env(stand_in, config.strategy, scfg, max_new_tokens=M,
-                        sampler=spec_lib.sampler_of(config),
-                        return_rows=method.returns_rows)
+  # The decode loops as an accelerator runs them, over stacked layers (this CPU host's default
+  # would trace them over per-layer arrays, `decoding.unstack_for_loop`).
+  env = dataclasses.replace(collab.make_env(stand_in, config.strategy, scfg, max_new_tokens=M,
+                                            sampler=spec_lib.sampler_of(config),
+                                            return_rows=method.returns_rows), unstack=False)
   prompt, mask = rows_struct(mesh, (B, P)), rows_struct(mesh, (B, P))
   batch = collab.Batch(prompt, mask, rows_struct(mesh, (B, P)), rows_struct(mesh, (B, P)))
   rng = key_struct(mesh, B)
+  # Generated answers: evaluate prefills the head every prompt shares (the chat template's, the
+  # task's instruction) once and decodes each row's rest after it (`pipeline.shared_prefix`);
+  # planned with half the prompt bucket as the head.
+  Pp = P // 2
+  rest = rows_struct(mesh, (B, P - Pp))
+  head = jax.ShapeDtypeStruct((Pp,), jnp.int32, sharding=sharding.named(mesh, (Pp,), (None,)))
   out = [Program("singles_decode", pool_lib.decode_each, (params, prompt, mask, rng),
-                 dict(sampler=env.sampler, **env.decode_kw))]
+                 dict(sampler=env.sampler, **env.decode_kw)),
+         Program("singles_decode_head", pool_lib.decode_each, (params, rest, rest, rng),
+                 dict(sampler=env.sampler, prefix_p=head, **env.decode_kw),
+                 f"a shared head of {Pp} tokens prefilled once, then {P - Pp} per row")]
   spec = collab.get(config.strategy)
   c_note = note if spec.templates else ""
   if spec.fit is not None:

@@ -72,17 +72,18 @@ def test_doubling_the_batch_grows_arguments_and_cache_by_their_hand_count(monkey
   # Temporaries hold the KV cache (pool.init_cache: k [N, L, B, Kv, H, P + M] and v
   # [N, L, B, Kv, P + M, H] fp32, pos [N, B, P + M] int32), so doubling the batch adds at least
   # its growth (214 MB per device), and (everything in the program being per row or fixed) at
-  # most doubles them, give or take the 128 MiB of VMEM the compiler may stop using for a buffer
-  # that grew.
+  # most doubles them, give or take VMEM (128 MiB on v5e): buffers of up to 128 MiB held there at
+  # B rows, not counted as HBM, are twice that in HBM at 2B rows. (Measured with the stacked
+  # layers an accelerator decodes with: 1.90 / 4.25 / 8.73 GB at 128 / 256 / 512 rows.)
   cache = lambda b: N * (b // data) * (P + M) * (  # noqa: E731
       2 * ARCH.num_layers * ARCH.num_kv_heads * ARCH.head_dim * 4 + 4)
   grown = large["bytes_per_device"]["temp"] - small["bytes_per_device"]["temp"]
   assert grown >= cache(512) - cache(256)
-  assert large["bytes_per_device"]["temp"] <= 2 * small["bytes_per_device"]["temp"] + 2 ** 27
+  assert large["bytes_per_device"]["temp"] <= 2 * (small["bytes_per_device"]["temp"] + 2 ** 27)
   assert small["fits"] and large["fits"]
   assert large["flops"] > 1.9 * small["flops"]  # Per-row work (prefill, heads) doubles.
   # Attention in query blocks (the default above SCORES_LIMIT) needs fewer temporaries for the
-  # same program (measured: 5.53 GB per device instead of 8.77 at 512 rows).
+  # same program (measured: 6.52 GB per device instead of 8.73 at 512 rows).
   monkeypatch.undo()
   jax.clear_caches()
   blocked = _compiled(_config(512), topo, ("singles_decode",))["singles_decode"]
@@ -103,7 +104,7 @@ def test_verdict_flips_for_a_plan_too_large_for_the_chip(tmp_path):
   out = compile_plan.plan(c, tmp_path, print_fn=lines.append)
   saved = json.loads((tmp_path / "compile_plan.json").read_text())
   assert [p["name"] for p in saved["programs"]] == [
-      "singles_decode", "collaboration", "train_step", "round"]
+      "singles_decode", "singles_decode_head", "collaboration", "train_step", "round"]
   for p in saved["programs"]:
     b = p["bytes_per_device"]
     assert b["total"] == b["argument"] + b["output"] - b["alias"] + b["temp"] > 0

@@ -85,6 +85,10 @@ class Env:
   # Text-level exchange rounds prefill their template's first piece once per model and share its
   # cache across the rows (`text_level.answer_all`); False: decode the whole prompts.
   prefill_heads: bool = True
+  # The decode loops' layers (`decoding.unstack_for_loop`): None per the default backend (per-layer
+  # arrays on CPU, stacked elsewhere); compile_plan sets False to compile an accelerator's programs
+  # on a CPU host.
+  unstack: bool | None = None
 
   def template(self, name: str) -> tuple[tuple[int, ...], ...]:
     for key, pieces in self.templates:
@@ -96,7 +100,7 @@ class Env:
   @property
   def decode_kw(self) -> dict[str, Any]:
     return dict(config=self.config, max_new_tokens=self.max_new_tokens, stop_ids=self.stop_ids,
-                pad_id=self.pad_id)
+                pad_id=self.pad_id, unstack=self.unstack)
 
 
 @dataclasses.dataclass(frozen=True)
