@@ -106,11 +106,13 @@ def test_router_features_with_a_prefilled_head_equal_the_whole_prompts(pool):
   assert not np.allclose(np.asarray(full[0]), np.asarray(full[1]), atol=1e-3)  # Rows differ.
 
 
-@pytest.mark.parametrize("index", [0, 2])
-def test_combine_take_model_i_equals_model_i_alone(pool, members, index):
+@pytest.mark.parametrize("index,unstack", [(0, True), (2, True), (2, False)])
+def test_combine_take_model_i_equals_model_i_alone(pool, members, index, unstack):
+  """The pool's combined decode, its layers unstacked (CPU's default) or stacked (accelerators'),
+  against one model's decode (unstacked)."""
   ids, mask, rng = _args(2)
   combined = pool_lib.decode_combined(pool.params, ids, mask, rng, config=pool.config,
-                                      combine=pool_lib.TakeModel(index), **KW)
+                                      combine=pool_lib.TakeModel(index), unstack=unstack, **KW)
   single = sm.decode(members[index].params, ids, mask, rng, config=pool.config, **KW)
   np.testing.assert_array_equal(np.asarray(combined.tokens), np.asarray(single.tokens))
   np.testing.assert_allclose(np.asarray(combined.logprobs), np.asarray(single.logprobs),
