@@ -371,11 +371,12 @@ class Driver:
     """A finished round: appended to the history; process 0 writes the files and the table."""
     history = [*st.history, m]
     if multihost.is_primary():
-      write_metrics(self.workdir, history)
+      split = self.loop.config.get("evaluate_on", "test")
+      write_metrics(self.workdir, history, split)
       print(format_round(m))
       for c in collapsed(m):
         print(f"WARNING: round {c['round']}: {c['model']} gives one answer to {c['share']:.0%} "
-              "of the test rows (the gold answers are not that uniform): it has collapsed, and "
+              f"of the {split} rows (the gold answers are not that uniform): it has collapsed, and "
               "its score measures that answer's share of the gold, not what it learned.")
     return dataclasses.replace(st, history=history, arrays={})
 

@@ -84,22 +84,25 @@ def format_round(m: dict[str, Any]) -> str:
 # Outputs a user plots.
 
 
-def write_metrics(workdir: epath.Path, history: list[dict[str, Any]]) -> None:
-  """metrics.jsonl (one line per round), TensorBoard events (the newest round), accuracy.png."""
+def write_metrics(workdir: epath.Path, history: list[dict[str, Any]],
+                  split: str = "test") -> None:
+  """metrics.jsonl (one line per round), TensorBoard events (the newest round), accuracy.png;
+  `split`: the rows scored ("test", or "validation" under evaluate_on), named in the TensorBoard
+  tags and the plot."""
   (workdir / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in history))
   import tensorboardX
   from matplotlib.figure import Figure
 
   m = history[-1]  # Events are appended round by round (earlier rounds are already written).
   with tensorboardX.SummaryWriter(str(workdir / "tensorboard")) as w:
-    w.add_scalar("test/collaboration", m["collab"], m["round"])
-    w.add_scalar("test/single_mean", m["single_mean"], m["round"])
-    w.add_scalar("test/best_single", m["best_single"], m["round"])
+    w.add_scalar(f"{split}/collaboration", m["collab"], m["round"])
+    w.add_scalar(f"{split}/single_mean", m["single_mean"], m["round"])
+    w.add_scalar(f"{split}/best_single", m["best_single"], m["round"])
     for n, v in m["singles"].items():
-      w.add_scalar(f"test/single/{n.replace(':', '_')}", v, m["round"])
+      w.add_scalar(f"{split}/single/{n.replace(':', '_')}", v, m["round"])
     for n, by in m.get("by_task", {}).items():
       for t, v in by.items():
-        w.add_scalar(f"test_by_task/{t.replace(':', '_')}/{n.replace(':', '_')}", v, m["round"])
+        w.add_scalar(f"{split}_by_task/{t.replace(':', '_')}/{n.replace(':', '_')}", v, m["round"])
   rounds = np.asarray([m["round"] for m in history], np.float64)
   fig = Figure(figsize=(6, 4))  # No pyplot: the caller's backend stays as it is.
   ax = fig.subplots()
@@ -124,9 +127,9 @@ def write_metrics(workdir: epath.Path, history: list[dict[str, Any]]) -> None:
     ax.axhline(gen["majority_answer"]["rate"], ls="-.", color="tan",
                label="majority answer")
   ax.set_xlabel("round")
-  ax.set_ylabel("test score")
+  ax.set_ylabel(f"{split} score")
   ax.set_xticks(rounds)
-  ax.set_title("test score, 95% bootstrap CIs", fontsize=9)
+  ax.set_title(f"{split} score, 95% bootstrap CIs", fontsize=9)
   ax.legend(fontsize=7)
   fig.tight_layout()
   with (workdir / "accuracy.png").open("wb") as f:
@@ -226,7 +229,8 @@ def format_paired(summary: dict[str, Any]) -> str:
   p = summary["paired"]
   f = lambda d: f"{d['delta']:+.3f} [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}] (n={d['n']})"
   first, last = p["rounds"]
-  lines = [f"paired on the same test rows, round {last} vs round {first} (95% bootstrap CI):",
+  split = summary.get("evaluated_on", "test")
+  lines = [f"paired on the same {split} rows, round {last} vs round {first} (95% bootstrap CI):",
            f"    single-model mean     {f(p['single_mean'])}",
            *[f"    {n:21s} {f(d)}" for n, d in p["singles"].items()],
            f"    collaboration         {f(p['collab'])}",
@@ -238,7 +242,7 @@ def format_paired(summary: dict[str, Any]) -> str:
                    f"{v['base']:.3f} ({v['score'] - v['base']:+.3f})")
   for c in summary["collapse"]:
     lines.append(f"  COLLAPSE: round {c['round']} {c['model']} gives one answer to "
-                 f"{c['share']:.0%} of the test rows")
+                 f"{c['share']:.0%} of the {split} rows")
   if summary.get("seconds"):
     lines.append(format_time(summary["seconds"]))
   return "\n".join(lines)

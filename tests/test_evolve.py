@@ -104,6 +104,43 @@ def test_collapse_is_flagged_only_when_the_gold_is_not_as_uniform():
   assert report.top_share(["A", "A", "B", None]) == 0.5 and report.top_share([]) == 0.0
 
 
+def _event_tags(logdir) -> set[str]:
+  """The scalar tags in a TensorBoard event directory, read from its TFRecord files."""
+  import struct
+  from tensorboardX.proto import event_pb2
+  tags = set()
+  for path in pathlib.Path(logdir).glob("events.*"):
+    data, at = path.read_bytes(), 0
+    while at < len(data):  # A record: length (u64), its crc (u32), the event, the event's crc.
+      (n,) = struct.unpack("<Q", data[at:at + 8])
+      event = event_pb2.Event.FromString(data[at + 12:at + 12 + n])
+      tags |= {v.tag for v in event.summary.value}
+      at += 12 + n + 4
+  return tags
+
+
+def test_a_validation_runs_outputs_name_the_rows_they_scored(tmp_path):
+  """evaluate_on="validation" scores held-out dev rows, so the printed paired changes, the
+  collapse lines, the TensorBoard tags and the plot say "validation", not "test"."""
+  m = {"round": 0, "n": 2, "singles": {"a": 0.5}, "singles_ci95": {"a": [0.0, 1.0]},
+       "single_mean": 0.5, "best_single": 0.5, "best_single_model": "a", "collab": 0.5,
+       "collab_ci95": [0.0, 1.0], "by_task": {"a": {"f": 0.5}}}
+  d = {"delta": 0.0, "ci95": [0.0, 0.0], "n": 2}
+  summary = {"paired": {"rounds": [0, 1], "single_mean": d, "singles": {"a": d}, "collab": d,
+                        "collab_vs_best_single_round0": d, "best_single_round0": "a"},
+             "collapse": [{"round": 1, "model": "a", "share": 1.0}]}
+  for split in ("test", "validation"):
+    text = report.format_paired(dict(summary, evaluated_on=split))
+    assert text.startswith(f"paired on the same {split} rows, round 1 vs round 0")
+    assert f"gives one answer to 100% of the {split} rows" in text
+    (tmp_path / split).mkdir()
+    report.write_metrics(tmp_path / split, [m], split)
+    assert _event_tags(tmp_path / split / "tensorboard") == {
+        f"{split}/collaboration", f"{split}/single_mean", f"{split}/best_single",
+        f"{split}/single/a", f"{split}_by_task/f/a"}
+  assert report.format_paired(summary).startswith("paired on the same test rows")
+
+
 def test_round_summary_shows_the_baselines_as_every_report_does():
   """The round print names chance / majority / position with evaluate's one formatter."""
   from single_multi import evaluate
