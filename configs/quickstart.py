@@ -70,6 +70,12 @@ Everything was chosen on dev rows only; no test score was looked at before a cho
    collaboration 0.640 -> 0.597, -0.043 [-0.090, +0.003] (without: 0.647): the round-1 router
    sent sort rows to members that had learnt some sorting (sort 0.34 against its member's 0.46).
    It also trains 35 steps instead of 23 (243 s against 166 s).
+5. Exploratory, after 4., with no rule fixed and nothing adopted (docs/results.md): replay with 180
+   fit rows, collaboration +0.010 [-0.037, +0.057]; a second round (`rounds=2`), collaboration
+   at round 2 -0.033 [-0.080, +0.010] (the members generalise and the router misroutes), and
+   about 18 minutes. Seeds 1 and 2, measured after all of this (test and validation rows):
+   the single mean gains 7.1-7.7 points (seed 0: 15.6), the collaboration falls 4-6 points; the
+   lr was chosen on seed 0's validation rows only.
 Also tried with bare inputs, not
    adopted: 6 distillation epochs (-0.153 [-0.210, -0.100], past 15 minutes); dare_ties as the
    collaboration (round-0 merge 0.053); key_value for sort_numbers (specialist 0.39, chance near
