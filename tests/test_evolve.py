@@ -121,7 +121,8 @@ def _event_tags(logdir) -> set[str]:
 
 def test_a_validation_runs_outputs_name_the_rows_they_scored(tmp_path):
   """evaluate_on="validation" scores held-out dev rows, so the printed paired changes, the
-  collapse lines, the TensorBoard tags and the plot say "validation", not "test"."""
+  collapse lines and the TensorBoard tags say "validation", not "test" (the plot's labels take
+  the same `split`; the test does not read the image)."""
   m = {"round": 0, "n": 2, "singles": {"a": 0.5}, "singles_ci95": {"a": [0.0, 1.0]},
        "single_mean": 0.5, "best_single": 0.5, "best_single_model": "a", "collab": 0.5,
        "collab_ci95": [0.0, 1.0], "by_task": {"a": {"f": 0.5}}}
