@@ -210,6 +210,12 @@ class Loop:
     """The fit rows' split label (records, sampling keys): "dev" when they are the dev rows."""
     return "dev" if self.fit_rows is self.dev else "fit"
 
+  @property
+  def scored_split(self) -> str:
+    """What the `test` rows are, as outputs name them: "test", or "validation" (held-out dev
+    rows) under evaluate_on."""
+    return self.config.get("evaluate_on", "test")
+
   def fit_scores(self, pool, dev_singles=None) -> np.ndarray | None:
     """[N, len(fit_rows)]: every model's scores on the fit rows (None when the strategy fits
     nothing); dev_singles: the singles' results on the dev rows, reused when those are the fit
@@ -300,7 +306,8 @@ def make_loop(config: config_dict.ConfigDict, pool: pool_lib.Pool | pool_lib.Gro
   memo = eval_cache_dir(config, workdir)
   task = tasks.from_config(config.task, config)
   dev = common.balanced(task.dev, config.dev_examples, config.seed)
-  validating = config.get("evaluate_on", "test") == "validation"
+  scored = config.get("evaluate_on", "test")  # Loop.scored_split
+  validating = scored == "validation"
   n_fit = config.get("fit_examples", 0)
   # The validation rows come first and the fit rows avoid them in either mode, so that neither
   # selection depends on the other setting: runs that differ in fit_examples are paired on the
@@ -317,7 +324,7 @@ def make_loop(config: config_dict.ConfigDict, pool: pool_lib.Pool | pool_lib.Gro
             + [e for e in test_split if e.problem])
   if multihost.is_primary():
     comp = lambda rows: ", ".join(f"{k} {v}" for k, v in common.composition(rows).items())
-    print(f"rows per task: {config.get('evaluate_on', 'test')} {comp(test)}; dev {comp(dev)}"
+    print(f"rows per task: {scored} {comp(test)}; dev {comp(dev)}"
           + (f"; fit {comp(fit)}" if separate else ""))
   shots = task.examples(task.spec.shot_split) if config.k_shot else ()
   prompt = pipeline.PromptConfig(k_shot=config.k_shot, style=task.spec.prompt)
@@ -371,7 +378,7 @@ class Driver:
     """A finished round: appended to the history; process 0 writes the files and the table."""
     history = [*st.history, m]
     if multihost.is_primary():
-      split = self.loop.config.get("evaluate_on", "test")
+      split = self.loop.scored_split
       write_metrics(self.workdir, history, split)
       print(format_round(m))
       for c in collapsed(m):
@@ -514,7 +521,7 @@ def _run(config, workdir, pool, lock, *, progress: bool, stop_after: int | None)
       ckpt.close()
   if primary:
     summary = run_summary(workdir, st.history, st.pool.names, config.strategy, loop.test)
-    summary["evaluated_on"] = config.get("evaluate_on", "test")
+    summary["evaluated_on"] = loop.scored_split
     (workdir / "summary.json").write_text(json.dumps(summary, indent=1))
     print(format_paired(summary))
   return st.history
